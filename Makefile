@@ -1,0 +1,58 @@
+# finrecipe: `make setup`, `make test`, `make demo`, `make bench-*`, `make lint`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+INSTALLED := $(VENV)/.installed
+EXT_BUILT := $(VENV)/.ext-built
+RUST_SRC := Cargo.toml $(shell find rust -name '*.rs' 2>/dev/null)
+
+.PHONY: setup build test test-rust test-python lint demo bench-merge bench-train bench-eval clean
+
+setup: $(EXT_BUILT)
+
+# First time: the venv, all dependencies and a release build of the extension (editable install).
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@ $(EXT_BUILT)
+
+# Later: rebuild the extension when the Rust sources change.
+$(EXT_BUILT): $(INSTALLED) $(RUST_SRC)
+	$(VENV)/bin/maturin develop --release --quiet
+	touch $@
+
+build: $(EXT_BUILT)
+
+test: setup test-rust test-python
+
+test-rust:
+	cargo test --quiet
+
+test-python: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/mypy
+	cargo fmt --check
+	cargo clippy --quiet --all-targets -- -D warnings
+
+demo: setup
+	$(VENV)/bin/finrecipe apply recipes/demo.yaml
+
+bench-merge: setup
+	$(PY) bench/bench_merge.py
+
+bench-train: setup
+	$(PY) bench/bench_train.py
+
+bench-eval: setup
+	$(PY) bench/bench_eval.py
+
+clean:
+	rm -rf target $(VENV) runs bench/out
