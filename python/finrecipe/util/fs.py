@@ -1,0 +1,102 @@
+"""Filesystem helpers: atomic directory outputs and fsync.
+
+`atomic_dir(dest)` yields a temporary directory beside `dest` named
+`.<dest-name>.finrecipe-tmp-<pid>-<rand>`; on success it is fsynced and renamed to `dest`; on
+any exception (Ctrl-C included) it is removed. A temp dir left by a killed process (SIGKILL,
+power loss) is removed by the next `atomic_dir` for the same destination once its pid is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from finrecipe.errors import FinrecipeError, IoError
+
+TMP_MARK = ".finrecipe-tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then every directory (children before parents)."""
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for f in files:
+            fp = os.path.join(root, f)
+            if os.path.islink(fp):
+                continue
+            fd = os.open(fp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(dest: Path) -> list[Path]:
+    """Remove temp dirs for `dest` whose creating process is gone. Returns what was removed."""
+    removed = []
+    parent = dest.parent
+    if not parent.is_dir():
+        return removed
+    prefix = f".{dest.name}{TMP_MARK}"
+    for p in parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            pid = int(p.name[len(prefix):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a directory atomically: fill the yielded temp dir; it becomes `dest` on success."""
+    dest = Path(dest).absolute()
+    if dest.exists() and not overwrite:
+        raise FinrecipeError(f"{dest} already exists; pass --overwrite to replace it")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IoError(f"{dest.parent}: cannot create directory: {e.strerror}") from None
+    clean_stale_temps(dest)
+    tmp = dest.parent / f".{dest.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if dest.exists():
+            old = dest.parent / f".{dest.name}{TMP_MARK}{os.getpid()}-old-{secrets.token_hex(4)}"
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,174 @@
+"""YAML with source positions, and pydantic errors turned into located, helpful messages.
+
+`load_yaml(path)` returns plain Python data plus a map from key paths (tuples of keys and list
+indices) to (line, column), 1-based. `validation_error(err, ...)` turns a pydantic
+`ValidationError` into a `RecipeError` naming file, line, column and key path, with a
+"did you mean ...?" suggestion for unknown keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finrecipe.errors import RecipeError
+
+KeyPath = tuple[str | int, ...]
+Positions = dict[KeyPath, tuple[int, int]]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct(loader: _Loader, node: yaml.Node, path: KeyPath, pos: Positions) -> Any:
+    pos.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        out: dict[Any, Any] = {}
+        for knode, vnode in node.value:
+            key = loader.construct_object(knode, deep=True)
+            if key in out:
+                raise RecipeError(f"duplicate key {key!r}", line=knode.start_mark.line + 1,
+                                  column=knode.start_mark.column + 1, path=format_path(path + (key,)))
+            # A key's position is where the key is written (what an editor should jump to).
+            pos[path + (key,)] = (knode.start_mark.line + 1, knode.start_mark.column + 1)
+            out[key] = _construct(loader, vnode, path + (key,), pos)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, v, path + (i,), pos) for i, v in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def loads_yaml(text: str, file: str | None = None) -> tuple[Any, Positions]:
+    """Parse YAML text; returns (data, positions). Syntax errors become `RecipeError`s."""
+    pos: Positions = {}
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            data = None if node is None else _construct(loader, node, (), pos)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        raise RecipeError(f"invalid YAML: {e.problem}", file=file,
+                          line=mark.line + 1 if mark else None,
+                          column=mark.column + 1 if mark else None) from None
+    except RecipeError as e:
+        e.file = file
+        raise RecipeError(e.message, file=file, line=e.line, column=e.column, path=e.path) from None
+    return data, pos
+
+
+def load_yaml(path: str | Path) -> tuple[Any, Positions]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError("file not found", file=str(p)) from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=str(p)) from None
+    return loads_yaml(text, file=str(p))
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    out = ""
+    for k in path:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out
+
+
+def locate(positions: Mapping[KeyPath, tuple[int, int]] | None, path: Sequence[str | int]
+           ) -> tuple[int | None, int | None]:
+    """Line and column of the longest prefix of `path` that has a position."""
+    if not positions:
+        return None, None
+    p = tuple(path)
+    while True:
+        if p in positions:
+            return positions[p]
+        if not p:
+            return None, None
+        p = p[:-1]
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for a near miss, else ''."""
+    m = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def _fields_at(model: type[BaseModel] | None, loc: Sequence[str | int]) -> list[str]:
+    """Field names (and aliases) of the pydantic model found by walking `loc` (best effort)."""
+    cur: Any = model
+    for k in loc:
+        if cur is None:
+            return []
+        if isinstance(k, int):
+            continue
+        f = getattr(cur, "model_fields", {}).get(k)
+        if f is None:
+            return []
+        cur = _inner_model(f.annotation)
+    if cur is None or not hasattr(cur, "model_fields"):
+        return []
+    names = []
+    for n, f in cur.model_fields.items():
+        names.append(f.alias or n)
+    return names
+
+
+def _inner_model(tp: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for a in typing.get_args(tp):
+        m = _inner_model(a)
+        if m is not None:
+            return m
+    return None
+
+
+def validation_error(err: ValidationError, *, file: str | None = None,
+                     positions: Mapping[KeyPath, tuple[int, int]] | None = None,
+                     prefix: KeyPath = (), model: type[BaseModel] | None = None) -> RecipeError:
+    """The first (most useful) error of a pydantic ValidationError as a located RecipeError.
+
+    `prefix` is where the validated object sits in the file (e.g. ("stages", "fin_cpt")).
+    All errors are listed in the message when there are several.
+    """
+    msgs: list[str] = []
+    first: tuple[KeyPath, str] | None = None
+    for e in err.errors(include_url=False):
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        # Drop pydantic's union-member tags such as 'MergeStage' that are not keys in the file.
+        full = prefix + loc
+        if e["type"] == "extra_forbidden":
+            key = loc[-1] if loc else ""
+            msg = f"unknown key {key!r}" + suggest(str(key), _fields_at(model, loc[:-1]))
+        elif e["type"] == "missing":
+            msg = "required key missing"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("value_error", "assertion_error"):
+                shown = repr(e["input"])
+                if len(shown) < 80:
+                    msg += f" (got {shown})"
+        line, col = locate(positions, full)
+        where = f"{file}:{line}:{col}: " if (file and line) else (f"{file}: " if file else "")
+        msgs.append(f"{where}{format_path(full)}: {msg}")
+        if first is None:
+            first = (full, msg)
+    assert first is not None
+    full, msg = first
+    line, col = locate(positions, full)
+    if len(msgs) > 1:
+        msg += f"\n  ({len(msgs) - 1} more: " + "; ".join(msgs[1:4]) + (" ..." if len(msgs) > 4 else "") + ")"
+    return RecipeError(msg, file=file, line=line, column=col, path=format_path(full) or None)
