@@ -74,6 +74,8 @@ class StageContext:
     seed: int = 0
     # Outputs of all finished nodes so far, by node name (an evaluate stage reads metrics from here).
     results: Mapping[str, StageResult] = field(default_factory=dict)
+    # Directory of the recipe file: relative paths inside stage configs resolve against it.
+    recipe_dir: Path = field(default_factory=Path.cwd)
 
 
 @dataclass
