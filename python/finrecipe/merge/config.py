@@ -1,0 +1,307 @@
+"""mergekit-compatible merge configuration (YAML), validated strictly.
+
+Existing mergekit configs run unchanged, but unlike mergekit nothing is silently ignored: unknown
+keys, misspelled parameters, unknown methods and wrong types are `RecipeError`s (a `ConfigError`)
+naming the file, line, column and key path, with a "did you mean ...?" suggestion.
+
+A parameter setting is a scalar, a gradient (a list of numbers interpolated over layer index), or
+a list of `{filter: SUBSTRING, value: scalar|gradient}` rules (first match wins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, field_validator
+
+from finrecipe.errors import RecipeError
+from finrecipe.yamlio import KeyPath, Positions, format_path, load_yaml, locate, suggest, validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Scalar = StrictBool | float
+Gradient = list[float]
+
+
+class FilterRule(_Strict):
+    filter: str | None = None
+    value: Scalar | Gradient
+
+    @field_validator("value")
+    @classmethod
+    def _nonempty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("a gradient needs at least one value")
+        return v
+
+
+ParamSetting = Scalar | Gradient | list[FilterRule]
+Params = dict[str, ParamSetting]
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Params | None = None
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int] | None = None
+    parameters: Params | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 <= v[0] < v[1]):
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: Params | None = None
+
+
+class TokenizerConfig(_Strict):
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    name: str
+    per_model: bool  # True: read per source model (weight, density, gamma); False: once per tensor
+    default: float | bool | None = None  # None: required
+    kind: type = float  # float or bool
+
+
+def _p(name: str, per_model: bool, default: float | bool | None = None, kind: type = float) -> ParamDef:
+    return ParamDef(name, per_model, default, kind)
+
+
+_WEIGHT = _p("weight", True)
+_DENSITY = _p("density", True, 1.0)
+_GAMMA = _p("gamma", True, 0.01)
+_LAMBDA = _p("lambda", False, 1.0)
+_RESCALE = _p("rescale", False, True, bool)
+# mergekit's memory optimisation flag: accepted for compatibility, has no effect here.
+_INT8 = _p("int8_mask", False, False, bool)
+
+
+def _norm(default: bool) -> ParamDef:
+    return _p("normalize", False, default, bool)
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    name: str
+    params: tuple[ParamDef, ...]
+    needs_base: bool  # True: base_model required
+    min_sources: int = 1
+    max_sources: int | None = None
+
+    def param(self, name: str) -> ParamDef | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+
+METHODS: dict[str, MethodDef] = {m.name: m for m in (
+    MethodDef("linear", (_WEIGHT, _norm(True)), needs_base=False),
+    MethodDef("task_arithmetic", (_WEIGHT, _LAMBDA, _norm(False), _INT8), needs_base=True),
+    MethodDef("ties", (_WEIGHT, _DENSITY, _LAMBDA, _norm(True), _INT8), needs_base=True),
+    MethodDef("dare_linear", (_WEIGHT, _DENSITY, _LAMBDA, _norm(False), _RESCALE, _INT8), needs_base=True),
+    MethodDef("dare_ties", (_WEIGHT, _DENSITY, _LAMBDA, _norm(True), _RESCALE, _INT8), needs_base=True),
+    MethodDef("breadcrumbs", (_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _norm(False), _INT8), needs_base=True),
+    MethodDef("breadcrumbs_ties", (_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _norm(True), _INT8),
+              needs_base=True),
+    MethodDef("slerp", (_p("t", False),), needs_base=True, min_sources=1, max_sources=1),
+    MethodDef("model_stock", (_p("filter_wise", False, False, bool),), needs_base=True, min_sources=2),
+    MethodDef("passthrough", (_p("scale", True, 1.0),), needs_base=False, min_sources=1, max_sources=1),
+)}
+
+DTYPES = {"float32": "F32", "fp32": "F32", "f32": "F32", "float": "F32",
+          "bfloat16": "BF16", "bf16": "BF16",
+          "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16"}
+
+
+class MergeConfig(_Strict):
+    """A mergekit YAML config. Build with `load_merge_config(path)` or `MergeConfig.from_dict(...)`."""
+
+    merge_method: str
+    base_model: str | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    parameters: Params | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    name: str | None = None
+
+    _file: str | None = PrivateAttr(default=None)
+    _positions: Positions | None = PrivateAttr(default=None)
+    _prefix: KeyPath = PrivateAttr(default=())
+    _raw: dict[str, Any] | None = PrivateAttr(default=None)
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], file: str | None = None,
+                  positions: Positions | None = None, prefix: KeyPath = ()) -> MergeConfig:
+        """Validate a config mapping. `file`/`positions`/`prefix` locate errors in the source file
+        (`prefix` is where the mapping sits inside it, e.g. ("stages", "merged"))."""
+        if not isinstance(d, Mapping):
+            raise RecipeError(f"a merge config must be a mapping, got {type(d).__name__}", file=file,
+                              path=format_path(prefix) or None)
+        try:
+            cfg = cls.model_validate(dict(d))
+        except ValidationError as e:
+            raise validation_error(e, file=file, positions=positions, prefix=prefix, model=cls) from None
+        cfg._file, cfg._positions, cfg._prefix = file, positions, tuple(prefix)
+        cfg._raw = dict(d)
+        cfg._check()
+        return cfg
+
+    # -- located errors -----------------------------------------------------------------------------
+    def error(self, message: str, path: Sequence[str | int] = ()) -> RecipeError:
+        """A `RecipeError` located at `path` (relative to this config) in the source file."""
+        full = tuple(self._prefix) + tuple(path)
+        line, col = locate(self._positions, full)
+        return RecipeError(message, file=self._file, line=line, column=col,
+                           path=format_path(full) or None)
+
+    @property
+    def file(self) -> str | None:
+        return self._file
+
+    @property
+    def method(self) -> MethodDef:
+        return METHODS[self.merge_method]
+
+    # -- semantic checks (structure is pydantic's job) ----------------------------------------------
+    def _check(self) -> None:
+        if self.merge_method not in METHODS:
+            raise self.error(f"unknown merge method {self.merge_method!r}"
+                             + suggest(self.merge_method, METHODS)
+                             + "; known: " + ", ".join(METHODS), ("merge_method",))
+        m = self.method
+        if (self.models is None) == (self.slices is None):
+            raise self.error("exactly one of 'models' or 'slices' is required", ())
+        for key in ("dtype", "out_dtype"):
+            v = getattr(self, key)
+            if v is not None and v not in DTYPES:
+                raise self.error(f"unsupported dtype {v!r}" + suggest(v, DTYPES)
+                                 + "; use float32, bfloat16 or float16", (key,))
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise self.error("give either 'tokenizer_source' or 'tokenizer', not both", ("tokenizer",))
+        src = self.tokenizer_source_name
+        if src is not None and src in ("union",):
+            raise self.error(f"tokenizer_source {src!r} (building a new vocabulary) is not supported; "
+                             "use 'base' or the name of one of the models",
+                             ("tokenizer_source",) if self.tokenizer_source else ("tokenizer", "source"))
+        if self.chat_template is not None and self.chat_template != "auto" and "{" not in self.chat_template:
+            raise self.error(f"chat_template {self.chat_template!r}: only 'auto' (keep the donor's) or a "
+                             "Jinja template string are supported", ("chat_template",))
+        if m.needs_base and self.base_model is None and not self._slice_bases():
+            raise self.error(f"merge method {m.name!r} needs a 'base_model'", ())
+        self._check_params(self.parameters, ("parameters",))
+        if self.models is not None:
+            if not self.models:
+                raise self.error("'models' is empty", ("models",))
+            for i, im in enumerate(self.models):
+                self._check_params(im.parameters, ("models", i, "parameters"), per_model=True)
+        else:
+            assert self.slices is not None
+            if not self.slices:
+                raise self.error("'slices' is empty", ("slices",))
+            for i, sl in enumerate(self.slices):
+                self._check_params(sl.parameters, ("slices", i, "parameters"))
+                lens = set()
+                for j, s in enumerate(sl.sources):
+                    self._check_params(s.parameters, ("slices", i, "sources", j, "parameters"),
+                                       per_model=True)
+                    if s.layer_range is not None:
+                        lens.add(s.layer_range[1] - s.layer_range[0])
+                    elif len(sl.sources) > 1 or len(self.slices) > 1:
+                        raise self.error("'layer_range' is required when a config has several slices or "
+                                         "sources", ("slices", i, "sources", j))
+                if len(lens) > 1:
+                    raise self.error(f"all sources of a slice must cover the same number of layers, got "
+                                     f"{sorted(lens)}", ("slices", i, "sources"))
+
+    def _slice_bases(self) -> bool:
+        return bool(self.slices) and all(s.base_model for s in self.slices or [])
+
+    def _check_params(self, params: Params | None, path: KeyPath, per_model: bool = False) -> None:
+        if not params:
+            return
+        m = self.method
+        names = [p.name for p in m.params]
+        for k, v in params.items():
+            pd = m.param(k)
+            if pd is None:
+                hint = suggest(k, names)
+                known = ", ".join(names) if names else "none"
+                raise self.error(f"unknown parameter {k!r} for merge method {m.name!r}{hint}; "
+                                 f"it takes: {known}", path + (k,))
+            if per_model and not pd.per_model:
+                raise self.error(f"{k!r} applies to the whole merge, not to one model; move it to the "
+                                 "top-level (or slice) 'parameters'", path + (k,))
+            self._check_value(pd, v, path + (k,))
+
+    def _check_value(self, pd: ParamDef, v: ParamSetting, path: KeyPath) -> None:
+        if isinstance(v, list) and v and isinstance(v[0], FilterRule):
+            for i, rule in enumerate(v):
+                assert isinstance(rule, FilterRule)
+                self._check_value(pd, rule.value, path + (i, "value"))
+            return
+        vals = v if isinstance(v, list) else [v]
+        if isinstance(v, list) and not v:
+            raise self.error("a gradient needs at least one value", path)
+        for x in vals:
+            if pd.kind is bool:
+                if not isinstance(x, bool) and x not in (0, 1):
+                    raise self.error(f"{pd.name!r} is true/false, got {x!r}", path)
+            elif isinstance(x, bool):
+                raise self.error(f"{pd.name!r} is a number, got {x!r}", path)
+            elif pd.name in ("density", "t") and not (0.0 <= float(x) <= 1.0):
+                raise self.error(f"{pd.name!r} must be within [0, 1], got {x!r}", path)
+            elif pd.name == "gamma" and not (0.0 <= float(x) < 1.0):
+                raise self.error(f"'gamma' must be within [0, 1), got {x!r}", path)
+
+    @property
+    def tokenizer_source_name(self) -> str | None:
+        if self.tokenizer_source is not None:
+            return self.tokenizer_source
+        return self.tokenizer.source if self.tokenizer is not None else None
+
+    def model_names(self) -> list[str]:
+        """Every model the config refers to, in first-mention order (base first when given)."""
+        out: list[str] = []
+        if self.base_model:
+            out.append(self.base_model)
+        if self.models is not None:
+            out += [m.model for m in self.models]
+        for sl in self.slices or []:
+            if sl.base_model:
+                out.append(sl.base_model)
+            out += [s.model for s in sl.sources]
+        return list(dict.fromkeys(out))
+
+    def raw(self) -> dict[str, Any]:
+        """The mapping this config was built from (for writing `mergekit_config.yml`)."""
+        return dict(self._raw) if self._raw is not None else self.model_dump(exclude_none=True)
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    """Read and validate a mergekit YAML file."""
+    data, pos = load_yaml(path)
+    return MergeConfig.from_dict(data, file=str(path), positions=pos)

@@ -1,0 +1,383 @@
+"""From a validated `MergeConfig` and the input models' headers to the plan of docs/merge-plan.md.
+
+Everything is resolved here, per output tensor, with mergekit's semantics: parameter precedence
+(model > slice > global), gradients over layer index (t = idx/(L-1) within a slice; embeddings,
+final norm and lm_head take t = 0), `filter` rules (first substring match), slices with
+`layer_range` renumbering output layers, per-method defaults and the output dtype. All checks
+against the headers (missing tensors, shapes, vocabulary sizes, dtypes) happen here, before any
+tensor data is read. The order of output tensors is the reference model's (shard, then offset).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finrecipe.errors import ConfigError, MismatchError
+from finrecipe.merge.config import DTYPES, FilterRule, MergeConfig, ParamDef, Params, ParamSetting
+from finrecipe.merge.headers import DTYPE_SIZES, FLOAT_DTYPES, ModelInfo, TensorInfo, read_model
+
+log = logging.getLogger("finrecipe.merge")
+
+PLAN_VERSION = 1
+DEFAULT_CHUNK_ELEMS = 1 << 20
+LAYER_RE = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_VOCAB_HINTS = ("embed_tokens", "lm_head", "embed_in", "embed_out", "wte", "word_embeddings")
+_PRE_HINTS = ("embed", "wte", "wpe")
+_MISSING = object()
+
+
+@dataclass
+class MergePlanInfo:
+    """The resolved plan plus what `run_merge` needs around it."""
+
+    plan: dict[str, Any]  # docs/merge-plan.md, without out_dir (set at run time)
+    model_paths: dict[str, Path]  # config name -> directory
+    config_donor: str  # model name whose config.json / generation_config.json are copied
+    tokenizer_donor: str  # model name whose tokenizer files are copied
+    num_layers: int | None  # output layer count (slices may change it)
+    out_bytes: int  # total bytes of output tensors
+    in_bytes: int  # bytes of input tensor data the merge reads
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # per plan tensor
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.plan["tensors"])
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def resolve_model_paths(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None) -> dict[str, Path]:
+    """Name -> absolute directory for every model the config mentions."""
+    out: dict[str, Path] = {}
+    for name in cfg.model_names():
+        if model_paths is not None:
+            if name not in model_paths:
+                raise cfg.error(f"unknown model {name!r}" + _suggest(name, model_paths)
+                                + "; known: " + ", ".join(model_paths), _where(cfg, name))
+            p = Path(model_paths[name])
+        else:
+            p = Path(name).expanduser()
+            if not p.is_absolute() and not p.exists() and cfg.file:
+                alt = Path(cfg.file).parent / p
+                if alt.exists():
+                    p = alt
+        if not p.exists():
+            raise cfg.error(f"model {name!r}: {p} does not exist (models are local directories here; "
+                            "hub ids are resolved by the recipe engine)", _where(cfg, name))
+        out[name] = p.absolute()
+    return out
+
+
+def _suggest(name: str, cands: Mapping[str, Any]) -> str:
+    from finrecipe.yamlio import suggest
+
+    return suggest(name, list(cands))
+
+
+def _where(cfg: MergeConfig, name: str) -> tuple[str | int, ...]:
+    if cfg.base_model == name:
+        return ("base_model",)
+    for i, m in enumerate(cfg.models or []):
+        if m.model == name:
+            return ("models", i, "model")
+    for i, sl in enumerate(cfg.slices or []):
+        if sl.base_model == name:
+            return ("slices", i, "base_model")
+        for j, s in enumerate(sl.sources):
+            if s.model == name:
+                return ("slices", i, "sources", j, "model")
+    return ()
+
+
+# -- parameter evaluation ----------------------------------------------------------------------------
+
+def evaluate_setting(setting: ParamSetting, tensor: str, t: float) -> Any:
+    """The value of one setting for a tensor at gradient position t (`_MISSING` if no filter matches)."""
+    if isinstance(setting, list) and setting and isinstance(setting[0], FilterRule):
+        for rule in setting:
+            assert isinstance(rule, FilterRule)
+            if rule.filter is None or rule.filter in tensor:
+                return evaluate_setting(rule.value, tensor, t)
+        return _MISSING
+    if isinstance(setting, list):
+        return gradient(setting, t)  # type: ignore[arg-type]
+    return setting
+
+
+def gradient(values: list[float], t: float) -> float:
+    """mergekit's piecewise-linear interpolation of `values` at t in [0, 1]."""
+    n = len(values)
+    if n == 1:
+        return float(values[0])
+    s = t * (n - 1)
+    i = min(int(math.floor(s)), n - 1)
+    if i >= n - 1:
+        return float(values[-1])
+    frac = s - i
+    return (1.0 - frac) * float(values[i]) + frac * float(values[i + 1])
+
+
+def _resolve(pd: ParamDef, levels: list[Params | None], tensor: str, t: float,
+             cfg: MergeConfig, what: str) -> Any:
+    for params in levels:
+        if params and pd.name in params:
+            v = evaluate_setting(params[pd.name], tensor, t)
+            if v is not _MISSING:
+                return bool(v) if pd.kind is bool else float(v)
+    if pd.default is None:
+        raise cfg.error(f"parameter {pd.name!r} is required by merge method {cfg.merge_method!r} "
+                        f"but not set for {what} (tensor {tensor!r}); set it in 'parameters'", ("parameters",))
+    return pd.default
+
+
+# -- plan building -----------------------------------------------------------------------------------
+
+@dataclass
+class _Src:
+    model: str  # config name
+    params: Params | None  # the model's own parameters
+    layer_offset: int  # source layer index = output layer index within slice + layer_offset
+
+
+@dataclass
+class _Part:
+    """One slice (or the whole model list): output layers [out_start, out_start + length)."""
+
+    sources: list[_Src]
+    base: _Src | None
+    params: Params | None  # slice-level parameters
+    out_start: int
+    length: int | None  # None: all layers (models: form)
+
+
+def _num_layers(info: ModelInfo) -> int | None:
+    idx = [int(m.group("idx")) for n in info.tensors if (m := LAYER_RE.match(n))]
+    return max(idx) + 1 if idx else None
+
+
+def _with_layer(name: str, idx: int) -> str:
+    m = LAYER_RE.match(name)
+    assert m is not None
+    return f"{m.group('pre')}.{idx}.{m.group('rest')}"
+
+
+def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = None, *,
+               infos: Mapping[str, ModelInfo] | None = None, threads: int = 0,
+               out_shard_size: int = 5_000_000_000, seed: int = 0,
+               chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> MergePlanInfo:
+    """Validate `cfg` against the models' headers and resolve the plan (no tensor data is read)."""
+    paths = resolve_model_paths(cfg, model_paths)
+    names = list(paths)
+    if infos is None:
+        infos = {}
+    infos = dict(infos)
+    for n in names:
+        if n not in infos:
+            infos[n] = read_model(paths[n])
+    index = {n: i for i, n in enumerate(names)}
+    m = cfg.method
+    warnings: list[str] = []
+
+    parts: list[_Part] = []
+    if cfg.models is not None:
+        srcs = [_Src(x.model, x.parameters, 0) for x in cfg.models]
+        base = _Src(cfg.base_model, None, 0) if cfg.base_model else None
+        if base is not None:
+            for s in srcs:
+                if s.model == base.model:
+                    base.params = s.params
+        if m.name == "linear":
+            base = None  # linear ignores base_model; it merges exactly the models listed
+        elif base is not None:
+            srcs = [s for s in srcs if s.model != base.model]
+        parts.append(_Part(srcs, base, None, 0, None))
+    else:
+        out_start = 0
+        for i, sl in enumerate(cfg.slices or []):
+            bname = sl.base_model or cfg.base_model
+            ss = []
+            length = None
+            for s in sl.sources:
+                lo = s.layer_range[0] if s.layer_range else 0
+                if s.layer_range:
+                    length = s.layer_range[1] - s.layer_range[0]
+                ss.append(_Src(s.model, s.parameters, lo))
+            if length is None:
+                length = _num_layers(infos[sl.sources[0].model]) or 0
+            base = None
+            if bname and m.name != "linear" and m.needs_base:
+                found = [s for s in ss if s.model == bname]
+                base = found[0] if found else _Src(bname, None, ss[0].layer_offset)
+                ss = [s for s in ss if s.model != bname]
+            parts.append(_Part(ss, base, sl.parameters, out_start, length))
+            for j, s in enumerate(sl.sources):
+                if s.layer_range:
+                    nl = _num_layers(infos[s.model]) or 0
+                    if s.layer_range[1] > nl:
+                        raise cfg.error(f"layer_range {list(s.layer_range)} is beyond model {s.model!r}, "
+                                        f"which has {nl} layers", ("slices", i, "sources", j, "layer_range"))
+            out_start += length
+
+    for pi, part in enumerate(parts):
+        n = len(part.sources)
+        loc: tuple[str | int, ...] = ("models",) if cfg.models is not None else ("slices", pi, "sources")
+        if n < m.min_sources or (m.max_sources is not None and n > m.max_sources):
+            want = (f"exactly {m.min_sources}" if m.max_sources == m.min_sources
+                    else f"at least {m.min_sources}")
+            extra = " besides the base model" if part.base is not None else ""
+            raise cfg.error(f"merge method {m.name!r} needs {want} model(s){extra}, got {n}", loc)
+        if m.needs_base and part.base is None:
+            raise cfg.error(f"merge method {m.name!r} needs a 'base_model'", ())
+
+    ref_name = (parts[0].base or parts[0].sources[0]).model
+    ref = infos[ref_name]
+    out_dtype_cfg = cfg.out_dtype or cfg.dtype
+    out_dt = DTYPES[out_dtype_cfg] if out_dtype_cfg else None
+
+    # Output tensor list: (out_name, part, layer index within part or None)
+    jobs: list[tuple[str, _Part, int | None, str]] = []  # out_name, part, local idx, ref tensor
+    if cfg.models is not None:
+        L = _num_layers(ref)
+        for name in ref.tensors:
+            mm = LAYER_RE.match(name)
+            jobs.append((name, parts[0], int(mm.group("idx")) if mm else None, name))
+        num_layers = L
+        for pt in parts:
+            pt.length = L
+    else:
+        pre, post = [], []
+        for name in ref.tensors:
+            if not LAYER_RE.match(name):
+                (pre if any(h in name for h in _PRE_HINTS) else post).append(name)
+        for name in pre:
+            jobs.append((name, parts[0], None, name))
+        for pt in parts:
+            ref_src = pt.base or pt.sources[0]
+            rinfo = infos[ref_src.model]
+            assert pt.length is not None
+            for k in range(pt.length):
+                src_idx = k + ref_src.layer_offset
+                for name in rinfo.tensors:
+                    mm = LAYER_RE.match(name)
+                    if mm and int(mm.group("idx")) == src_idx:
+                        jobs.append((_with_layer(name, pt.out_start + k), pt, k, name))
+        for name in post:
+            jobs.append((name, parts[-1], None, name))
+        num_layers = sum(p.length or 0 for p in parts)
+
+    tensors: list[dict[str, Any]] = []
+    shapes: list[tuple[int, ...]] = []
+    in_bytes = 0
+    out_bytes = 0
+    seen: set[str] = set()
+    for out_name, part, k, _ in jobs:
+        if out_name in seen:
+            raise ConfigError(f"output tensor {out_name!r} would be written twice; check the slices")
+        seen.add(out_name)
+        L = part.length or 1
+        t = 0.0 if k is None else (1.0 if L <= 1 else k / (L - 1))
+
+        def src_tensor(s: _Src, k: int | None = k, out_name: str = out_name) -> tuple[str, TensorInfo]:
+            tname = out_name if k is None else _with_layer(out_name, k + s.layer_offset)
+            info = infos[s.model].tensors.get(tname)
+            if info is None:
+                raise MismatchError(f"model {s.model!r} ({paths[s.model]}) has no tensor {tname!r}, needed "
+                                    f"for output tensor {out_name!r}; the models must share an architecture")
+            return tname, info
+
+        all_srcs = ([part.base] if part.base else []) + part.sources
+        refs = [src_tensor(s) for s in all_srcs]
+        first = refs[0][1]
+        for s, (tname, info) in zip(all_srcs, refs, strict=True):
+            if info.shape != first.shape:
+                vocab = (any(h in tname for h in _VOCAB_HINTS) and len(info.shape) == len(first.shape)
+                         and info.shape[1:] == first.shape[1:])
+                if vocab:
+                    raise MismatchError(
+                        f"vocabulary sizes differ: {tname!r} has {info.shape[0]} rows in model {s.model!r} "
+                        f"but {first.shape[0]} in {all_srcs[0].model!r}; merging models with different "
+                        "tokenizers (tokenizer: union / embedding permutation) is not supported; use models "
+                        "that share the base's tokenizer")
+                raise MismatchError(f"tensor {tname!r}: shape {list(info.shape)} in model {s.model!r} differs "
+                                    f"from {list(first.shape)} in {all_srcs[0].model!r}")
+        is_float = all(info.dtype in FLOAT_DTYPES for _, info in refs)
+        what_part = ", ".join(s.model for s in part.sources)
+
+        def ref_of(s: _Src, tname: str) -> dict[str, Any]:
+            return {"model": index[s.model], "tensor": tname}
+
+        if not is_float:
+            if len({info.dtype for _, info in refs}) > 1 and m.name != "passthrough":
+                raise MismatchError(f"tensor {out_name!r}: dtypes {[i.dtype for _, i in refs]} differ and "
+                                    "are not all floating point")
+            # Integer/bool buffers are copied from the reference model, whatever the method.
+            s0 = part.base or part.sources[0]
+            tname, info = refs[0]
+            entry = {"name": out_name, "method": "passthrough", "out_dtype": info.dtype,
+                     "base": None,
+                     "sources": [{**ref_of(s0, tname), "params": {}}], "params": {}}
+            if m.name != "passthrough":
+                warnings.append(f"{out_name}: {info.dtype} tensor copied from {s0.model!r} unmerged")
+        else:
+            gl = [part.params, cfg.parameters]
+            tparams: dict[str, Any] = {}
+            for pd in m.params:
+                if not pd.per_model and pd.name != "int8_mask":
+                    tparams[pd.name] = _resolve(pd, gl, out_name, t, cfg, what_part)
+            sources = []
+            for s, (tname, _info) in zip(part.sources, refs[len(refs) - len(part.sources):], strict=True):
+                sp: dict[str, Any] = {}
+                for pd in m.params:
+                    if pd.per_model:
+                        sp[pd.name] = _resolve(pd, [s.params] + gl, out_name, t, cfg, f"model {s.model!r}")
+                if m.name == "passthrough":
+                    scale = sp.pop("scale")
+                    if scale != 1.0:
+                        tparams["scale"] = scale
+                sources.append({**ref_of(s, tname), "params": sp})
+            odt = out_dt or refs[0][1].dtype
+            entry = {"name": out_name, "method": m.name, "out_dtype": odt,
+                     "base": ref_of(part.base, refs[0][0]) if part.base else None,
+                     "sources": sources, "params": tparams}
+            if m.name == "passthrough" and "scale" not in tparams and out_dt is None:
+                entry["out_dtype"] = first.dtype
+        tensors.append(entry)
+        shapes.append(first.shape)
+        in_bytes += sum(info.nbytes for _, info in refs)
+        out_bytes += math.prod(first.shape) * DTYPE_SIZES[entry["out_dtype"]]
+
+    plan = {
+        "version": PLAN_VERSION,
+        "models": [str(paths[n]) for n in names],
+        "out_dir": None,
+        "out_shard_size": int(out_shard_size),
+        "threads": int(threads),
+        "seed": int(seed),
+        "chunk_elems": int(chunk_elems),
+        "metadata": {"format": "pt"},
+        "tensors": tensors,
+    }
+    config_donor = cfg.base_model or ref_name
+    tok = cfg.tokenizer_source_name
+    if tok is None or tok == "base":
+        tok_donor = config_donor
+    else:
+        if tok not in paths:
+            raise cfg.error(f"tokenizer source {tok!r} is not one of the models"
+                            + _suggest(tok, paths) + "; use 'base' or a model name",
+                            ("tokenizer_source",) if cfg.tokenizer_source else ("tokenizer", "source"))
+        tok_donor = tok
+    for w in warnings[:20]:
+        log.info("%s", w)
+    return MergePlanInfo(plan=plan, model_paths=paths, config_donor=config_donor,
+                         tokenizer_donor=tok_donor, num_layers=num_layers, out_bytes=out_bytes,
+                         in_bytes=in_bytes, shapes=shapes, warnings=warnings)

@@ -1,0 +1,200 @@
+"""The public merge API: validate a config against the models' headers, then run the merge.
+
+    cfg = load_merge_config("merge.yml")
+    info = validate_merge(cfg)                 # cheap: headers only
+    res = run_merge(cfg, "out/merged")         # a complete Hugging Face model directory
+
+`model_paths` maps the names used in the config to directories (the recipe engine passes its
+resolved models); None means the names are local paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finrecipe.errors import ConfigError, FinrecipeError, IoError
+from finrecipe.merge.config import MergeConfig
+from finrecipe.merge.plan import MergePlanInfo, build_plan
+from finrecipe.progress import NullProgress, Progress
+from finrecipe.util.fs import atomic_dir
+
+log = logging.getLogger("finrecipe.merge")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    files: list[str]
+    total_bytes: int
+    tensors: int
+    seconds: float
+    method: str
+    backend: str
+    info: MergePlanInfo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def validate_merge(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = None) -> MergePlanInfo:
+    """Check `cfg` against the input models' headers and resolve the plan; reads no tensor data."""
+    return build_plan(cfg, model_paths)
+
+
+def _backend() -> tuple[str, Any]:
+    choice = os.environ.get("FINRECIPE_MERGE_BACKEND", "auto")
+    if choice not in ("auto", "rust", "python"):
+        raise ConfigError(f"FINRECIPE_MERGE_BACKEND={choice!r}: use auto, rust or python")
+    if choice != "python":
+        from finrecipe import _core
+
+        fn = getattr(_core, "merge", None)
+        if fn is not None:
+            return "rust", fn
+        if choice == "rust":
+            raise FinrecipeError("FINRECIPE_MERGE_BACKEND=rust but this build of finrecipe._core has no "
+                                 "merge; rebuild the extension (make build)")
+    from finrecipe.merge import pyexec
+
+    return "python", pyexec.merge
+
+
+def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, Path | str] | None = None, *,
+              threads: int = 0, out_shard_size: int = 5_000_000_000, seed: int = 0,
+              overwrite: bool = False, progress: Progress | None = None) -> MergeResult:
+    """Merge into `out_dir` (written atomically; refused if it exists unless `overwrite`)."""
+    progress = progress or NullProgress()
+    if out_shard_size <= 0:
+        raise ConfigError(f"out_shard_size must be positive, got {out_shard_size}")
+    if threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 = all cores), got {threads}")
+    info = build_plan(cfg, model_paths, threads=threads, out_shard_size=out_shard_size, seed=seed)
+    dest = Path(out_dir).absolute()
+    for p in info.model_paths.values():
+        if dest == p or p.is_relative_to(dest):
+            raise ConfigError(f"output directory {dest} would replace input model {p}")
+    backend, fn = _backend()
+    t0 = time.monotonic()
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
+        plan = dict(info.plan)
+        plan["out_dir"] = str(tmp)
+        with progress.task(f"merging ({cfg.merge_method})", total=info.out_bytes, unit="B") as task:
+            def cb(done: int, total: int) -> None:
+                task.update(completed=done, total=total)
+
+            res = fn(json.dumps(plan), cb)
+        _write_side_files(cfg, info, tmp)
+    seconds = time.monotonic() - t0
+    files = sorted(p.name for p in dest.iterdir())
+    return MergeResult(out_dir=dest, files=files, total_bytes=int(res.get("total_bytes", info.out_bytes)),
+                       tensors=int(res.get("tensors", info.num_tensors)), seconds=seconds,
+                       method=cfg.merge_method, backend=backend, info=info, extra=dict(res))
+
+
+def _out_dtype(info: MergePlanInfo) -> str | None:
+    dts = {t["out_dtype"] for t in info.plan["tensors"] if t["out_dtype"] in _DTYPE_NAMES}
+    if len(dts) == 1:
+        return _DTYPE_NAMES[dts.pop()]
+    return None
+
+
+def _write_side_files(cfg: MergeConfig, info: MergePlanInfo, tmp: Path) -> None:
+    donor = info.model_paths[info.config_donor]
+    tok = info.model_paths[info.tokenizer_donor]
+    try:
+        cfg_path = donor / "config.json"
+        if cfg_path.is_file():
+            c = json.loads(cfg_path.read_text(encoding="utf-8"))
+            dt = _out_dtype(info)
+            if dt is not None:
+                keys = [k for k in ("dtype", "torch_dtype") if k in c] or ["dtype"]
+                for k in keys:
+                    c[k] = dt
+            if info.num_layers is not None and cfg.slices is not None:
+                for k in ("num_hidden_layers", "n_layer", "num_layers"):
+                    if k in c:
+                        c[k] = info.num_layers
+                        break
+            (tmp / "config.json").write_text(json.dumps(c, indent=2) + "\n", encoding="utf-8")
+        else:
+            log.warning("%s has no config.json; the output will not load with transformers", donor)
+        gen = donor / "generation_config.json"
+        if gen.is_file():
+            shutil.copyfile(gen, tmp / "generation_config.json")
+        for f in TOKENIZER_FILES:
+            if (tok / f).is_file():
+                shutil.copyfile(tok / f, tmp / f)
+        if cfg.chat_template is not None and cfg.chat_template != "auto":
+            (tmp / "chat_template.jinja").write_text(cfg.chat_template, encoding="utf-8")
+            tc = tmp / "tokenizer_config.json"
+            if tc.is_file():
+                d = json.loads(tc.read_text(encoding="utf-8"))
+                if "chat_template" in d:
+                    d["chat_template"] = cfg.chat_template
+                    tc.write_text(json.dumps(d, indent=2), encoding="utf-8")
+        (tmp / "mergekit_config.yml").write_text(_config_text(cfg), encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(cfg, info), encoding="utf-8")
+    except OSError as e:
+        raise IoError(f"writing metadata into {tmp}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise IoError(f"{donor}: config.json / tokenizer_config.json is not valid JSON: {e}") from None
+
+
+def _config_text(cfg: MergeConfig) -> str:
+    import yaml
+
+    if cfg.file and not cfg._prefix:
+        try:
+            return Path(cfg.file).read_text(encoding="utf-8")
+        except OSError:
+            pass
+    return yaml.safe_dump(cfg.raw(), sort_keys=False)
+
+
+def _model_card(cfg: MergeConfig, info: MergePlanInfo) -> str:
+    import yaml
+
+    lines = ["---", "library_name: transformers", "tags:", "- merge", "- finrecipe", "---", "",
+             f"# {cfg.name or 'Merged model'}", "",
+             f"This model was merged with finrecipe using the **{cfg.merge_method}** "
+             "method (mergekit-compatible configuration).", "", "## Inputs", ""]
+    for name, p in info.model_paths.items():
+        role = " (base)" if name == cfg.base_model else ""
+        lines.append(f"- `{name}`{role}: `{p}`")
+    lines += ["", "## Parameters", ""]
+    if cfg.parameters:
+        lines.append("Global: `" + json.dumps(_plain(cfg.parameters)) + "`")
+    for m in cfg.models or []:
+        if m.parameters:
+            lines.append(f"- `{m.model}`: `" + json.dumps(_plain(m.parameters)) + "`")
+    if not cfg.parameters and not any(m.parameters for m in cfg.models or []):
+        lines.append("Method defaults.")
+    odt = _out_dtype(info)
+    lines += ["", f"Output dtype: {odt or 'mixed'}; {info.num_tensors} tensors, "
+              f"{info.num_params:,} parameters.", "", "## Configuration", "", "```yaml",
+              yaml.safe_dump(cfg.raw(), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _plain(params: Mapping[str, Any]) -> Any:
+    from pydantic import BaseModel
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, BaseModel):
+            return v.model_dump(exclude_none=True)
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+
+    return {k: conv(v) for k, v in params.items()}
