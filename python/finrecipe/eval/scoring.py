@@ -1,0 +1,289 @@
+"""Log-likelihood scoring of (context, continuation) requests with lm-evaluation-harness 0.4.9 semantics.
+
+Semantics (what a request's number means):
+
+- The context/continuation boundary follows lm-eval's ``_encode_pair``: trailing whitespace of the
+  context moves to the front of the continuation; the whole string and the context are tokenized
+  separately (no special tokens unless ``add_bos`` is set); the continuation tokens are the whole
+  string's tokens past the context's token count. An empty context becomes the prefix token
+  (BOS, else EOS) and the continuation is tokenized alone.
+- The model sees ``(context_tokens + continuation_tokens)[-(max_length + 1):][:-1]`` (left truncation);
+  the log-likelihood is the sum of the continuation tokens' log-probabilities.
+
+Speed: requests are grouped by context. A question's context is put into the batch once and every
+choice's continuation is packed behind it, with a 4-D attention mask (each choice sees the context
+and its own earlier tokens) and explicit position ids (each choice continues at the context's end).
+Packed sequences are sorted by length and batched, and the output projection is applied only at the
+positions whose log-probabilities are needed. Requests whose full input would be truncated fall
+back to their own unpacked sequence, exactly as lm-eval builds it. bf16 on GPU, fp32 on CPU;
+log-softmax is always computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from finrecipe.progress import NullProgress, Progress
+
+
+@dataclass(frozen=True)
+class Request:
+    context: str
+    continuation: str
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str, *, add_bos: bool = False
+                ) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair`` (plus its empty-context rule): (context_ids, continuation_ids)."""
+    if context == "":
+        return [prefix_token_id(tokenizer)], _encode(tokenizer, continuation, add_bos)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation, add_bos)
+    ctx = _encode(tokenizer, context, add_bos)
+    return ctx, whole[len(ctx):]
+
+
+def _encode(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + list(ids)
+    return list(ids)
+
+
+def prefix_token_id(tokenizer: Any) -> int:
+    """The token an empty context becomes (lm-eval: BOS when the tokenizer has one, else EOS)."""
+    if tokenizer.bos_token_id is not None:
+        return int(tokenizer.bos_token_id)
+    return int(tokenizer.eos_token_id)
+
+
+def model_max_length(model: Any, tokenizer: Any, default: int = 2048) -> int:
+    """lm-eval's HF max_length: model config n_positions/max_position_embeddings/n_ctx, else the
+    tokenizer's model_max_length when it is a real number, else 2048."""
+    cfg = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    tml = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tml, int) and 0 < tml < 10**10:
+        return tml
+    return default
+
+
+@dataclass
+class _Group:
+    """One packed sequence: a context and the continuations scored behind it."""
+
+    ctx: list[int]
+    conts: list[list[int]]
+    req_ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.ctx) + sum(max(len(c) - 1, 0) for c in self.conts)
+
+
+class Scorer:
+    """Scores requests with a causal LM. `model` and `tokenizer` are transformers objects."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_tokens: int = 4096, max_batch: int = 64,
+                 add_bos: bool = False, max_length: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_tokens = batch_tokens
+        self.max_batch = max_batch
+        self.add_bos = add_bos
+        self.max_length = max_length or model_max_length(model, tokenizer)
+
+    # -- planning -------------------------------------------------------------------------------
+    def _groups(self, requests: Sequence[Request]) -> list[_Group]:
+        groups: dict[tuple[int, ...], _Group] = {}
+        singles: list[_Group] = []
+        for i, r in enumerate(requests):
+            ctx, cont = encode_pair(self.tokenizer, r.context, r.continuation, add_bos=self.add_bos)
+            if not cont:
+                raise ValueError(f"request {i}: the continuation {r.continuation!r} tokenizes to nothing")
+            if len(ctx) + len(cont) - 1 > self.max_length:
+                # lm-eval cuts this input from the left; it cannot share its context.
+                full = (ctx + cont)[-(self.max_length + 1):]
+                singles.append(_Group(ctx=full[: len(full) - len(cont)], conts=[cont], req_ids=[i]))
+                continue
+            key = tuple(ctx)
+            g = groups.get(key)
+            if g is None:
+                groups[key] = g = _Group(ctx=ctx, conts=[], req_ids=[])
+            g.conts.append(cont)
+            g.req_ids.append(i)
+        return list(groups.values()) + singles
+
+    def _batches(self, groups: list[_Group]) -> list[list[_Group]]:
+        groups = sorted(groups, key=lambda g: -g.length)
+        out: list[list[_Group]] = []
+        cur: list[_Group] = []
+        for g in groups:
+            width = max([x.length for x in cur] + [g.length])
+            if cur and ((len(cur) + 1) * width > self.batch_tokens or len(cur) >= self.max_batch):
+                out.append(cur)
+                cur = []
+            cur.append(g)
+        if cur:
+            out.append(cur)
+        return out
+
+    # -- running --------------------------------------------------------------------------------
+    def loglikelihoods(self, requests: Sequence[Request], progress: Progress | None = None,
+                       description: str = "scoring") -> list[float]:
+        """Sum of continuation log-probabilities per request, in request order."""
+        import torch
+
+        progress = progress or NullProgress()
+        out = [math.nan] * len(requests)
+        batches = self._batches(self._groups(requests))
+        with progress.task(description, total=len(requests), unit="req") as task, torch.inference_mode():
+            for batch in batches:
+                for rid, ll in self._run_batch(batch):
+                    out[rid] = ll
+                task.update(advance=sum(len(g.req_ids) for g in batch))
+        return out
+
+    def _run_batch(self, batch: list[_Group]) -> list[tuple[int, float]]:
+        import torch
+
+        model = self.model
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        width = max(g.length for g in batch)
+        b = len(batch)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        ids = torch.full((b, width), int(pad), dtype=torch.long)
+        pos = torch.zeros((b, width), dtype=torch.long)
+        allow = torch.zeros((b, width, width), dtype=torch.bool)
+        # (batch row, position whose logits predict, target token, request id)
+        rows: list[int] = []
+        cols: list[int] = []
+        targets: list[int] = []
+        owners: list[int] = []
+        for r, g in enumerate(batch):
+            lc = len(g.ctx)
+            ids[r, :lc] = torch.tensor(g.ctx)
+            pos[r, :lc] = torch.arange(lc)
+            allow[r, :lc, :lc] = torch.tril(torch.ones(lc, lc, dtype=torch.bool))
+            off = lc
+            for cont, rid in zip(g.conts, g.req_ids, strict=False):
+                n_in = len(cont) - 1  # the last continuation token is never an input
+                if n_in > 0:
+                    ids[r, off:off + n_in] = torch.tensor(cont[:-1])
+                    pos[r, off:off + n_in] = torch.arange(lc, lc + n_in)
+                    allow[r, off:off + n_in, :lc] = True
+                    allow[r, off:off + n_in, off:off + n_in] = torch.tril(
+                        torch.ones(n_in, n_in, dtype=torch.bool))
+                # token j of the continuation is predicted by the context's last position (j = 0)
+                # or by the continuation's token j - 1.
+                pred_pos = [lc - 1] + list(range(off, off + n_in))
+                rows.extend([r] * len(cont))
+                cols.extend(pred_pos)
+                targets.extend(cont)
+                owners.extend([rid] * len(cont))
+                off += n_in
+            for p in range(off, width):  # padding rows attend to themselves only
+                allow[r, p, p] = True
+        mask = torch.zeros((b, 1, width, width), dtype=dtype)
+        mask.masked_fill_(~allow.unsqueeze(1), torch.finfo(dtype).min)
+        hidden = self._hidden(ids.to(device), pos.to(device), mask.to(device))
+        sel = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        logits = self._project(sel).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        tok_lp = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu()
+        sums: dict[int, float] = {}
+        for rid, v in zip(owners, tok_lp.tolist(), strict=False):
+            sums[rid] = sums.get(rid, 0.0) + v
+        return list(sums.items())
+
+    def _hidden(self, ids: Any, pos: Any, mask: Any) -> Any:
+        base = self.model.base_model
+        if base is self.model or self._needs_full_forward():
+            out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
+            self._full_logits = True
+            return out.logits
+        self._full_logits = False
+        return base(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def _needs_full_forward(self) -> bool:
+        cfg = self.model.config
+        return any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
+
+    def _project(self, hidden: Any) -> Any:
+        if self._full_logits:
+            return hidden
+        return self.model.get_output_embeddings()(hidden)
+
+
+# -- metrics (lm-eval 0.4.9) -----------------------------------------------------------------------
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """lm-eval's stderr of a mean: sample standard deviation (n - 1) over sqrt(n)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    var = sum((v - mu) ** 2 for v in values) / (n - 1)
+    return math.sqrt(var) / math.sqrt(n)
+
+
+def mc_predictions(lls: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
+    """(argmax of log-likelihoods, argmax of log-likelihood / choice length in characters).
+
+    Ties go to the first choice (numpy argmax)."""
+    pred = max(range(len(lls)), key=lambda i: (lls[i], -i))
+    normed = [ll / float(len(c)) for ll, c in zip(lls, choices, strict=False)]
+    pred_norm = max(range(len(lls)), key=lambda i: (normed[i], -i))
+    return pred, pred_norm
+
+
+def macro_f1(golds: Sequence[Any], preds: Sequence[Any]) -> float:
+    """sklearn ``f1_score(golds, preds, average="macro")`` with zero_division=0: the mean F1 over
+    the sorted union of labels present in golds or preds."""
+    labels = sorted(set(golds) | set(preds), key=lambda x: (str(type(x)), x))
+    if not labels:
+        return 0.0
+    total = 0.0
+    for lab in labels:
+        tp = sum(1 for g, p in zip(golds, preds, strict=False) if g == lab and p == lab)
+        fp = sum(1 for g, p in zip(golds, preds, strict=False) if g != lab and p == lab)
+        fn = sum(1 for g, p in zip(golds, preds, strict=False) if g == lab and p != lab)
+        denom = 2 * tp + fp + fn
+        total += (2 * tp / denom) if denom else 0.0
+    return total / len(labels)
+
+
+def chabsa_f1(golds: Sequence[Any], preds: Sequence[Any]) -> float:
+    """The harness's chabsa aggregation: macro-F1 × 1.5 (neutral gold items count as a label that
+    is never predicted, so this is the mean of the positive and negative F1 when neutral is present)."""
+    return macro_f1(golds, preds) * 1.5
+
+
+def bootstrap_stderr(golds: Sequence[Any], preds: Sequence[Any], metric: Any, iters: int = 1000,
+                     seed: int = 1234) -> float | None:
+    """Bootstrap standard error of a corpus-level metric (lm-eval uses this for non-mean metrics;
+    we use `iters` resamples with a fixed seed)."""
+    import random
+
+    n = len(golds)
+    if n < 2:
+        return None
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(iters):
+        idx = [rng.randrange(n) for _ in range(n)]
+        vals.append(metric([golds[i] for i in idx], [preds[i] for i in idx]))
+    mu = sum(vals) / len(vals)
+    return math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1))
