@@ -1,0 +1,34 @@
+"""torchrun entry point: ``python -m torch.distributed.run ... -m finrecipe.train.launch SPEC.json``.
+
+Every worker reads the same run spec (finrecipe.train.config.RunSpec) and runs the trainer; rank 0
+writes metrics, checkpoints' metadata and the model. Exit codes: 0 done, 1 failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finrecipe.errors import FinrecipeError
+    from finrecipe.train.config import RunSpec
+    from finrecipe.train.trainer import train
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m finrecipe.train.launch RUN_SPEC.json\n")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s rank%(process)d: %(message)s")
+    try:
+        spec = RunSpec.model_validate_json(Path(args[0]).read_text())
+        train(spec)
+    except FinrecipeError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""FLOP, MFU and metric logging, written down once.
+
+Training FLOPs per token (PaLM appendix B convention, as torchtitan and llm-foundry use):
+
+    flops/token = 6·N + 12·L·H·T
+
+- N: parameters taking part in matmuls: all parameters minus the input embedding table (a lookup,
+  no FLOPs); an untied lm_head counts (it is a matmul), a tied one too (its matmul still happens).
+- 6 = 2 (multiply-add) × 3 (forward + backward, the backward costing twice the forward).
+- 12·L·H·T: attention scores QKᵀ and the weighted sum AV, 2·2·H·T FLOPs per token and layer
+  forward (H = hidden size = heads × head_dim, T = sequence length), × 3 for the backward; the
+  causal mask is not halved, as in PaLM, so figures compare with published MFU.
+
+MFU = flops/token × tokens/s ÷ (devices × peak bf16 dense FLOP/s of one device).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# Dense bf16 peak FLOP/s (no sparsity) per device, matched on the CUDA device name.
+PEAK_BF16 = (
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM; the PCIe card is 756e12
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    if not device_name:
+        return None
+    if "H100" in device_name and "PCIe" in device_name:
+        return 756e12
+    for key, val in PEAK_BF16:
+        if key in device_name:
+            return val
+    return None
+
+
+def model_flops_per_token(model: Any, seq_len: int) -> float:
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings()
+    if emb is not None:
+        n -= emb.weight.numel()
+        if getattr(cfg, "tie_word_embeddings", False):
+            n += emb.weight.numel()  # the tied lm_head matmul
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    hidden = getattr(cfg, "hidden_size", 0)
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // max(getattr(cfg, "num_attention_heads", 1), 1))
+    attn_width = head_dim * getattr(cfg, "num_attention_heads", 0) or hidden
+    return 6.0 * n + 12.0 * layers * attn_width * seq_len
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak: float | None) -> float | None:
+    if peak is None or n_devices <= 0:
+        return None
+    return flops_per_token * tokens_per_s / (n_devices * peak)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) plus TensorBoard when it is installed."""
+
+    def __init__(self, path: Path, tb_dir: Path | None = None) -> None:
+        self.path = path
+        self._tb: Any = None
+        if tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(tb_dir))
+            except Exception:  # tensorboard not installed
+                self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (they were computed after the last checkpoint)."""
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, rec: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_loss_curve(records: list[dict[str, Any]], dest: Path, title: str = "loss") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if tr:
+        ax.plot(*zip(*tr, strict=True), label="train", lw=1)
+    if va:
+        ax.plot(*zip(*va, strict=True), "o-", label="validation", lw=1, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = dest.with_name(f".{dest.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(dest)

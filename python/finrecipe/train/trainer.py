@@ -1,0 +1,407 @@
+"""The trainer: one loop for single-process and FSDP2 runs, resumable, deterministic on CPU.
+
+Per optimizer step ``s`` the global batch is ``order[s·B:(s+1)·B]`` (``B`` sequences, see
+data.build_order). Rank ``r`` runs micro-batch ``m`` on ``order[s·B + (m·world + r)·mb …]``, so
+the same sequences make a step whatever the number of processes. The loss of a step is the sum of
+token losses over the global batch divided by its number of target tokens (computed up front and
+all-reduced), so gradient accumulation and sharding give the gradient of that one mean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finrecipe.errors import ConfigError, DataError, StageError
+from finrecipe.progress import NullProgress, Progress
+from finrecipe.train import distributed as tdist
+from finrecipe.train.checkpoint import Checkpointer
+from finrecipe.train.config import RunSpec, TrainConfig
+from finrecipe.train.data import SequenceSet, TokenShard, build_order, split_heldout
+from finrecipe.train.metrics import MetricsLog, mfu, model_flops_per_token, peak_flops, plot_loss_curve
+from finrecipe.train.schedule import lr_factor
+from finrecipe.util.fs import atomic_dir
+
+log = logging.getLogger("finrecipe.train")
+
+SHARD_BYTES = 5 * 1024**3
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop checkpoints at the end of the step and stops."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _batch_plan(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(grad_accum, global batch in sequences)."""
+    mb = cfg.micro_batch_size
+    if cfg.global_batch_tokens is not None:
+        seqs = cfg.global_batch_tokens // cfg.seq_len
+        if seqs == 0 or seqs * cfg.seq_len != cfg.global_batch_tokens or seqs % (mb * world):
+            raise ConfigError(
+                f"global_batch_tokens={cfg.global_batch_tokens} must be a multiple of seq_len × "
+                f"micro_batch_size × processes = {cfg.seq_len} × {mb} × {world}")
+        return seqs // (mb * world), seqs
+    accum = cfg.grad_accum or 1
+    return accum, accum * mb * world
+
+
+def _source_dtype(model_dir: Path) -> torch.dtype:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return torch.float32
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def _make_batch(seqs: SequenceSet, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """input ids (n, L) and next-token targets (n, L-1) with -100 where there is no loss."""
+    toks, tgts = [], []
+    for gid in ids:
+        t, m = seqs.get(int(gid))
+        toks.append(t)
+        tgt = t[1:].copy()
+        if m is not None:
+            tgt[m[1:] == 0] = -100
+        tgts.append(tgt)
+    return torch.from_numpy(np.stack(toks)), torch.from_numpy(np.stack(tgts))
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec, progress: Progress | None = None,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.spec = spec
+        self.cfg = TrainConfig.model_validate(spec.config)
+        self.progress = progress or NullProgress()
+        self.on_step = on_step
+        self.out_dir = Path(spec.out_dir)
+        self.work = self.out_dir / "work"
+        self.model_dir = Path(spec.model_dir)
+
+    # ------------------------------------------------------------------------------------ data
+    def _setup_data(self, world: int) -> None:
+        cfg, seed = self.cfg, self.spec.seed
+        shards = [TokenShard.from_json(s) for s in self.spec.train_shards]
+        self.train_set = SequenceSet(shards, cfg.seq_len)
+        frac = cfg.validation.fraction if cfg.validation else 0.0
+        train_ids, held = split_heldout(self.train_set.counts, frac, seed)
+        self.grad_accum, self.batch_seqs = _batch_plan(cfg, world)
+        total = cfg.max_tokens // cfg.seq_len if cfg.max_tokens is not None else None
+        epochs = cfg.epochs if cfg.epochs is not None else (None if total is not None else 1.0)
+        self.order = build_order(train_ids, self.train_set.offsets, [s.weight for s in shards], seed,
+                                 epochs=epochs, total_sequences=total)
+        self.total_steps = len(self.order) // self.batch_seqs
+        if self.total_steps == 0:
+            raise DataError(
+                f"{len(self.order)} training sequences of {cfg.seq_len} tokens are fewer than one global "
+                f"batch ({self.batch_seqs} sequences); add data, raise epochs or lower the batch size")
+        # Validation: held-out sequences of the training data, then separate datasets.
+        self.val_items: list[tuple[SequenceSet, int]] = []
+        for i, ids in enumerate(held):
+            self.val_items += [(self.train_set, int(self.train_set.offsets[i]) + int(j)) for j in ids]
+        if self.spec.val_shards:
+            vset = SequenceSet([TokenShard.from_json(s) for s in self.spec.val_shards], cfg.seq_len)
+            self.val_items += [(vset, j) for j in range(len(vset))]
+        if cfg.validation and len(self.val_items) > cfg.validation.max_sequences:
+            pick = np.random.default_rng([seed, 31]).permutation(len(self.val_items))
+            self.val_items = [self.val_items[k] for k in sorted(pick[: cfg.validation.max_sequences])]
+
+    # ----------------------------------------------------------------------------------- model
+    def _setup_model(self, d: tdist.Dist) -> None:
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.cfg
+        self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
+                                                         attn_implementation="sdpa")
+        except (OSError, ValueError) as e:
+            raise StageError(f"{self.model_dir}: cannot load the model for training: {e}") from None
+        model.config.use_cache = False
+        self.flops_per_token = model_flops_per_token(model, cfg.seq_len)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        model.to(d.device)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if d.enabled:
+            tdist.shard_fsdp2(model, d, self.bf16)
+        if cfg.compile:
+            layers = tdist.decoder_layers(model)
+            for layer in layers:
+                layer.compile()
+            if not layers:
+                model.compile()
+        model.train()
+        self.model = model
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        o = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=o.betas, eps=o.eps, fused=d.device.type == "cuda" or None)
+
+    # ------------------------------------------------------------------------------------ steps
+    def _autocast(self, d: tdist.Dist) -> Any:
+        if self.bf16 and not d.enabled:  # FSDP2 casts through its MixedPrecisionPolicy
+            return torch.autocast(device_type=d.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loss_sum(self, d: tdist.Dist, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._autocast(d):
+            logits = self.model(input_ids=x.to(d.device, non_blocking=True)).logits
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                               y.to(d.device, non_blocking=True).reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    def _train_step(self, d: tdist.Dist, step: int) -> tuple[float, float, int]:
+        mb, world, accum = self.cfg.micro_batch_size, d.world, self.grad_accum
+        base = step * self.batch_seqs
+        micro = []
+        for m in range(accum):
+            a = base + (m * world + d.rank) * mb
+            micro.append(_make_batch(self.train_set, self.order[a:a + mb]))
+        count = torch.tensor([float(sum(int((y != -100).sum()) for _, y in micro))], device=d.device)
+        count = d.all_reduce_sum(count)
+        n_targets = float(count.item())
+        denom = max(n_targets, 1.0)
+        total = torch.zeros((), device=d.device)
+        for m, (x, y) in enumerate(micro):
+            if d.enabled:
+                self.model.set_requires_gradient_sync(m == accum - 1)  # type: ignore[operator]
+            loss_sum = self._loss_sum(d, x, y)
+            (loss_sum * (world / denom)).backward()
+            total += loss_sum.detach()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or math.inf)
+        if hasattr(gn, "full_tensor"):
+            gn = gn.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(d.all_reduce_sum(total.reshape(1)).item()) / denom
+        return loss, float(gn), int(n_targets)
+
+    @torch.no_grad()
+    def _validate(self, d: tdist.Dist) -> float | None:
+        if not self.val_items:
+            return None
+        self.model.eval()
+        mb, world = self.cfg.micro_batch_size, d.world
+        n = len(self.val_items)
+        rounds = math.ceil(n / (mb * world))
+        tot = torch.zeros(2, device=d.device)
+        for k in range(rounds):
+            lo = k * mb * world + d.rank * mb
+            chunk = self.val_items[lo:lo + mb]
+            dummy = not chunk
+            if dummy:  # every rank must run the same number of forwards under FSDP
+                chunk = self.val_items[:1]
+            toks, tgts = [], []
+            for sset, gid in chunk:
+                x, y = _make_batch(sset, np.array([gid]))
+                toks.append(x)
+                tgts.append(y)
+            x, y = torch.cat(toks), torch.cat(tgts)
+            ls = self._loss_sum(d, x, y)
+            if not dummy:
+                tot[0] += ls
+                tot[1] += (y != -100).sum()
+        d.all_reduce_sum(tot)
+        self.model.train()
+        return float(tot[0] / tot[1].clamp(min=1))
+
+    # ----------------------------------------------------------------------------------- export
+    def _export(self, d: tdist.Dist) -> Path:
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoTokenizer, GenerationConfig
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                       cpu_offload=True))
+        dest = self.out_dir / "model"
+        if not d.is_main:
+            return dest
+        config = self.model.config
+        dtype = _source_dtype(self.model_dir)
+        if getattr(config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in sd.items()}
+        with atomic_dir(dest, overwrite=True) as tmp:
+            shards: list[dict[str, torch.Tensor]] = [{}]
+            size = 0
+            for k, v in tensors.items():
+                nb = v.numel() * v.element_size()
+                if size + nb > SHARD_BYTES and shards[-1]:
+                    shards.append({})
+                    size = 0
+                shards[-1][k] = v
+                size += nb
+            if len(shards) == 1:
+                save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            else:
+                wmap = {}
+                for i, sh in enumerate(shards, 1):
+                    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(sh, str(tmp / name), metadata={"format": "pt"})
+                    wmap.update({k: name for k in sh})
+                total = sum(v.numel() * v.element_size() for v in tensors.values())
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": wmap}, indent=1))
+            config.use_cache = True
+            config.dtype = dtype
+            config.save_pretrained(tmp)
+            try:
+                gen = GenerationConfig.from_pretrained(self.model_dir)
+            except OSError:
+                gen = GenerationConfig.from_model_config(config)
+            gen.save_pretrained(tmp)
+            try:
+                AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
+            except (OSError, ValueError) as e:
+                log.warning("%s: no tokenizer copied to the output: %s", self.model_dir, e)
+        return dest
+
+    # --------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        launch = cfg.launch
+        d = tdist.init(cfg.device, launch.backend if launch else "auto")
+        try:
+            return self._run(d)
+        finally:
+            tdist.shutdown(d)
+
+    def _run(self, d: tdist.Dist) -> dict[str, Any]:
+        cfg, seed = self.cfg, self.spec.seed
+        torch.manual_seed(seed + d.rank)
+        np.random.seed((seed + d.rank) % 2**32)
+        self._setup_data(d.world)
+        self._setup_model(d)
+        self.work.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl",
+                             self.out_dir / "tensorboard" if d.is_main else None) if d.is_main else None
+        ckpt = Checkpointer(self.work, d, cfg.keep_checkpoints)
+        ckpt.clean_partial()
+        start, tokens_seen, elapsed0 = 0, 0, 0.0
+        latest = ckpt.latest()
+        if latest is not None:
+            meta = ckpt.load(latest, self.model, self.optimizer)
+            if int(meta["batch_seqs"]) != self.batch_seqs or int(meta["total_steps"]) != self.total_steps:
+                raise StageError(f"{latest}: checkpoint was made with a different batch or data plan; "
+                                 f"delete {self.work} to start over")
+            start, tokens_seen, elapsed0 = int(meta["step"]), int(meta["tokens"]), float(meta["elapsed"])
+            log.info("resuming from %s (step %d of %d)", latest, start, self.total_steps)
+        if metrics is not None:
+            metrics.truncate_after(start)
+        device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None
+        peak = peak_flops(device_name)
+        every_val = cfg.validation.every_steps if cfg.validation else None
+        last: dict[str, Any] = {}
+        t_run = time.perf_counter()
+        tokens_run = 0
+        val_loss = None
+        with _StopFlag() as stop, self.progress.task(self.spec.title, total=self.total_steps,
+                                                      unit="step") as task:
+            task.update(completed=start)
+            for step in range(start, self.total_steps):
+                lr = cfg.optimizer.lr * lr_factor(cfg.schedule, step, self.total_steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                t0 = time.perf_counter()
+                loss, gn, n_targets = self._train_step(d, step)
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
+                dt = time.perf_counter() - t0
+                step_tokens = self.batch_seqs * cfg.seq_len
+                tokens_seen += step_tokens
+                tokens_run += step_tokens
+                tps = step_tokens / dt if dt > 0 else float("nan")
+                m = mfu(self.flops_per_token, tps, d.world, peak)
+                done = step + 1
+                rec: dict[str, Any] = {"step": done, "loss": loss, "lr": lr, "grad_norm": gn,
+                                       "tokens": tokens_seen, "target_tokens": n_targets,
+                                       "tokens_per_s": tps, "mfu": m if m is not None else "n/a"}
+                if every_val and (done % every_val == 0 or done == self.total_steps):
+                    val_loss = self._validate(d)
+                    if val_loss is not None:
+                        rec["val_loss"] = val_loss
+                last = rec
+                if metrics is not None and (done % cfg.log_every == 0 or done == self.total_steps
+                                            or "val_loss" in rec):
+                    metrics.write(rec)
+                task.update(completed=done, info=f"loss {loss:.4f} lr {lr:.2e}")
+                if self.on_step is not None:
+                    self.on_step(rec)
+                stopping = d.any_true(stop.set)
+                periodic = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
+                if done < self.total_steps and (periodic or stopping):
+                    ckpt.save(self.model, self.optimizer, {
+                        "step": done, "data_position": done * self.batch_seqs, "tokens": tokens_seen,
+                        "elapsed": elapsed0 + time.perf_counter() - t_run, "batch_seqs": self.batch_seqs,
+                        "total_steps": self.total_steps, "world": d.world})
+                if stopping and done < self.total_steps:
+                    raise StageError(f"training stopped by SIGTERM after step {done} of "
+                                     f"{self.total_steps}; a checkpoint was saved in {self.work / 'ckpt'}; "
+                                     "run again to resume")
+        if val_loss is None and self.val_items and "val_loss" not in last:
+            val_loss = self._validate(d)
+        run_time = time.perf_counter() - t_run
+        elapsed = elapsed0 + run_time
+        self._export(d)
+        result = {
+            "final_train_loss": last.get("loss"),
+            "final_val_loss": val_loss,
+            "steps": self.total_steps,
+            "tokens": tokens_seen,
+            "tokens_per_s": tokens_run / run_time if tokens_run and run_time > 0 else None,
+            "train_seconds": elapsed,
+            "params": self.n_params,
+            "world_size": d.world,
+            "global_batch_tokens": self.batch_seqs * cfg.seq_len,
+        }
+        if metrics is not None:
+            if val_loss is not None and "val_loss" not in last:
+                metrics.write({"step": self.total_steps, "val_loss": val_loss})
+            metrics.close()
+            from finrecipe.train.metrics import read_metrics
+
+            plot_loss_curve(read_metrics(self.out_dir / "metrics.jsonl"), self.out_dir / "loss_curve.png",
+                            title=self.spec.title)
+            tmp = self.work / ".result.json.tmp"
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(self.work / "result.json")
+        d.barrier()
+        return result
+
+
+def train(spec: RunSpec, progress: Progress | None = None,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) one training run described by ``spec``; returns the final metrics."""
+    return Trainer(spec, progress, on_step).run()
