@@ -249,6 +249,11 @@ class MergeConfig(_Strict):
             pd = m.param(k)
             if pd is None:
                 hint = suggest(k, names)
+                if not hint:
+                    other = sorted(md.name for md in METHODS.values()
+                                   if md.param(k) or suggest(k, [p.name for p in md.params]))
+                    if other:
+                        hint = f" (methods {', '.join(other)} take a parameter like it)"
                 known = ", ".join(names) if names else "none"
                 raise self.error(f"unknown parameter {k!r} for merge method {m.name!r}{hint}; "
                                  f"it takes: {known}", path + (k,))
@@ -267,6 +272,7 @@ class MergeConfig(_Strict):
         if isinstance(v, list) and not v:
             raise self.error("a gradient needs at least one value", path)
         for x in vals:
+            assert not isinstance(x, FilterRule)
             if pd.kind is bool:
                 if not isinstance(x, bool) and x not in (0, 1):
                     raise self.error(f"{pd.name!r} is true/false, got {x!r}", path)

@@ -206,11 +206,11 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             bname = sl.base_model or cfg.base_model
             ss = []
             length = None
-            for s in sl.sources:
-                lo = s.layer_range[0] if s.layer_range else 0
-                if s.layer_range:
-                    length = s.layer_range[1] - s.layer_range[0]
-                ss.append(_Src(s.model, s.parameters, lo))
+            for sd in sl.sources:
+                lo = sd.layer_range[0] if sd.layer_range else 0
+                if sd.layer_range:
+                    length = sd.layer_range[1] - sd.layer_range[0]
+                ss.append(_Src(sd.model, sd.parameters, lo))
             if length is None:
                 length = _num_layers(infos[sl.sources[0].model]) or 0
             base = None
@@ -219,22 +219,22 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                 base = found[0] if found else _Src(bname, None, ss[0].layer_offset)
                 ss = [s for s in ss if s.model != bname]
             parts.append(_Part(ss, base, sl.parameters, out_start, length))
-            for j, s in enumerate(sl.sources):
-                if s.layer_range:
-                    nl = _num_layers(infos[s.model]) or 0
-                    if s.layer_range[1] > nl:
-                        raise cfg.error(f"layer_range {list(s.layer_range)} is beyond model {s.model!r}, "
+            for j, ssrc in enumerate(sl.sources):
+                if ssrc.layer_range:
+                    nl = _num_layers(infos[ssrc.model]) or 0
+                    if ssrc.layer_range[1] > nl:
+                        raise cfg.error(f"layer_range {list(ssrc.layer_range)} is beyond model {ssrc.model!r}, "
                                         f"which has {nl} layers", ("slices", i, "sources", j, "layer_range"))
             out_start += length
 
     for pi, part in enumerate(parts):
-        n = len(part.sources)
+        nsrc = len(part.sources)
         loc: tuple[str | int, ...] = ("models",) if cfg.models is not None else ("slices", pi, "sources")
-        if n < m.min_sources or (m.max_sources is not None and n > m.max_sources):
+        if nsrc < m.min_sources or (m.max_sources is not None and nsrc > m.max_sources):
             want = (f"exactly {m.min_sources}" if m.max_sources == m.min_sources
                     else f"at least {m.min_sources}")
             extra = " besides the base model" if part.base is not None else ""
-            raise cfg.error(f"merge method {m.name!r} needs {want} model(s){extra}, got {n}", loc)
+            raise cfg.error(f"merge method {m.name!r} needs {want} model(s){extra}, got {nsrc}", loc)
         if m.needs_base and part.base is None:
             raise cfg.error(f"merge method {m.name!r} needs a 'base_model'", ())
 
@@ -250,11 +250,12 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
         for name in ref.tensors:
             mm = LAYER_RE.match(name)
             jobs.append((name, parts[0], int(mm.group("idx")) if mm else None, name))
-        num_layers = L
+        num_layers: int | None = L
         for pt in parts:
             pt.length = L
     else:
-        pre, post = [], []
+        pre: list[str] = []
+        post: list[str] = []
         for name in ref.tensors:
             if not LAYER_RE.match(name):
                 (pre if any(h in name for h in _PRE_HINTS) else post).append(name)
@@ -264,12 +265,12 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             ref_src = pt.base or pt.sources[0]
             rinfo = infos[ref_src.model]
             assert pt.length is not None
-            for k in range(pt.length):
-                src_idx = k + ref_src.layer_offset
+            for kk in range(pt.length):
+                src_idx = kk + ref_src.layer_offset
                 for name in rinfo.tensors:
                     mm = LAYER_RE.match(name)
                     if mm and int(mm.group("idx")) == src_idx:
-                        jobs.append((_with_layer(name, pt.out_start + k), pt, k, name))
+                        jobs.append((_with_layer(name, pt.out_start + kk), pt, kk, name))
         for name in post:
             jobs.append((name, parts[-1], None, name))
         num_layers = sum(p.length or 0 for p in parts)
@@ -322,7 +323,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             # Integer/bool buffers are copied from the reference model, whatever the method.
             s0 = part.base or part.sources[0]
             tname, info = refs[0]
-            entry = {"name": out_name, "method": "passthrough", "out_dtype": info.dtype,
+            entry: dict[str, Any] = {"name": out_name, "method": "passthrough", "out_dtype": info.dtype,
                      "base": None,
                      "sources": [{**ref_of(s0, tname), "params": {}}], "params": {}}
             if m.name != "passthrough":

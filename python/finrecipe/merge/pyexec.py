@@ -150,11 +150,11 @@ def merge_tensor(entry: dict[str, Any], get: Callable[[dict[str, Any]], Any], se
                 c = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
                 cos.append(c)
         c = torch.stack(cos).mean(0)
-        t = n * c / (1 + (n - 1) * c)
+        tt = n * c / (1 + (n - 1) * c)
         shape = [-1] + [1] * (base.ndim - 1) if (p["filter_wise"] and base.ndim >= 2) else [1] * base.ndim
-        t = t.reshape(shape) if base.ndim else t.reshape(())
+        tt = tt.reshape(shape) if base.ndim else tt.reshape(())
         mean = sum(xs) / n
-        return t * mean + (1 - t) * base
+        return tt * mean + (1 - tt) * base
     # generalized task arithmetic
     deltas = []
     for i, (s, x) in enumerate(zip(srcs, xs, strict=True)):

@@ -90,8 +90,13 @@ def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, P
         plan = dict(info.plan)
         plan["out_dir"] = str(tmp)
         with progress.task(f"merging ({cfg.merge_method})", total=info.out_bytes, unit="B") as task:
+            t_start = time.monotonic()
+
             def cb(done: int, total: int) -> None:
-                task.update(completed=done, total=total)
+                dt = time.monotonic() - t_start
+                rate = done / dt / 1e6 if dt > 0 else 0.0
+                task.update(completed=done, total=total,
+                            info=f"{done / 1e6:,.0f}/{total / 1e6:,.0f} MB {rate:,.0f} MB/s")
 
             res = fn(json.dumps(plan), cb)
         _write_side_files(cfg, info, tmp)
