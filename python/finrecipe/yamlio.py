@@ -86,13 +86,17 @@ def format_path(path: Iterable[str | int]) -> str:
 
 def locate(positions: Mapping[KeyPath, tuple[int, int]] | None, path: Sequence[str | int]
            ) -> tuple[int | None, int | None]:
-    """Line and column of the longest prefix of `path` that has a position."""
+    """Line and column of the longest prefix of `path` that has a position.
+
+    A position of (0, 0) means "known, but not in a file" (e.g. a command-line override): None.
+    """
     if not positions:
         return None, None
     p = tuple(path)
     while True:
         if p in positions:
-            return positions[p]
+            line, col = positions[p]
+            return (line, col) if line else (None, None)
         if not p:
             return None, None
         p = p[:-1]
@@ -113,8 +117,8 @@ def _fields_at(model: type[BaseModel] | None, loc: Sequence[str | int]) -> list[
         if isinstance(k, int):
             continue
         f = getattr(cur, "model_fields", {}).get(k)
-        if f is None:
-            return []
+        if f is None:  # a key of a dict-valued field (e.g. a model name): stay on the value model
+            continue
         cur = _inner_model(f.annotation)
     if cur is None or not hasattr(cur, "model_fields"):
         return []
@@ -136,13 +140,29 @@ def _inner_model(tp: Any) -> type[BaseModel] | None:
     return None
 
 
+def locate_file(files: Mapping[KeyPath, str] | None, path: Sequence[str | int],
+                default: str | None = None) -> str | None:
+    """The file that wrote the longest prefix of `path` (recipes merged with `extends`)."""
+    if not files:
+        return default
+    p = tuple(path)
+    while True:
+        if p in files:
+            return files[p]
+        if not p:
+            return default
+        p = p[:-1]
+
+
 def validation_error(err: ValidationError, *, file: str | None = None,
                      positions: Mapping[KeyPath, tuple[int, int]] | None = None,
-                     prefix: KeyPath = (), model: type[BaseModel] | None = None) -> RecipeError:
+                     prefix: KeyPath = (), model: type[BaseModel] | None = None,
+                     files: Mapping[KeyPath, str] | None = None) -> RecipeError:
     """The first (most useful) error of a pydantic ValidationError as a located RecipeError.
 
     `prefix` is where the validated object sits in the file (e.g. ("stages", "fin_cpt")).
-    All errors are listed in the message when there are several.
+    All errors are listed in the message when there are several. `files` (optional) maps key
+    paths to the file that wrote them, for data merged from several files; `file` is the default.
     """
     msgs: list[str] = []
     first: tuple[KeyPath, str] | None = None
@@ -162,7 +182,8 @@ def validation_error(err: ValidationError, *, file: str | None = None,
                 if len(shown) < 80:
                     msg += f" (got {shown})"
         line, col = locate(positions, full)
-        where = f"{file}:{line}:{col}: " if (file and line) else (f"{file}: " if file else "")
+        efile = locate_file(files, full, file)
+        where = f"{efile}:{line}:{col}: " if (efile and line) else (f"{efile}: " if efile else "")
         msgs.append(f"{where}{format_path(full)}: {msg}")
         if first is None:
             first = (full, msg)
@@ -171,4 +192,5 @@ def validation_error(err: ValidationError, *, file: str | None = None,
     line, col = locate(positions, full)
     if len(msgs) > 1:
         msg += f"\n  ({len(msgs) - 1} more: " + "; ".join(msgs[1:4]) + (" ..." if len(msgs) > 4 else "") + ")"
-    return RecipeError(msg, file=file, line=line, column=col, path=format_path(full) or None)
+    return RecipeError(msg, file=locate_file(files, full, file), line=line, column=col,
+                       path=format_path(full) or None)

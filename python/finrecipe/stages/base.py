@@ -117,6 +117,18 @@ class StageKind:
             out_dir: Path, ctx: StageContext) -> StageResult:
         raise NotImplementedError
 
+    def cache_config(self, config: BaseModel) -> Any:
+        """The JSON-able part of the config that determines the output; it goes into the node's
+        cache key. Default: the whole config. Leave out settings that cannot change the output
+        (thread counts, logging intervals)."""
+        return config.model_dump(mode="json")
+
+    def check(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef]) -> None:
+        """Cheap checks of the config against inputs that already exist locally (for
+        `finrecipe validate`; e.g. a merge config against the models' headers). Raise a
+        finrecipe error when something is wrong. `inputs` holds only the inputs available."""
+        return None
+
     def estimate_output_bytes(self, config: BaseModel,
                               inputs: Mapping[str, ModelRef | DatasetRef]) -> int | None:
         """Best-effort size of the output, for `finrecipe plan`; None when unknown."""

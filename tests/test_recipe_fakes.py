@@ -1,0 +1,114 @@
+"""Fake stage kinds for the recipe-engine tests (no tests here; imported by tests/test_recipe*.py and
+by the subprocesses those tests start, with tests/ on PYTHONPATH).
+
+`fake_concat` "merges" its input models by combining their `weights.txt` with its `value`; it logs
+every run to `count_file` (to prove what ran) and can sleep in steps, resuming from
+`out_dir/work/steps` (to test interruption). `fake_eval` produces metrics and no model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from finrecipe.stages.base import (
+    DatasetRef,
+    InputKind,
+    ModelRef,
+    StageContext,
+    StageKind,
+    StageResult,
+    register,
+)
+from finrecipe.util.fs import atomic_dir
+
+
+class ConcatConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[str]
+    datasets: list[str] = []
+    value: float = 1.0
+    steps: int = 0  # number of sleep steps
+    step_seconds: float = 0.0
+    count_file: str | None = None  # not part of the output: excluded from the cache key
+
+
+def _log_run(count_file: str | None, line: str) -> None:
+    if count_file:
+        with open(count_file, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+@register
+class FakeConcat(StageKind):
+    type = "fake_concat"
+    version = "1"
+    Config = ConcatConfig
+
+    def inputs(self, config: BaseModel) -> Sequence[tuple[str, InputKind]]:
+        assert isinstance(config, ConcatConfig)
+        return [(m, "model") for m in config.models] + [(d, "dataset") for d in config.datasets]
+
+    def cache_config(self, config: BaseModel) -> object:
+        return config.model_dump(mode="json", exclude={"count_file"})
+
+    def run(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
+            ctx: StageContext) -> StageResult:
+        assert isinstance(config, ConcatConfig)
+        work = out_dir / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        done = int((work / "steps").read_text()) if (work / "steps").exists() else 0
+        _log_run(config.count_file, f"start {ctx.node} {done}")
+        for i in range(done, config.steps):
+            time.sleep(config.step_seconds)
+            (work / "steps").write_text(str(i + 1))
+        parts = []
+        for m in config.models:
+            ref = inputs[m]
+            assert isinstance(ref, ModelRef)
+            parts.append((ref.path / "weights.txt").read_text())
+        for d in config.datasets:
+            ref_d = inputs[d]
+            assert isinstance(ref_d, DatasetRef)
+            parts.extend(ref_d.sha256)
+        content = hashlib.sha256(json.dumps([parts, config.value]).encode()).hexdigest()
+        with atomic_dir(out_dir / "model", overwrite=True) as tmp:
+            (tmp / "weights.txt").write_text(content)
+            (tmp / "config.json").write_text("{}")
+        _log_run(config.count_file, f"done {ctx.node}")
+        return StageResult(model_dir=out_dir / "model", metrics={"value": config.value})
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    count_file: str | None = None
+
+
+@register
+class FakeEval(StageKind):
+    type = "fake_eval"
+    version = "1"
+    Config = EvalConfig
+    produces_model = False
+
+    def inputs(self, config: BaseModel) -> Sequence[tuple[str, InputKind]]:
+        assert isinstance(config, EvalConfig)
+        return [(config.model, "model")]
+
+    def cache_config(self, config: BaseModel) -> object:
+        return config.model_dump(mode="json", exclude={"count_file"})
+
+    def run(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
+            ctx: StageContext) -> StageResult:
+        assert isinstance(config, EvalConfig)
+        ref = inputs[config.model]
+        assert isinstance(ref, ModelRef)
+        _log_run(config.count_file, f"done {ctx.node}")
+        w = (ref.path / "weights.txt").read_text()
+        return StageResult(metrics={"score": int(w[:4], 16) / 65535})
