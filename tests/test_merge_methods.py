@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import load_state_dict, save_state_dict
 
+from conftest import load_state_dict, save_state_dict
 from finrecipe.merge import MergeConfig, run_merge
 
 LAYER_T = {0: 0.0, 1: 0.5, 2: 1.0}  # tiny models have 3 layers: t = idx / (L - 1)
