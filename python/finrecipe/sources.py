@@ -104,6 +104,9 @@ def build_init_model(config: Mapping[str, Any], *, seed: int, dtype: str, dest: 
     progress = progress or NullProgress()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.disable_progress_bar()  # library code does not print; progress goes through `progress`
 
     cfg_d = dict(config)
     model_type = cfg_d.pop("model_type", None)

@@ -150,6 +150,11 @@ def diff_material(old: Any, new: Any, path: str = "") -> list[str]:
             else:
                 out.extend(diff_material(old[k], new[k], p))
         return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (o, n) in enumerate(zip(old, new, strict=True)):
+            out.extend(diff_material(o, n, f"{path}[{i}]"))
+        return out
     if old == new:
         return []
     so, sn = _short(old), _short(new)

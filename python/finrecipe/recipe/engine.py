@@ -478,7 +478,7 @@ def validate_deep(recipe: Recipe) -> list[str]:
         if node.kind is not None and node.config is not None:
             avail: dict[str, ModelRef | DatasetRef] = {
                 d: ModelRef(d, local_models[d]) for d in node.deps if d in local_models}
-            if avail:
+            if node.deps and len(avail) == len(node.deps):
                 try:
                     node.kind.check(node.config, avail)
                 except RecipeError as e:
@@ -546,6 +546,9 @@ class ApplyResult:
         return {"recipe": self.recipe, "workdir": str(self.workdir), "started": self.started,
                 "finished": self.finished, "seconds": round(self.seconds, 3), "dry_run": self.dry_run,
                 "nodes": [n.to_json() for n in self.nodes]}
+
+
+_NULL_TASK = NullProgress().task("")
 
 
 def _now() -> str:
@@ -690,7 +693,9 @@ def _apply_locked(recipe: Recipe, only: list[str], force: list[str], locked: boo
     try:
         if not todo:
             log.info("nothing to do: all %d nodes are cached", len(records))
-        with progress.task("apply " + recipe.name, total=len(todo), unit="node") as overall:
+        overall_cm = (progress.task("apply " + recipe.name, total=len(todo), unit="node") if todo
+                      else contextlib.nullcontext(_NULL_TASK))
+        with overall_cm as overall:
             for name in todo:
                 node, r, rec = recipe.nodes[name], res[name], records[name]
                 missing = [d for d in node.deps if records[d].status not in ("cached", "ran")]

@@ -168,6 +168,7 @@ def apply_override(loaded: Loaded, expr: str, *, top_fields: dict[str, Any],
 
     cur: Any = loaded.data
     path: KeyPath = ()
+    created: list[KeyPath] = []  # keys this override adds: located at "--set" too
     for i, k in enumerate(keys):
         last = i == len(keys) - 1
         key: str | int = k
@@ -180,6 +181,8 @@ def apply_override(loaded: Loaded, expr: str, *, top_fields: dict[str, Any],
             raise RecipeError(f"cannot set {keystr}: {format_path(path)} is a {type(cur).__name__}, "
                               "not a mapping", file=label, path=format_path(path))
         path = path + (key,)
+        if isinstance(cur, dict) and key not in cur:
+            created.append(path)
         if last:
             cur[key] = value
         else:
@@ -188,6 +191,7 @@ def apply_override(loaded: Loaded, expr: str, *, top_fields: dict[str, Any],
             cur = cur[key]
     _drop_under(loaded.lines, path)
     _drop_under(loaded.files, path)
-    loaded.lines[path] = (0, 0)
-    loaded.files[path] = label
+    for p in {*created, path}:
+        loaded.lines[p] = (0, 0)
+        loaded.files[p] = label
 

@@ -1,0 +1,161 @@
+"""`finrecipe validate | plan | apply | lock RECIPE`: presentation only (the logic is finrecipe.recipe)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+    help="Override a recipe field (value parsed as YAML), e.g. --set stages.cpt.optimizer.lr=1e-6. "
+         "Repeatable.")
+_recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _secs(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
+
+
+def _short_path(p: Any) -> str:
+    if not p:
+        return "—"
+    try:
+        return str(Path(p).relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+@click.command("validate")
+@_recipe_arg
+@_set_option
+def validate_cmd(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE without running anything: schema, references, cycles, local paths, and merge
+    configs against the headers of local input models."""
+    from finrecipe.cli.ui import console
+    from finrecipe.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides=list(overrides))
+    notes = r.validate()
+    counts = {s: sum(1 for n in r if n.section == s) for s in ("models", "datasets", "stages")}
+    console().print(f"[green]ok[/] {r.name}: {counts['models']} models, {counts['datasets']} datasets, "
+                    f"{counts['stages']} stages; order: {' → '.join(r.order)}")
+    for n in notes:
+        console().print(f"  checked: {n}")
+
+
+_STATUS_STYLE = {"cached": "green", "local": "green", "stale": "yellow", "to run": "cyan"}
+
+
+@click.command("plan")
+@_recipe_arg
+@_set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Show the execution order of RECIPE with each node's status: cached, stale (and why) or to run."""
+    from finrecipe.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides=list(overrides))
+    plan = r.plan()
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=2))
+        return
+    from rich.table import Table
+
+    from finrecipe.cli.ui import console
+
+    t = Table(title=f"plan: {plan.recipe}  (workdir {_short_path(plan.workdir)})", title_justify="left")
+    for col in ("#", "node", "type", "key", "status", "inputs", "size"):
+        t.add_column(col, justify="right" if col in ("#", "size") else "left")
+    for i, n in enumerate(plan.nodes, 1):
+        style = _STATUS_STYLE.get(n.status, "")
+        status = f"[{style}]{n.status}[/]" if style else n.status
+        if n.reasons:
+            status += ": " + "; ".join(n.reasons[:3]) + (" ..." if len(n.reasons) > 3 else "")
+        if n.partial:
+            status += " (resumes)"
+        t.add_row(str(i), n.name, n.type, n.key[:8], status, ", ".join(n.inputs) or "—",
+                  _human(n.estimated_bytes) if n.estimated_bytes is not None else "?")
+    console().print(t)
+    todo = plan.to_run
+    console().print(f"{len(todo)} to run" + (f": {', '.join(todo)}" if todo else " (nothing to do)"))
+
+
+@click.command("apply")
+@_recipe_arg
+@_set_option
+@click.option("--only", multiple=True, metavar="NODE",
+              help="Build only NODE (and whatever it needs that is missing). Repeatable.")
+@click.option("--force", multiple=True, metavar="NODE", help="Rebuild NODE even if cached. Repeatable.")
+@click.option("--dry-run", is_flag=True, help="Show what would run; run nothing.")
+@click.option("--locked", is_flag=True,
+              help="Refuse to run if anything resolves differently from RECIPE.lock.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], force: tuple[str, ...],
+              dry_run: bool, locked: bool, quiet: bool) -> None:
+    """Build what RECIPE describes: run every node that is not cached, in dependency order."""
+    from finrecipe.cli.ui import RichProgress, console, console_err
+    from finrecipe.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides=list(overrides))
+    if dry_run:
+        res = r.apply(only=list(only), force=list(force), dry_run=True, locked=locked)
+        todo = [n.name for n in res.nodes if n.status == "pending"]
+        console().print(f"dry run: {len(todo)} would run" + (f": {', '.join(todo)}" if todo else "")
+                        + f"; {len(res.cached)} cached")
+        return
+    with RichProgress(quiet=quiet) as progress:
+        res = r.apply(only=list(only), force=list(force), locked=locked, progress=progress)
+    if res.noop:
+        console().print(f"[green]nothing to do[/]: all {len(res.nodes)} nodes of {r.name} are cached "
+                        f"({res.seconds:.2f}s)")
+        return
+    from rich.table import Table
+
+    t = Table(title=f"apply: {r.name}", title_justify="left")
+    for col in ("node", "type", "status", "time", "output"):
+        t.add_column(col, justify="right" if col == "time" else "left")
+    style = {"ran": "cyan", "cached": "green", "failed": "red", "pending": "yellow"}
+    for n in res.nodes:
+        st = n.status if n.status != "cached" else "reused"
+        t.add_row(n.name, n.type, f"[{style[n.status]}]{st}[/]",
+                  _secs(n.seconds) if n.status == "ran" else "—",
+                  _short_path(n.model_dir or n.out_dir))
+    console().print(t)
+    extra = []
+    if res.report:
+        extra.append(f"report {_short_path(res.report)}")
+    if res.lock_written:
+        extra.append(f"lockfile {_short_path(r.lock_path)} updated")
+    console_err().print(f"ran {len(res.ran)}, reused {len(res.cached)} in {res.seconds:.1f}s"
+                        + (f"; {'; '.join(extra)}" if extra else ""))
+
+
+@click.command("lock")
+@_recipe_arg
+@_set_option
+def lock_cmd(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Resolve RECIPE's inputs (hub commits, dataset file hashes) and write RECIPE.lock."""
+    from finrecipe.cli.ui import console
+    from finrecipe.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides=list(overrides))
+    path = r.lock()
+    console().print(f"[green]wrote[/] {_short_path(path)}")
+
+
+COMMANDS = [validate_cmd, plan_cmd, apply_cmd, lock_cmd]
