@@ -80,6 +80,10 @@ dtype: float16
     ("merge_method: task_arithmetic\nbase_model: a\nmodels: [{model: b, parameters: {densty: 1}}]\n",
      "merge.yml:3:", ["ties"]),
     ("merge_method: linear\nmodels: [{model: a, extra: 1}]\n", "merge.yml:2:", ["unknown key 'extra'"]),
+    ("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n    parameters: {weight: [{filter: mlp, valu: 1}]}\n",
+     "merge.yml:5:", ["weight[0].valu", "did you mean 'value'"]),
+    ("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n    parameters: {weight: abc}\n",
+     "merge.yml:5:18", ["a list of numbers (a gradient", "got 'abc'"]),
 ])
 def test_bad_configs_name_the_key(tmp_path: Path, text: str, where: str, words: list[str]) -> None:
     e = err(tmp_path, text)

@@ -161,6 +161,7 @@ class MergeConfig(_Strict):
         if not isinstance(d, Mapping):
             raise RecipeError(f"a merge config must be a mapping, got {type(d).__name__}", file=file,
                               path=format_path(prefix) or None)
+        _precheck_settings(d, file, positions, tuple(prefix))
         try:
             cfg = cls.model_validate(dict(d))
         except ValidationError as e:
@@ -305,6 +306,70 @@ class MergeConfig(_Strict):
     def raw(self) -> dict[str, Any]:
         """The mapping this config was built from (for writing `mergekit_config.yml`)."""
         return dict(self._raw) if self._raw is not None else self.model_dump(exclude_none=True)
+
+
+_SETTING_HELP = ("a number, true/false, a list of numbers (a gradient over layers) or a list of "
+                 "{filter: SUBSTRING, value: ...} rules")
+
+
+def _precheck_settings(d: Mapping[str, Any], file: str | None, positions: Positions | None,
+                       prefix: KeyPath) -> None:
+    """Clear, located messages for malformed parameter settings (pydantic's union errors are not)."""
+
+    def fail(msg: str, path: KeyPath) -> RecipeError:
+        line, col = locate(positions, prefix + path)
+        return RecipeError(msg, file=file, line=line, column=col, path=format_path(prefix + path))
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float))
+
+    def check_value(v: Any, path: KeyPath, rules_ok: bool) -> None:
+        if number(v):
+            return
+        if isinstance(v, list):
+            if not v:
+                raise fail("an empty list is not a setting; use " + _SETTING_HELP, path)
+            if all(number(x) and not isinstance(x, bool) for x in v):
+                return
+            if rules_ok and all(isinstance(x, Mapping) for x in v):
+                for i, rule in enumerate(v):
+                    for k in rule:
+                        if k not in ("filter", "value"):
+                            raise fail(f"unknown key {k!r} in a filter rule" + suggest(str(k), ["filter", "value"])
+                                       + "; a rule is {filter: SUBSTRING, value: ...}", path + (i, k))
+                    if "value" not in rule:
+                        raise fail("a filter rule needs a 'value'", path + (i,))
+                    if rule.get("filter") is not None and not isinstance(rule["filter"], str):
+                        raise fail(f"'filter' is a substring of tensor names, got {rule['filter']!r}",
+                                   path + (i, "filter"))
+                    check_value(rule["value"], path + (i, "value"), rules_ok=False)
+                return
+        what = _SETTING_HELP if rules_ok else "a number, true/false or a list of numbers"
+        raise fail(f"a setting is {what}; got {v!r}", path)
+
+    def check_params(p: Any, path: KeyPath) -> None:
+        if isinstance(p, Mapping):
+            for k, v in p.items():
+                check_value(v, path + (k,), rules_ok=True)
+
+    if not isinstance(d, Mapping):
+        return
+    check_params(d.get("parameters"), ("parameters",))
+    models = d.get("models")
+    if isinstance(models, list):
+        for i, m in enumerate(models):
+            if isinstance(m, Mapping):
+                check_params(m.get("parameters"), ("models", i, "parameters"))
+    slices = d.get("slices")
+    if isinstance(slices, list):
+        for i, sl in enumerate(slices):
+            if isinstance(sl, Mapping):
+                check_params(sl.get("parameters"), ("slices", i, "parameters"))
+                srcs = sl.get("sources")
+                if isinstance(srcs, list):
+                    for j, src in enumerate(srcs):
+                        if isinstance(src, Mapping):
+                            check_params(src.get("parameters"), ("slices", i, "sources", j, "parameters"))
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:
