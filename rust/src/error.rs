@@ -26,13 +26,22 @@ pub enum Error {
     /// The caller asked to stop (Ctrl-C).
     #[error("cancelled")]
     Cancelled,
+    /// A bug in the core (a caught panic); the message says where.
+    #[error("internal error in finrecipe's Rust core (please report): {0}")]
+    Internal(String),
 }
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Format { path: path.into(), msg: msg.into() }
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -4,7 +4,11 @@
 //! `finrecipe._core` extension module in `python.rs`, which only converts arguments, releases the
 //! GIL and maps errors.
 
+pub mod analyze;
+pub mod dtype;
 pub mod error;
+pub mod merge;
+pub mod safetensors;
 
 #[cfg(feature = "python")]
 mod python;

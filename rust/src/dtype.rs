@@ -1,0 +1,169 @@
+//! BF16 / F16 / F32 conversions, bit-identical to torch's `.to()` on CPU.
+//!
+//! - f32 → bf16: round to nearest, ties to even; NaN becomes 0xFFFF (what torch's vectorised CPU
+//!   path produces for every NaN).
+//! - f32 → f16: round to nearest, ties to even, subnormals and overflow to ±inf as IEEE; NaN keeps
+//!   its sign and top payload bits, quieted (torch and F16C do the same). Via the `half` crate.
+//! - Widening to f32 is exact.
+//!
+//! Inputs are byte slices that may be unaligned: values are assembled with `from_le_bytes`.
+
+use half::f16;
+
+use crate::safetensors::Dtype;
+
+/// f32 → bf16 bits, round-to-nearest-even; every NaN → 0xFFFF (torch CPU).
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        0xFFFF
+    } else {
+        let bias = 0x7FFF + ((b >> 16) & 1);
+        (b.wrapping_add(bias) >> 16) as u16
+    }
+}
+
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+#[inline(always)]
+pub fn f32_to_f16(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    f16::from_bits(h).to_f32()
+}
+
+/// Whether the arithmetic path supports this dtype (as input or output).
+pub fn is_float(d: Dtype) -> bool {
+    matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32)
+}
+
+/// Converts little-endian `src` bytes of `dtype` into `out` (len = element count).
+pub fn load_f32(dtype: Dtype, src: &[u8], out: &mut [f32]) {
+    match dtype {
+        Dtype::BF16 => {
+            debug_assert_eq!(src.len(), out.len() * 2);
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        Dtype::F16 => {
+            debug_assert_eq!(src.len(), out.len() * 2);
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        Dtype::F32 => {
+            debug_assert_eq!(src.len(), out.len() * 4);
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        other => panic!("load_f32: unsupported dtype {other}"),
+    }
+}
+
+/// Converts `src` into little-endian bytes of `dtype` in `dst` (len = count × size).
+pub fn store_f32(dtype: Dtype, src: &[f32], dst: &mut [u8]) {
+    match dtype {
+        Dtype::BF16 => {
+            debug_assert_eq!(dst.len(), src.len() * 2);
+            for (c, &x) in dst.chunks_exact_mut(2).zip(src) {
+                c.copy_from_slice(&f32_to_bf16(x).to_le_bytes());
+            }
+        }
+        Dtype::F16 => {
+            debug_assert_eq!(dst.len(), src.len() * 2);
+            for (c, &x) in dst.chunks_exact_mut(2).zip(src) {
+                c.copy_from_slice(&f32_to_f16(x).to_le_bytes());
+            }
+        }
+        Dtype::F32 => {
+            debug_assert_eq!(dst.len(), src.len() * 4);
+            for (c, &x) in dst.chunks_exact_mut(4).zip(src) {
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        other => panic!("store_f32: unsupported dtype {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(bits: u32) -> f32 {
+        f32::from_bits(bits)
+    }
+
+    #[test]
+    fn bf16_round_to_nearest_even() {
+        // Exact.
+        assert_eq!(f32_to_bf16(1.0), 0x3F80);
+        // Just below halfway rounds down, just above rounds up.
+        assert_eq!(f32_to_bf16(f(0x3F80_7FFF)), 0x3F80);
+        assert_eq!(f32_to_bf16(f(0x3F80_8001)), 0x3F81);
+        // Ties: to even.
+        assert_eq!(f32_to_bf16(f(0x3F80_8000)), 0x3F80); // 0x3F80 is even
+        assert_eq!(f32_to_bf16(f(0x3F81_8000)), 0x3F82); // 0x3F81 odd → up
+                                                         // Negative.
+        assert_eq!(f32_to_bf16(f(0xBF81_8000)), 0xBF82);
+        // Zeros.
+        assert_eq!(f32_to_bf16(0.0), 0x0000);
+        assert_eq!(f32_to_bf16(-0.0), 0x8000);
+        // Subnormals round like everything else.
+        assert_eq!(f32_to_bf16(f(0x0000_8000)), 0x0000); // tie → even 0
+        assert_eq!(f32_to_bf16(f(0x0001_8000)), 0x0002);
+        assert_eq!(f32_to_bf16(f(0x0000_8001)), 0x0001);
+        // Overflow to inf, inf stays inf.
+        assert_eq!(f32_to_bf16(f(0x7F7F_FFFF)), 0x7F80);
+        assert_eq!(f32_to_bf16(f32::INFINITY), 0x7F80);
+        assert_eq!(f32_to_bf16(f32::NEG_INFINITY), 0xFF80);
+        // NaN stays NaN (torch CPU writes 0xFFFF), including payloads that would round to inf.
+        assert_eq!(f32_to_bf16(f32::NAN), 0xFFFF);
+        assert_eq!(f32_to_bf16(f(0x7F80_0001)), 0xFFFF);
+        assert!(bf16_to_f32(f32_to_bf16(f(0xFF81_2345))).is_nan());
+    }
+
+    #[test]
+    fn f16_round_to_nearest_even() {
+        assert_eq!(f32_to_f16(1.0), 0x3C00);
+        // 1 + 2^-11 is halfway between 1 and 1+2^-10: tie → even (1.0).
+        assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3C00);
+        // 1 + 3·2^-11 is halfway between 1+2^-10 (odd) and 1+2^-9: → up.
+        assert_eq!(f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)), 0x3C02);
+        assert_eq!(f32_to_f16(65504.0), 0x7BFF);
+        assert_eq!(f32_to_f16(65520.0), 0x7C00); // rounds to inf
+        assert_eq!(f32_to_f16(2f32.powi(-24)), 0x0001); // smallest subnormal
+        assert_eq!(f32_to_f16(2f32.powi(-25)), 0x0000); // tie → even 0
+        assert_eq!(f32_to_f16(3.0 * 2f32.powi(-25)), 0x0002); // tie between 1 and 2 → 2
+        assert_eq!(f32_to_f16(-0.0), 0x8000);
+        // NaN: quieted, sign and top payload kept (torch: 0x7f812345 → 0x7e09).
+        assert_eq!(f32_to_f16(f(0x7F81_2345)), 0x7E09);
+        assert_eq!(f32_to_f16(f(0xFFC0_0000)), 0xFE00);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+    }
+
+    #[test]
+    fn unaligned_load_store_roundtrip() {
+        let vals = [1.5f32, -2.25, 0.0, 0.375];
+        let mut buf = vec![0u8; 1 + 16];
+        store_f32(Dtype::F32, &vals, &mut buf[1..]);
+        let mut out = [0f32; 4];
+        load_f32(Dtype::F32, &buf[1..], &mut out);
+        assert_eq!(out, vals);
+        let mut b16 = vec![0u8; 1 + 8];
+        store_f32(Dtype::BF16, &vals, &mut b16[1..]);
+        load_f32(Dtype::BF16, &b16[1..], &mut out);
+        assert_eq!(out, vals);
+        store_f32(Dtype::F16, &vals[..3], &mut b16[1..7]);
+        load_f32(Dtype::F16, &b16[1..7], &mut out[..3]);
+        assert_eq!(&out[..3], &vals[..3]);
+    }
+}

@@ -1,0 +1,616 @@
+//! The methods: whole-tensor statistics (extra streaming passes) and the per-chunk arithmetic.
+//! Semantics follow mergekit (see ../shared/notes/reference-semantics.md); operation order
+//! mirrors it so that float32 results round the same way.
+
+use std::sync::atomic::Ordering;
+
+use super::plan::{Job, Method};
+use super::rng::KeepStream;
+use super::select::{self, Bound, KeepRule, HI_BINS, LO_BINS};
+use super::{store_chunk, with_scratch, Control, Ctx, Scratch};
+use crate::error::Result;
+use crate::safetensors::write::Writer;
+
+/// Whole-tensor quantities a job needs before its chunks can be computed.
+#[derive(Debug, Clone)]
+pub enum Stats {
+    None,
+    /// Per source: which ranks of |δ| survive (ties, breadcrumbs).
+    Keep(Vec<KeepRule>),
+    /// Per source DARE rescale factor.
+    Dare(Vec<f32>),
+    /// out = c0·v0 + c1·v1.
+    Slerp {
+        c0: f32,
+        c1: f32,
+    },
+    /// Per row (row_len elements) interpolation factor t.
+    Stock {
+        row_len: usize,
+        t: Vec<f32>,
+    },
+}
+
+fn sparse(job: &Job) -> bool {
+    job.densities.iter().any(|&d| d < 1.0)
+}
+
+pub fn needs_stats(job: &Job) -> bool {
+    match job.method {
+        Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies => sparse(job),
+        Method::DareLinear | Method::DareTies => job.rescale && sparse(job),
+        Method::Slerp | Method::ModelStock => true,
+        _ => false,
+    }
+}
+
+/// The rank range [lo, hi) of |δ| kept for source i.
+fn keep_ranks(job: &Job, i: usize) -> Option<(u64, u64)> {
+    let n = job.numel as u64;
+    let d = job.densities[i];
+    if d >= 1.0 {
+        return None;
+    }
+    let target = (d * n as f64).floor() as u64;
+    match job.method {
+        Method::Ties => Some((0, target.min(n))),
+        _ => {
+            let mut top = (job.gammas[i] * n as f64).floor() as u64;
+            let bot = n as i64 - target as i64 - top as i64;
+            if bot < 0 {
+                top = (top as i64 + bot).max(0) as u64;
+            }
+            Some((top, (top + target).min(n)))
+        }
+    }
+}
+
+/// Exact keep rules for every source via radix selection (2 passes, +1 when ties must be split).
+fn keep_rules(ctx: &Ctx, ctl: &Control) -> Result<Vec<KeepRule>> {
+    let job = ctx.job;
+    let n = job.numel as u64;
+    let nsrc = job.sources.len();
+    let ranks: Vec<Option<(u64, u64)>> = (0..nsrc).map(|i| keep_ranks(job, i)).collect();
+    // Boundaries needing selection: (source, R).
+    let mut wanted: Vec<(usize, u64)> = Vec::new();
+    for (i, r) in ranks.iter().enumerate() {
+        if let Some((lo, hi)) = r {
+            for &b in &[*lo, *hi] {
+                if b > 0 && b < n && !wanted.contains(&(i, b)) {
+                    wanted.push((i, b));
+                }
+            }
+        }
+    }
+    let mut bounds: Vec<((usize, u64), Bound)> = Vec::new();
+    if !wanted.is_empty() {
+        // Pass 1: top-15-bit histograms of |δ| per source.
+        let hist = ctx.fold(
+            ctl,
+            true,
+            || vec![0u64; nsrc * HI_BINS],
+            |h, _c, _a, s, m| {
+                for i in 0..nsrc {
+                    let hh = &mut h[i * HI_BINS..(i + 1) * HI_BINS];
+                    for &x in &s.srcs[i][..m] {
+                        hh[(select::key(x) >> 16) as usize] += 1;
+                    }
+                }
+            },
+            add_vecs,
+        )?;
+        let pend: Vec<select::Pending> = wanted
+            .iter()
+            .map(|&(i, r)| select::locate_bucket(&hist[i * HI_BINS..(i + 1) * HI_BINS], r))
+            .collect();
+        drop(hist);
+        // Pass 2: low-16-bit histograms inside each needed (source, bucket).
+        let mut pairs: Vec<(usize, u32)> = Vec::new();
+        for (k, p) in pend.iter().enumerate() {
+            let key = (wanted[k].0, p.bucket);
+            if !pairs.contains(&key) {
+                pairs.push(key);
+            }
+        }
+        let np = pairs.len();
+        let lo = ctx.fold(
+            ctl,
+            true,
+            || vec![0u64; np * LO_BINS],
+            |h, _c, _a, s, m| {
+                for (pi, &(i, b)) in pairs.iter().enumerate() {
+                    let hh = &mut h[pi * LO_BINS..(pi + 1) * LO_BINS];
+                    for &x in &s.srcs[i][..m] {
+                        let k = select::key(x);
+                        if k >> 16 == b {
+                            hh[(k & 0xFFFF) as usize] += 1;
+                        }
+                    }
+                }
+            },
+            add_vecs,
+        )?;
+        let ths: Vec<select::Threshold> = pend
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let pi = pairs
+                    .iter()
+                    .position(|&x| x == (wanted[k].0, p.bucket))
+                    .unwrap();
+                select::locate_value(p, &lo[pi * LO_BINS..(pi + 1) * LO_BINS])
+            })
+            .collect();
+        drop(lo);
+        // Pass 3 (only for split ties): per-chunk counts of elements equal to the threshold.
+        let split: Vec<usize> = (0..wanted.len())
+            .filter(|&k| ths[k].keep < ths[k].count_eq)
+            .collect();
+        let mut prefixes: Vec<Vec<u64>> = vec![Vec::new(); wanted.len()];
+        if !split.is_empty() {
+            let nc = ctx.nchunks;
+            let ns = split.len();
+            let counts = ctx.fold(
+                ctl,
+                true,
+                || vec![0u64; nc * ns],
+                |h, c, _a, s, m| {
+                    for (q, &k) in split.iter().enumerate() {
+                        let (i, t) = (wanted[k].0, ths[k].t);
+                        h[c * ns + q] = s.srcs[i][..m]
+                            .iter()
+                            .filter(|&&x| select::key(x) == t)
+                            .count() as u64;
+                    }
+                },
+                add_vecs,
+            )?;
+            for (q, &k) in split.iter().enumerate() {
+                let mut acc = 0u64;
+                let mut p = Vec::with_capacity(nc);
+                for c in 0..nc {
+                    p.push(acc);
+                    acc += counts[c * ns + q];
+                }
+                prefixes[k] = p;
+            }
+        }
+        for (k, &w) in wanted.iter().enumerate() {
+            let th = ths[k];
+            let b = if th.keep == th.count_eq {
+                Bound::Ge(th.t)
+            } else {
+                Bound::Tie {
+                    t: th.t,
+                    keep: th.keep,
+                    prefix: std::mem::take(&mut prefixes[k]),
+                }
+            };
+            bounds.push((w, b));
+        }
+    }
+    let bound = |i: usize, r: u64| -> Bound {
+        if r == 0 {
+            Bound::Never
+        } else if r >= n {
+            Bound::Always
+        } else {
+            bounds
+                .iter()
+                .find(|(w, _)| *w == (i, r))
+                .map(|(_, b)| b.clone())
+                .expect("selected")
+        }
+    };
+    Ok(ranks
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            None => KeepRule::all(),
+            Some((lo, hi)) => KeepRule {
+                lo: bound(i, *lo),
+                hi: bound(i, *hi),
+            },
+        })
+        .collect())
+}
+
+fn add_vecs<T: std::ops::AddAssign + Copy>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+    a
+}
+
+fn dare_streams(job: &Job, seed: u64) -> Vec<KeepStream> {
+    (0..job.sources.len())
+        .map(|i| KeepStream::new(seed, &job.name, i, job.densities[i]))
+        .collect()
+}
+
+/// Runs the statistics passes a job needs.
+pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats> {
+    let job = ctx.job;
+    let nsrc = job.sources.len();
+    match job.method {
+        Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies => {
+            Ok(Stats::Keep(keep_rules(ctx, ctl)?))
+        }
+        Method::DareLinear | Method::DareTies => {
+            let streams = dare_streams(job, seed);
+            let sums = ctx.fold(
+                ctl,
+                true,
+                || vec![0f64; 2 * nsrc],
+                |acc, _c, a, s, m| {
+                    for i in 0..nsrc {
+                        let (mut before, mut after) = (0f64, 0f64);
+                        for (j, &x) in s.srcs[i][..m].iter().enumerate() {
+                            let ax = x.abs() as f64;
+                            before += ax;
+                            if streams[i].keep((a + j) as u64) {
+                                after += ax;
+                            }
+                        }
+                        acc[2 * i] += before;
+                        acc[2 * i + 1] += after;
+                    }
+                },
+                add_vecs,
+            )?;
+            Ok(Stats::Dare(
+                (0..nsrc)
+                    .map(|i| {
+                        let (b, a) = (sums[2 * i], sums[2 * i + 1]);
+                        if job.densities[i] >= 1.0 || b < 1e-7 || a < 1e-7 {
+                            1.0
+                        } else {
+                            (b / a) as f32
+                        }
+                    })
+                    .collect(),
+            ))
+        }
+        Method::Slerp => {
+            let v = ctx.fold(
+                ctl,
+                false,
+                || [0f64; 3],
+                |acc, _c, _a, s, m| {
+                    let (v0, v1) = (&s.base[..m], &s.srcs[0][..m]);
+                    let (mut d, mut n0, mut n1) = (0f64, 0f64, 0f64);
+                    for (&x, &y) in v0.iter().zip(v1) {
+                        let (x, y) = (x as f64, y as f64);
+                        d += x * y;
+                        n0 += x * x;
+                        n1 += y * y;
+                    }
+                    acc[0] += d;
+                    acc[1] += n0;
+                    acc[2] += n1;
+                },
+                |a, b| [a[0] + b[0], a[1] + b[1], a[2] + b[2]],
+            )?;
+            Ok(slerp_coeffs(job.t, v[0], v[1].sqrt(), v[2].sqrt()))
+        }
+        Method::ModelStock => {
+            let row_len = if job.filter_wise && job.shape.len() >= 2 {
+                *job.shape.last().unwrap()
+            } else {
+                job.numel.max(1)
+            };
+            let nrows = job.numel / row_len.max(1);
+            let npairs = nsrc * (nsrc - 1) / 2;
+            let k = npairs + nsrc;
+            let acc = ctx.fold(
+                ctl,
+                true,
+                || vec![0f64; nrows.max(1) * k],
+                |acc, _c, a, s, m| {
+                    let mut j = 0;
+                    while j < m {
+                        let row = (a + j) / row_len;
+                        let end = ((row + 1) * row_len - a).min(m);
+                        let slot = &mut acc[row * k..(row + 1) * k];
+                        let mut p = 0;
+                        for x in 0..nsrc {
+                            for y in x + 1..nsrc {
+                                slot[p] += dot(&s.srcs[x][j..end], &s.srcs[y][j..end]);
+                                p += 1;
+                            }
+                            slot[npairs + x] += dot(&s.srcs[x][j..end], &s.srcs[x][j..end]);
+                        }
+                        j = end;
+                    }
+                },
+                add_vecs,
+            )?;
+            let nf = nsrc as f32;
+            let t = (0..nrows.max(1))
+                .map(|r| {
+                    let slot = &acc[r * k..(r + 1) * k];
+                    let mut p = 0;
+                    let mut sum = 0f32;
+                    for x in 0..nsrc {
+                        for y in x + 1..nsrc {
+                            let np =
+                                (slot[npairs + x].sqrt() as f32) * (slot[npairs + y].sqrt() as f32);
+                            sum += ((slot[p] as f32) / np.max(1e-6)).clamp(-1.0, 1.0);
+                            p += 1;
+                        }
+                    }
+                    let cos = sum / npairs as f32;
+                    (nf * cos) / (1.0 + (nf - 1.0) * cos)
+                })
+                .collect();
+            Ok(Stats::Stock { row_len, t })
+        }
+        _ => Ok(Stats::None),
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    // Eight f64 lanes so the compiler can vectorise and rounding error stays small.
+    let mut acc = [0f64; 8];
+    let n8 = a.len() / 8 * 8;
+    for (x, y) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] as f64 * y[l] as f64;
+        }
+    }
+    let mut s: f64 = acc.iter().sum();
+    for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+        s += *x as f64 * *y as f64;
+    }
+    s
+}
+
+/// mergekit's slerp factors: lerp when the normalised vectors are nearly colinear.
+pub fn slerp_coeffs(t: f64, dot: f64, n0: f64, n1: f64) -> Stats {
+    let eps = 1e-8;
+    let d0 = if n0 > eps { n0 } else { 1.0 };
+    let d1 = if n1 > eps { n1 } else { 1.0 };
+    let cos = dot / (d0 * d1);
+    if cos.abs() > 0.9995 {
+        return Stats::Slerp {
+            c0: (1.0 - t) as f32,
+            c1: t as f32,
+        };
+    }
+    let theta0 = cos.acos();
+    let sin0 = theta0.sin();
+    let theta_t = theta0 * t;
+    let s0 = (theta0 - theta_t).sin() / sin0;
+    let s1 = theta_t.sin() / sin0;
+    Stats::Slerp {
+        c0: s0 as f32,
+        c1: s1 as f32,
+    }
+}
+
+/// Computes chunk c of job `t` and writes it.
+pub(crate) fn run_chunk(
+    ctx: &Ctx,
+    stats: &Stats,
+    seed: u64,
+    t: usize,
+    c: usize,
+    w: &Writer,
+    ctl: &Control,
+) -> Result<()> {
+    let job = ctx.job;
+    let (a, b) = ctx.range(c);
+    if job.copy {
+        let r = job.sources[0];
+        let m = &ctx.models[r.model];
+        let info = &m.tensors[r.tensor];
+        let es = info.dtype.bitsize() / 8;
+        let bytes = &m.bytes(info)[a * es..b * es];
+        w.write(t, (a * es) as u64, bytes)?;
+        ctl.done.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        return Ok(());
+    }
+    let nsrc = job.sources.len();
+    with_scratch(nsrc, ctx.chunk, |s| {
+        let deltas = job.method.is_gta();
+        let (_, m) = ctx.load_chunk(c, s, deltas);
+        compute(job, stats, seed, c, a, m, s);
+        let Scratch { out, bytes, .. } = s;
+        store_chunk(w, t, job.out_dtype, a, &out[..m], bytes)?;
+        ctl.done
+            .fetch_add((m * job.out_dtype.bitsize() / 8) as u64, Ordering::Relaxed);
+        Ok(())
+    })
+}
+
+/// The arithmetic of one chunk: inputs in `s.base` / `s.srcs` (deltas for task-arithmetic
+/// methods), result in `s.out[..m]`.
+pub(crate) fn compute(
+    job: &Job,
+    stats: &Stats,
+    seed: u64,
+    c: usize,
+    a: usize,
+    m: usize,
+    s: &mut Scratch,
+) {
+    let Scratch {
+        base, srcs, out, ..
+    } = s;
+    let base = &base[..m];
+    let out = &mut out[..m];
+    let nsrc = job.sources.len();
+    match job.method {
+        Method::Linear => {
+            out.fill(0.0);
+            for i in 0..nsrc {
+                let wi = job.weights[i];
+                for (o, &x) in out.iter_mut().zip(&srcs[i][..m]) {
+                    *o += wi * x;
+                }
+            }
+            if job.normalize {
+                let div: f32 = job.weights.iter().sum();
+                for o in out.iter_mut() {
+                    *o /= div;
+                }
+            }
+        }
+        Method::Passthrough => {
+            let x = &srcs[0][..m];
+            match job.scale {
+                Some(k) => out.iter_mut().zip(x).for_each(|(o, &x)| *o = x * k),
+                None => out.copy_from_slice(x),
+            }
+        }
+        Method::Slerp => {
+            let (c0, c1) = match stats {
+                Stats::Slerp { c0, c1 } => (*c0, *c1),
+                _ => unreachable!("slerp without stats"),
+            };
+            for ((o, &x), &y) in out.iter_mut().zip(base).zip(&srcs[0][..m]) {
+                *o = c0 * x + c1 * y;
+            }
+        }
+        Method::ModelStock => {
+            let (row_len, t) = match stats {
+                Stats::Stock { row_len, t } => (*row_len, t),
+                _ => unreachable!("model_stock without stats"),
+            };
+            out.fill(0.0);
+            for src in srcs.iter().take(nsrc) {
+                for (o, &x) in out.iter_mut().zip(&src[..m]) {
+                    *o += x;
+                }
+            }
+            let nf = nsrc as f32;
+            let mut j = 0;
+            while j < m {
+                let row = (a + j) / row_len;
+                let end = ((row + 1) * row_len - a).min(m);
+                let tr = t[row];
+                let u = 1.0 - tr;
+                for (o, &b0) in out[j..end].iter_mut().zip(&base[j..end]) {
+                    *o = tr * (*o / nf) + u * b0;
+                }
+                j = end;
+            }
+        }
+        _ => gta(job, stats, seed, c, a, m, base, srcs, out),
+    }
+}
+
+/// Generalised task arithmetic: sparsify each δ, weight, optionally elect signs, mix, normalise,
+/// scale by λ, add to the base.
+#[allow(clippy::too_many_arguments)]
+fn gta(
+    job: &Job,
+    stats: &Stats,
+    seed: u64,
+    c: usize,
+    a: usize,
+    m: usize,
+    base: &[f32],
+    srcs: &mut [Vec<f32>],
+    out: &mut [f32],
+) {
+    let nsrc = job.sources.len();
+    // Sparsify, then weight.
+    for i in 0..nsrc {
+        let d = &mut srcs[i][..m];
+        match (job.method, stats) {
+            (Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies, Stats::Keep(rules)) => {
+                rules[i].apply(c, d);
+            }
+            (Method::DareLinear | Method::DareTies, _) if job.densities[i] < 1.0 => {
+                let k = KeepStream::new(seed, &job.name, i, job.densities[i]);
+                let f = match stats {
+                    Stats::Dare(f) => f[i],
+                    _ => 1.0,
+                };
+                for (j, x) in d.iter_mut().enumerate() {
+                    *x = if k.keep((a + j) as u64) { *x * f } else { 0.0 };
+                }
+            }
+            _ => {}
+        }
+        let wi = job.weights[i];
+        for x in d.iter_mut() {
+            *x *= wi;
+        }
+    }
+    if job.method.consensus() {
+        // out = Σ Δ_i (the sign election), then mixed and divisor over agreeing entries.
+        out.fill(0.0);
+        for src in srcs.iter().take(nsrc) {
+            for (o, &x) in out.iter_mut().zip(&src[..m]) {
+                *o += x;
+            }
+        }
+        // Reuse: srcs[0] is no longer needed after its contribution is folded below, so keep
+        // mixed and divisor in two passes over the sources with per-element state in `out`.
+        let mut mixed = vec_take(m);
+        let mut div = vec_take(m);
+        for i in 0..nsrc {
+            let wi = job.weights[i];
+            for j in 0..m {
+                let x = srcs[i][j];
+                let pos = out[j] >= 0.0;
+                let agree = (x > 0.0 && pos) || (x < 0.0 && !pos);
+                mixed[j] += if agree { x } else { 0.0 };
+                div[j] += if agree { wi } else { 0.0 };
+            }
+        }
+        for j in 0..m {
+            let mut v = mixed[j];
+            if job.normalize {
+                let d = if div[j] == 0.0 { 1.0 } else { div[j] };
+                v /= d;
+            }
+            if job.lambda != 1.0 {
+                v *= job.lambda;
+            }
+            out[j] = base[j] + v;
+        }
+        vec_give(mixed);
+        vec_give(div);
+    } else {
+        out.fill(0.0);
+        for src in srcs.iter().take(nsrc) {
+            for (o, &x) in out.iter_mut().zip(&src[..m]) {
+                *o += x;
+            }
+        }
+        let mut div: f32 = job.weights.iter().sum();
+        if div.abs() < 1e-8 {
+            div = 1.0;
+        }
+        let lambda = job.lambda;
+        for (o, &b0) in out.iter_mut().zip(base) {
+            let mut v = *o;
+            if job.normalize {
+                v /= div;
+            }
+            if lambda != 1.0 {
+                v *= lambda;
+            }
+            *o = b0 + v;
+        }
+    }
+}
+
+thread_local! {
+    static AUX: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A zeroed per-thread buffer of m floats (returned with `vec_give` for reuse).
+fn vec_take(m: usize) -> Vec<f32> {
+    let mut v = AUX.with(|a| a.borrow_mut().pop()).unwrap_or_default();
+    v.clear();
+    v.resize(m, 0.0);
+    v
+}
+
+fn vec_give(v: Vec<f32>) {
+    AUX.with(|a| a.borrow_mut().push(v));
+}

@@ -1,0 +1,76 @@
+//! Counter-based randomness for DARE: the keep decision of element `i` of source `s` of tensor
+//! `name` is a pure function of (seed, name, s, i), so results do not depend on threads, chunk
+//! sizes or order.
+
+/// SplitMix64's output mix (Steele, Lea & Flood 2014).
+#[inline(always)]
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// FNV-1a over the name's bytes.
+fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    h
+}
+
+/// A Bernoulli(p) stream keyed by (seed, tensor name, source index).
+#[derive(Debug, Clone, Copy)]
+pub struct KeepStream {
+    key: u64,
+    /// keep iff the top 53 bits of the hash are below this.
+    threshold: u64,
+}
+
+impl KeepStream {
+    pub fn new(seed: u64, name: &str, source: usize, p: f64) -> KeepStream {
+        let k1 = mix64(seed.wrapping_add(GOLDEN));
+        let k2 = mix64(k1 ^ fnv1a(name));
+        let key = mix64(k2 ^ (source as u64 + 1).wrapping_mul(GOLDEN));
+        let p = p.clamp(0.0, 1.0);
+        let threshold = (p * (1u64 << 53) as f64) as u64;
+        KeepStream { key, threshold }
+    }
+
+    #[inline(always)]
+    pub fn keep(&self, index: u64) -> bool {
+        let z = mix64(self.key ^ index.wrapping_add(1).wrapping_mul(GOLDEN));
+        (z >> 11) < self.threshold
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_rate_close_to_p_and_keyed() {
+        let s = KeepStream::new(0, "w", 0, 0.3);
+        let n = 200_000u64;
+        let kept = (0..n).filter(|&i| s.keep(i)).count() as f64 / n as f64;
+        assert!((kept - 0.3).abs() < 0.005, "{kept}");
+        let a: Vec<bool> = (0..64).map(|i| s.keep(i)).collect();
+        let b: Vec<bool> = (0..64)
+            .map(|i| KeepStream::new(0, "w", 1, 0.3).keep(i))
+            .collect();
+        let c: Vec<bool> = (0..64)
+            .map(|i| KeepStream::new(1, "w", 0, 0.3).keep(i))
+            .collect();
+        let d: Vec<bool> = (0..64)
+            .map(|i| KeepStream::new(0, "v", 0, 0.3).keep(i))
+            .collect();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+        assert!((0..1000).all(|i| KeepStream::new(3, "x", 0, 1.0).keep(i)));
+        assert!((0..1000).all(|i| !KeepStream::new(3, "x", 0, 0.0).keep(i)));
+    }
+}

@@ -1,0 +1,254 @@
+//! Exact whole-tensor order statistics of |δ| without a copy of the tensor: a two-pass radix
+//! selection over the f32 magnitude bits (pass 1: histogram of the top 15 bits; pass 2: histogram
+//! of the low 16 bits inside the bucket that holds the wanted rank), plus, only when a threshold
+//! value is shared by elements on both sides of the cut, a counting pass so that ties are broken
+//! by element index (lower index first). Exactly the requested number of elements is kept.
+//!
+//! Elements are ranked by (|δ| descending, index ascending); NaN ranks above +inf. A [`Bound`]
+//! answers "is this element's rank < R?".
+
+/// Magnitude key: the f32 bits without the sign; orders like |x| for non-NaN values.
+#[inline(always)]
+pub fn key(x: f32) -> u32 {
+    x.to_bits() & 0x7FFF_FFFF
+}
+
+pub const HI_BINS: usize = 1 << 15;
+pub const LO_BINS: usize = 1 << 16;
+
+/// "rank < R" for one boundary R.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bound {
+    /// R = 0: no element.
+    Never,
+    /// R = numel: every element.
+    Always,
+    /// Every element with key ≥ t (all elements equal to t fall inside).
+    Ge(u32),
+    /// key > t, plus the first `keep` elements (by index) equal to t. `prefix[c]` = elements
+    /// equal to t in chunks before chunk c.
+    Tie { t: u32, keep: u64, prefix: Vec<u64> },
+}
+
+/// Where the wanted rank lies after pass 1.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    pub bucket: u32,
+    /// Elements in higher buckets.
+    pub above: u64,
+    /// The boundary R.
+    pub r: u64,
+}
+
+/// From the pass-1 histogram, the bucket holding rank r−1 (the last kept element).
+pub fn locate_bucket(hist: &[u64], r: u64) -> Pending {
+    debug_assert!(r >= 1);
+    let mut above = 0u64;
+    for b in (0..hist.len()).rev() {
+        if above + hist[b] >= r {
+            return Pending {
+                bucket: b as u32,
+                above,
+                r,
+            };
+        }
+        above += hist[b];
+    }
+    panic!("rank {r} beyond histogram total {above}");
+}
+
+/// Result of pass 2 for one boundary: the threshold key, how many elements equal to it are kept,
+/// and how many there are.
+#[derive(Debug, Clone, Copy)]
+pub struct Threshold {
+    pub t: u32,
+    pub keep: u64,
+    pub count_eq: u64,
+}
+
+pub fn locate_value(p: &Pending, lo_hist: &[u64]) -> Threshold {
+    let mut above = p.above;
+    for l in (0..lo_hist.len()).rev() {
+        let c = lo_hist[l];
+        if above + c >= p.r {
+            return Threshold {
+                t: (p.bucket << 16) | l as u32,
+                keep: p.r - above,
+                count_eq: c,
+            };
+        }
+        above += c;
+    }
+    panic!("rank {} not found in bucket {}", p.r, p.bucket);
+}
+
+/// Evaluates a bound for one element; `counter` counts elements equal to t seen so far (only
+/// meaningful for `Tie`, starting at `prefix[chunk]`).
+#[inline(always)]
+pub fn below(b: &Bound, k: u32, counter: &mut u64) -> bool {
+    match b {
+        Bound::Never => false,
+        Bound::Always => true,
+        Bound::Ge(t) => k >= *t,
+        Bound::Tie { t, keep, .. } => {
+            if k > *t {
+                true
+            } else if k == *t {
+                let r = *counter < *keep;
+                *counter += 1;
+                r
+            } else {
+                false
+            }
+        }
+    }
+}
+
+/// Keep δ whose rank is in [lo, hi): zero the rest of one chunk in place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepRule {
+    pub lo: Bound,
+    pub hi: Bound,
+}
+
+impl KeepRule {
+    pub fn all() -> KeepRule {
+        KeepRule {
+            lo: Bound::Never,
+            hi: Bound::Always,
+        }
+    }
+
+    pub fn apply(&self, chunk: usize, d: &mut [f32]) {
+        match (&self.lo, &self.hi) {
+            (Bound::Never, Bound::Always) => {}
+            (Bound::Never, Bound::Never) => d.iter_mut().for_each(|x| *x = 0.0),
+            (Bound::Never, Bound::Ge(t)) => {
+                let t = *t;
+                for x in d.iter_mut() {
+                    *x = if key(*x) >= t { *x } else { 0.0 };
+                }
+            }
+            (lo, hi) => {
+                let start = |b: &Bound| match b {
+                    Bound::Tie { prefix, .. } => prefix[chunk],
+                    _ => 0,
+                };
+                let (mut clo, mut chi) = (start(lo), start(hi));
+                for x in d.iter_mut() {
+                    let k = key(*x);
+                    let in_hi = below(hi, k, &mut chi);
+                    let in_lo = below(lo, k, &mut clo);
+                    if !in_hi || in_lo {
+                        *x = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Reference: indices kept when keeping ranks [lo, hi) by (|x| desc, index asc).
+    pub fn reference_keep(x: &[f32], lo: usize, hi: usize) -> Vec<bool> {
+        let mut idx: Vec<usize> = (0..x.len()).collect();
+        idx.sort_by(|&a, &b| key(x[b]).cmp(&key(x[a])).then(a.cmp(&b)));
+        let mut keep = vec![false; x.len()];
+        for &i in &idx[lo.min(x.len())..hi.min(x.len())] {
+            keep[i] = true;
+        }
+        keep
+    }
+
+    /// Single-chunk version of the passes, to test the selection logic on its own.
+    pub fn bound_for(x: &[f32], r: u64, chunks: &[std::ops::Range<usize>]) -> Bound {
+        let n = x.len() as u64;
+        if r == 0 {
+            return Bound::Never;
+        }
+        if r >= n {
+            return Bound::Always;
+        }
+        let mut h = vec![0u64; HI_BINS];
+        for &v in x {
+            h[(key(v) >> 16) as usize] += 1;
+        }
+        let p = locate_bucket(&h, r);
+        let mut l = vec![0u64; LO_BINS];
+        for &v in x {
+            if key(v) >> 16 == p.bucket {
+                l[(key(v) & 0xFFFF) as usize] += 1;
+            }
+        }
+        let th = locate_value(&p, &l);
+        if th.keep == th.count_eq {
+            return Bound::Ge(th.t);
+        }
+        let mut prefix = Vec::new();
+        let mut acc = 0;
+        for c in chunks {
+            prefix.push(acc);
+            acc += x[c.clone()].iter().filter(|&&v| key(v) == th.t).count() as u64;
+        }
+        Bound::Tie {
+            t: th.t,
+            keep: th.keep,
+            prefix,
+        }
+    }
+
+    #[test]
+    fn radix_selection_matches_sort() {
+        let mut seed = 12345u64;
+        let mut next = || {
+            seed = crate::merge::rng::mix64(seed.wrapping_add(1));
+            seed
+        };
+        for trial in 0..40 {
+            let n = 1 + (next() % 3000) as usize;
+            // Mix of continuous values, many exact duplicates, zeros, negative zeros.
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    let r = next();
+                    match r % 5 {
+                        0 => 0.0,
+                        1 => -0.0,
+                        2 => ((r >> 8) % 7) as f32 * if r & 128 == 0 { 1.0 } else { -1.0 },
+                        _ => {
+                            f32::from_bits((r >> 32) as u32 & 0x3FFF_FFFF)
+                                * if r & 64 == 0 { 1.0 } else { -1.0 }
+                        }
+                    }
+                })
+                .collect();
+            let csz = 1 + (next() % 500) as usize;
+            let chunks: Vec<_> = (0..n).step_by(csz).map(|a| a..(a + csz).min(n)).collect();
+            for _ in 0..4 {
+                let hi = (next() % (n as u64 + 1)) as usize;
+                let lo = (next() % (hi as u64 + 1)) as usize;
+                let rule = KeepRule {
+                    lo: bound_for(&x, lo as u64, &chunks),
+                    hi: bound_for(&x, hi as u64, &chunks),
+                };
+                let mut y = x.clone();
+                for (ci, c) in chunks.iter().enumerate() {
+                    rule.apply(ci, &mut y[c.clone()]);
+                }
+                let want = reference_keep(&x, lo, hi);
+                let kept: usize = want.iter().filter(|&&k| k).count();
+                assert_eq!(kept, hi - lo);
+                for i in 0..n {
+                    let expect = if want[i] { x[i] } else { 0.0 };
+                    assert_eq!(
+                        y[i].to_bits() & 0x7FFF_FFFF,
+                        expect.to_bits() & 0x7FFF_FFFF,
+                        "trial {trial} i {i} lo {lo} hi {hi}"
+                    );
+                }
+            }
+        }
+    }
+}
