@@ -1,0 +1,27 @@
+"""Type stubs for the Rust extension `finrecipe._core` (see docs/merge-plan.md)."""
+
+from collections.abc import Callable
+from typing import Any
+
+__version__: str
+
+def read_model(path: str) -> dict[str, Any]:
+    """Validate and describe a model directory or a single .safetensors file.
+
+    Returns {"files": [name, ...], "tensors": {name: {"dtype": str, "shape": [int],
+    "file": str, "data_offsets": [int, int]}}, "metadata": {str: str}} plus "index_metadata"
+    for sharded models. Raises FormatError (bad header/index), IoError.
+    """
+
+def merge(plan_json: str, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Execute a merge plan with the GIL released.
+
+    progress(done_bytes, total_bytes) is called at most ~10 times per second and once at the end.
+    An exception raised by it (KeyboardInterrupt on Ctrl-C) cancels the merge, removes the
+    output files and propagates. Returns {"files": [str], "total_bytes": int, "tensors": int,
+    "seconds": float}. Raises ConfigError, MismatchError, FormatError, IoError, FinrecipeError.
+    """
+
+def analyze(plan_json: str, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Task-vector Gram matrices: {"tensors": {name: {"gram": [[float]], "numel": int}},
+    "total": {"gram": [[float]], "numel": int}, "seconds": float}."""
