@@ -66,8 +66,8 @@ def _gta_ref(base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], keep: 
              consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
     deltas = [x - base for x in xs]
     if keep is not None:
-        deltas = [d * k for d, k in zip(deltas, keep)]
-    wd = torch.stack([d * w for d, w in zip(deltas, ws)])
+        deltas = [d * k for d, k in zip(deltas, keep, strict=False)]
+    wd = torch.stack([d * w for d, w in zip(deltas, ws, strict=False)])
     wt = torch.tensor(ws).view(-1, *([1] * base.dim()))
     if consensus:
         maj = (wd.sum(0) >= 0).float() * 2 - 1
@@ -186,7 +186,7 @@ def test_magnitude_methods_exact(trio: list[Path], tmp_path: Path, method: str) 
                tmp_path / "o")
     for k in SHAPES:
         keep = []
-        for x, p in zip([m1[k], m2[k]], sp):
+        for x, p in zip([m1[k], m2[k]], sp, strict=False):
             n = x.numel()
             target = int(p["density"] * n)
             top = int(p.get("gamma", 0.0) * n)
@@ -195,7 +195,7 @@ def test_magnitude_methods_exact(trio: list[Path], tmp_path: Path, method: str) 
             keep.append(_topk_mask(x - b[k], top, top + target))
         ref = _gta_ref(b[k], [m1[k], m2[k]], [1.0, 0.6], keep, method != "breadcrumbs", True, 1.0)
         assert torch.equal(out[k], ref), k
-        assert all(int(m.sum()) == int(p["density"] * m.numel()) for m, p in zip(keep, sp))
+        assert all(int(m.sum()) == int(p["density"] * m.numel()) for m, p in zip(keep, sp, strict=False))
 
 
 def test_dare_is_reproducible_and_rescaled(trio: list[Path], tmp_path: Path) -> None:
@@ -334,7 +334,7 @@ def test_progress_and_keyboard_interrupt(tmp_path: Path) -> None:
                       {"lambda": 1.0, "normalize": True}, names=names, chunk=4096, threads=1),
                 lambda d, t: calls.append((d, t)))
     assert calls and calls[-1][0] == calls[-1][1] == 4 * (1 << 20) * 4
-    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:], strict=False))
 
     def interrupt(done: int, total: int) -> None:
         raise KeyboardInterrupt
