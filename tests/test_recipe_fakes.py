@@ -36,6 +36,7 @@ class ConcatConfig(BaseModel):
     steps: int = 0  # number of sleep steps
     step_seconds: float = 0.0
     count_file: str | None = None  # not part of the output: excluded from the cache key
+    fail: bool = False  # raise after the sleep steps
 
 
 def _log_run(count_file: str | None, line: str) -> None:
@@ -67,6 +68,8 @@ class FakeConcat(StageKind):
         for i in range(done, config.steps):
             time.sleep(config.step_seconds)
             (work / "steps").write_text(str(i + 1))
+        if config.fail:
+            raise RuntimeError("fake failure")
         parts = []
         for m in config.models:
             ref = inputs[m]

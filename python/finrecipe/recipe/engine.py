@@ -11,6 +11,7 @@ Nothing here imports torch; stage kinds and `init:` sources do that only when th
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import logging
 import os
@@ -233,7 +234,7 @@ def lock_document(recipe: Recipe, res: Mapping[str, Resolved]) -> dict[str, Any]
         r = res[node.name]
         if r.lock_entry is None:
             continue
-        doc["models" if node.section == "models" else "datasets"][node.name] = r.lock_entry
+        doc["models" if node.section == "models" else "datasets"][node.name] = copy.deepcopy(r.lock_entry)
     return doc
 
 

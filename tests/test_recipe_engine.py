@@ -1,0 +1,372 @@
+"""The recipe engine with fake stage kinds: keys, caching, reruns, interruption, locks, extends, hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import test_recipe_fakes  # noqa: F401  (registers fake_concat / fake_eval)
+from finrecipe import load_recipe
+from finrecipe.errors import FinrecipeError, FormatError, LockMismatchError, StageError
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+
+
+def _model_dir(p: Path, content: str) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    (p / "weights.txt").write_text(content)
+    (p / "config.json").write_text("{}")
+    return p
+
+
+RECIPE = """\
+finrecipe: 1
+name: t
+models:
+  base: {path: models/base}
+  inst: {path: models/inst}
+datasets:
+  corpus: {files: "data/*.jsonl"}
+stages:
+  cpt:
+    type: fake_concat
+    models: [base]
+    datasets: [corpus]
+    value: 2
+    count_file: COUNT
+  merged:
+    type: fake_concat
+    models: [cpt, inst]
+    count_file: COUNT
+  ev:
+    type: fake_eval
+    model: merged
+    count_file: COUNT
+"""
+
+
+@pytest.fixture()
+def rdir(tmp_path: Path) -> Path:
+    d = tmp_path / "proj"
+    _model_dir(d / "models" / "base", "base")
+    _model_dir(d / "models" / "inst", "inst")
+    (d / "data").mkdir(parents=True)
+    (d / "data" / "a.jsonl").write_text('{"text": "a"}\n')
+    (d / "data" / "b.jsonl").write_text('{"text": "b"}\n')
+    (d / "r.yaml").write_text(RECIPE.replace("COUNT", str(tmp_path / "count.log")))
+    return d
+
+
+def _count(rdir: Path) -> list[str]:
+    p = rdir.parent / "count.log"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def _keys(path: Path) -> dict[str, str]:
+    return {n.name: n.key for n in load_recipe(path).plan().nodes}
+
+
+def _env(**kw: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(kw)
+    return env
+
+
+def test_apply_runs_in_order_and_reapply_is_noop(rdir: Path) -> None:
+    r = load_recipe(rdir / "r.yaml")
+    res = r.apply()
+    assert res.ran == ["cpt", "merged", "ev"]
+    assert [n.status for n in res.nodes] == ["cached", "cached", "cached", "ran", "ran", "ran"]
+    assert _count(rdir) == ["start cpt 0", "done cpt", "start merged 0", "done merged", "done ev"]
+    for n in res.nodes[3:]:
+        assert n.out_dir is not None and (n.out_dir / "DONE.json").is_file()
+        assert n.out_dir == r.workdir / n.name / n.key
+    assert (r.workdir / "cpt" / res.nodes[3].key / "model" / "weights.txt").is_file()
+    res2 = load_recipe(rdir / "r.yaml").apply()
+    assert res2.noop and res2.ran == []
+    assert len(_count(rdir)) == 5
+    assert [n.status for n in load_recipe(rdir / "r.yaml").plan().nodes] == \
+        ["local", "local", "local", "cached", "cached", "cached"]
+
+
+def test_run_record_and_basic_report(rdir: Path) -> None:
+    r = load_recipe(rdir / "r.yaml")
+    r.apply()
+    run = json.loads((r.workdir / "run.json").read_text())
+    assert run["recipe"]["name"] == "t" and len(run["recipe"]["sha256"]) == 64
+    assert run["finrecipe_version"] and run["started"] and run["finished"]
+    by = {n["name"]: n for n in run["nodes"]}
+    assert by["merged"]["type"] == "fake_concat" and by["merged"]["inputs"] == ["cpt", "inst"]
+    assert by["merged"]["status"] == "ran" and by["merged"]["model_dir"].endswith("/model")
+    assert by["ev"]["metrics"]["score"] >= 0 and by["base"]["type"] == "model"
+    assert by["corpus"]["type"] == "dataset"
+    md = (r.workdir / "report.md").read_text()
+    assert "| merged | fake_concat |" in md and "score" in md
+    rep = json.loads((r.workdir / "report.json").read_text())
+    assert rep["counts"]["ran"] == 3
+    logs = list((r.workdir / "logs").glob("apply-*.log"))
+    assert logs and "node merged" in logs[0].read_text()
+
+
+def test_keys_stable_across_processes_and_locations(rdir: Path, tmp_path: Path) -> None:
+    keys = _keys(rdir / "r.yaml")
+    code = ("import json, sys, test_recipe_fakes; from finrecipe import load_recipe; "
+            "print(json.dumps({n.name: n.key for n in load_recipe(sys.argv[1]).plan().nodes}))")
+    out = subprocess.run([sys.executable, "-c", code, str(rdir / "r.yaml")], cwd="/", check=True,
+                         capture_output=True, text=True, env=_env(PYTHONHASHSEED="12345"))
+    assert json.loads(out.stdout) == keys
+    # a copy of the project elsewhere (new absolute paths, new mtimes) keys the same
+    other = tmp_path / "elsewhere" / "deeper" / "proj2"
+    shutil.copytree(rdir, other)
+    assert _keys(other / "r.yaml") == keys
+    # and the copy is fully cached if the workdir came along
+    load_recipe(rdir / "r.yaml").apply()
+    shutil.rmtree(other)
+    shutil.copytree(rdir, other)
+    assert load_recipe(other / "r.yaml").apply().noop
+
+
+def test_changing_one_field_reruns_exactly_downstream(rdir: Path) -> None:
+    load_recipe(rdir / "r.yaml").apply()
+    n0 = len(_count(rdir))
+    plan = load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=3"]).plan()
+    st = {n.name: (n.status, n.reasons) for n in plan.nodes}
+    assert st["cpt"] == ("stale", ["config value: 2.0 → 3.0"])
+    assert st["merged"] == ("stale", ["input 'cpt' changed"])
+    assert st["ev"] == ("stale", ["input 'merged' changed"])
+    res = load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=3"]).apply()
+    assert res.ran == ["cpt", "merged", "ev"]
+    # change a model's content: only its consumers rerun
+    (rdir / "models" / "inst" / "weights.txt").write_text("inst v2")
+    res = load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=3"]).apply()
+    assert res.ran == ["merged", "ev"]
+    # a field excluded from the key (count_file) changes nothing
+    res = load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=3", "stages.cpt.count_file=null"]).apply()
+    assert res.ran == []
+    # going back to value 2 reruns only what has no cached output for the new inputs
+    res = load_recipe(rdir / "r.yaml").apply()
+    assert res.ran == ["merged", "ev"] and res.cached[-1] == "cpt"
+    # a new dataset file changes the dataset key: cpt and everything after reruns
+    (rdir / "data" / "c.jsonl").write_text('{"text": "c"}\n')
+    assert load_recipe(rdir / "r.yaml").apply().ran == ["cpt", "merged", "ev"]
+    assert len(_count(rdir)) == n0 + 5 + 3 + 3 + 5
+
+
+def test_only_force_and_dry_run(rdir: Path) -> None:
+    r = load_recipe(rdir / "r.yaml")
+    dry = r.apply(dry_run=True)
+    assert dry.dry_run and [n.status for n in dry.nodes][3:] == ["pending"] * 3
+    assert not (r.workdir / "cpt").exists() and not (r.workdir / "run.json").exists()
+    res = r.apply(only=["cpt"])
+    assert res.ran == ["cpt"] and [n.status for n in res.nodes][4:] == ["pending", "pending"]
+    res = load_recipe(rdir / "r.yaml").apply(only=["merged"])
+    assert res.ran == ["merged"]
+    res = load_recipe(rdir / "r.yaml").apply(force=["cpt"])
+    assert res.ran == ["cpt", "ev"]  # cpt forced (same key, so merged stays cached); ev was missing
+    assert _count(rdir).count("done cpt") == 2
+
+
+def test_failure_is_recorded_and_finished_nodes_survive(rdir: Path) -> None:
+    with pytest.raises(StageError, match="stage 'merged' .* failed: RuntimeError: fake failure"):
+        load_recipe(rdir / "r.yaml", overrides=["stages.merged.fail=true"]).apply()
+    r = load_recipe(rdir / "r.yaml")
+    run = json.loads((r.workdir / "run.json").read_text())
+    assert [n["status"] for n in run["nodes"]] == ["cached"] * 3 + ["ran", "failed", "pending"]
+    assert "fake failure" in run["nodes"][4]["error"]
+    assert "Failures" in (r.workdir / "report.md").read_text()
+    assert load_recipe(rdir / "r.yaml").apply().ran == ["merged", "ev"]
+
+
+def test_concurrent_apply_is_refused(rdir: Path) -> None:
+    from finrecipe.recipe.engine import workdir_lock
+
+    r = load_recipe(rdir / "r.yaml")
+    with workdir_lock(r.workdir), pytest.raises(FinrecipeError, match="another `finrecipe apply` is running"):
+        r.apply()
+    assert r.apply().ran == ["cpt", "merged", "ev"]  # the lock is released
+
+
+def test_sigkill_during_apply_loses_nothing(rdir: Path) -> None:
+    text = (rdir / "r.yaml").read_text().replace(
+        "    models: [cpt, inst]\n", "    models: [cpt, inst]\n    steps: 60\n    step_seconds: 0.05\n")
+    (rdir / "r.yaml").write_text(text)
+    code = "import sys, test_recipe_fakes; from finrecipe import load_recipe; load_recipe(sys.argv[1]).apply()"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(rdir / "r.yaml")], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wd = rdir / "runs" / "t"
+    deadline = time.monotonic() + 60
+    steps_file = None
+    try:
+        while time.monotonic() < deadline:
+            hits = list((wd / "merged").glob("*/work/steps")) if (wd / "merged").is_dir() else []
+            if hits and int(hits[0].read_text() or 0) >= 5:
+                steps_file = hits[0]
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        assert steps_file is not None, "the slow stage never started"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_before = int(steps_file.read_text())
+    assert done_before < 60
+    cpt_dirs = list((wd / "cpt").glob("*/DONE.json"))
+    assert len(cpt_dirs) == 1  # the finished node is intact
+    assert not list((wd / "merged").glob("*/DONE.json"))
+    assert _count(rdir) == ["start cpt 0", "done cpt", "start merged 0"]
+    res = load_recipe(rdir / "r.yaml").apply()
+    assert res.ran == ["merged", "ev"]
+    log = _count(rdir)
+    assert log.count("done cpt") == 1  # nothing finished was redone
+    resumed = [ln for ln in log if ln.startswith("start merged ")][-1]
+    assert int(resumed.split()[-1]) >= done_before - 1  # resumed from the scratch state in out_dir/work
+    assert load_recipe(rdir / "r.yaml").apply().noop
+
+
+def test_lockfile_written_and_mismatch_reported(rdir: Path) -> None:
+    r = load_recipe(rdir / "r.yaml")
+    r.apply()
+    lock = yaml.safe_load(r.lock_path.read_text())
+    assert r.lock_path.name == "r.yaml.lock"
+    files = lock["datasets"]["corpus"]["files"]
+    assert [f["path"] for f in files] == ["data/a.jsonl", "data/b.jsonl"]
+    assert files[0]["size"] == 14 and len(files[0]["sha256"]) == 64
+    assert lock["models"]["base"]["path"] == "models/base" and lock["finrecipe_version"]
+    assert load_recipe(rdir / "r.yaml").apply(locked=True).noop
+    (rdir / "data" / "b.jsonl").write_text('{"text": "changed"}\n')
+    (rdir / "models" / "inst" / "weights.txt").write_text("other")
+    with pytest.raises(LockMismatchError) as ei:
+        load_recipe(rdir / "r.yaml").apply(locked=True)
+    msg = str(ei.value)
+    assert "datasets.corpus: file data/b.jsonl changed (size 14 → 20" in msg
+    assert "models.inst.content" in msg and "--locked" in msg
+    with pytest.raises(LockMismatchError):
+        load_recipe(rdir / "r.yaml").apply(locked=True, dry_run=True)
+    # without --locked the build goes ahead and the lockfile follows
+    assert load_recipe(rdir / "r.yaml").apply().ran == ["cpt", "merged", "ev"]
+    assert load_recipe(rdir / "r.yaml").apply(locked=True).noop
+    r.lock_path.unlink()
+    with pytest.raises(LockMismatchError, match="no lockfile"):
+        load_recipe(rdir / "r.yaml").apply(locked=True)
+    assert load_recipe(rdir / "r.yaml").lock() == r.lock_path and r.lock_path.is_file()
+
+
+def test_extends_deep_merge_and_relative_paths(rdir: Path) -> None:
+    shared = rdir / "shared"
+    _model_dir(shared / "models" / "base", "shared base")
+    (shared / "team.yaml").write_text(textwrap.dedent("""\
+        finrecipe: 1
+        name: team
+        description: shared
+        models:
+          base: {path: models/base}
+        stages:
+          cpt:
+            type: fake_concat
+            models: [base]
+            value: 1
+          extra:
+            type: fake_concat
+            models: [cpt]
+        """))
+    (rdir / "mine.yaml").write_text(textwrap.dedent("""\
+        extends: shared/team.yaml
+        name: mine
+        models:
+          inst: {path: models/inst}
+        stages:
+          cpt:
+            value: 5
+          extra: null
+          merged:
+            type: fake_concat
+            models: [cpt, inst]
+        """))
+    r = load_recipe(rdir / "mine.yaml")
+    assert r.name == "mine" and r.schema.description == "shared"
+    assert r.order == ["base", "inst", "cpt", "merged"]
+    assert r.nodes["cpt"].config.value == 5  # type: ignore[union-attr]
+    assert r.workdir == rdir / "runs" / "mine"
+    res = r.apply()
+    by = {n.name: n for n in res.nodes}
+    assert by["base"].model_dir == shared / "models" / "base"  # relative to the file that wrote it
+    assert by["inst"].model_dir == rdir / "models" / "inst"
+    assert res.ran == ["cpt", "merged"]
+
+
+def test_hub_sources_with_a_fake_downloader(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finrecipe import sources
+
+    calls: dict[str, list[object]] = {"resolve": [], "download": []}
+    commit = "a" * 40
+
+    def resolve(repo: str, revision: str | None, repo_type: str = "model") -> str:
+        calls["resolve"].append((repo, revision, repo_type))
+        return commit if revision == "main" else "b" * 40
+
+    def download(repo: str, c: str, dest: Path, *, allow_patterns: list[str], repo_type: str = "model") -> None:
+        calls["download"].append((repo, c, tuple(allow_patterns), repo_type))
+        if repo_type == "dataset":
+            (dest / "train.jsonl").write_text('{"text": "hub"}\n')
+            return
+        (dest / "config.json").write_text("{}")
+        (dest / "weights.txt").write_text(f"hub {repo}")
+        if repo != "org/pickles":
+            (dest / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(sources, "hub_resolve_commit", resolve)
+    monkeypatch.setattr(sources, "hub_download", download)
+    text = RECIPE.replace("  base: {path: models/base}", "  base: {hub: org/base, revision: main}")
+    text = text.replace('  corpus: {files: "data/*.jsonl"}', "  corpus: {hub: org/corpus, revision: main}")
+    (rdir / "h.yaml").write_text(text)
+    res = load_recipe(rdir / "h.yaml").apply()
+    assert res.ran == ["base", "corpus", "cpt", "merged", "ev"]
+    pats = calls["download"][0][2]
+    assert "*.safetensors" in pats and not any(".bin" in p for p in pats)  # no pickles by default
+    lock = yaml.safe_load((rdir / "h.yaml.lock").read_text())
+    assert lock["models"]["base"] == {"hub": "org/base", "revision": "main", "commit": commit}
+    assert lock["datasets"]["corpus"]["commit"] == commit
+    assert lock["datasets"]["corpus"]["files"][0]["path"] == "train.jsonl"
+    n_resolve = len(calls["resolve"])
+    # re-apply: commits come from the lockfile, nothing is resolved or downloaded again
+    assert load_recipe(rdir / "h.yaml").apply(locked=True).noop
+    assert len(calls["resolve"]) == n_resolve and len(calls["download"]) == 2
+    # a different revision resolves to another commit: a rebuild, and --locked refuses it
+    with pytest.raises(LockMismatchError, match="models.base.commit"):
+        load_recipe(rdir / "h.yaml", overrides=["models.base.revision=v2"]).apply(locked=True)
+    res = load_recipe(rdir / "h.yaml", overrides=["models.base.revision=v2"]).apply()
+    assert res.ran == ["base", "cpt", "merged", "ev"]
+    # pickle-only repos are refused unless allow_pickle
+    (rdir / "p.yaml").write_text(text.replace("org/base", "org/pickles"))
+    with pytest.raises(FormatError, match="allow_pickle: true"):
+        load_recipe(rdir / "p.yaml").apply()
+    keydirs = list((rdir / "runs" / "t" / "base").iterdir())
+    assert len(keydirs) == 3 and all((d / "model").is_dir() == (d / "DONE.json").is_file() for d in keydirs)
+
+
+def test_dataset_format_inference_and_refs(rdir: Path) -> None:
+    r = load_recipe(rdir / "r.yaml")
+    res = r.apply()
+    from finrecipe.recipe.engine import ShaCache, resolve
+
+    refs = resolve(r, shas=ShaCache(None))
+    ds = refs["corpus"].dataset
+    assert ds is not None and ds.format == "jsonl" and [f.name for f in ds.files] == ["a.jsonl", "b.jsonl"]
+    assert len(ds.sha256) == 2 and res.ran
+    (rdir / "data" / "x.bin").write_text("?")
+    text = (rdir / "r.yaml").read_text().replace('"data/*.jsonl"', '"data/*"')
+    (rdir / "q.yaml").write_text(text)
+    with pytest.raises(FinrecipeError, match="set 'format:'"):
+        load_recipe(rdir / "q.yaml").plan()
