@@ -14,6 +14,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,9 @@ class Checkpointer:
             tmp.mkdir()
         self.d.barrier()
         msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-rank{self.d.rank}.pt")
         self.d.barrier()
         if self.d.is_main:
@@ -99,7 +102,9 @@ class Checkpointer:
                               f"{path} to resume from an older checkpoint") from None
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = path / f"rng-rank{self.d.rank}.pt"
         if rng.is_file():

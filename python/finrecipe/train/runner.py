@@ -69,7 +69,8 @@ def run_training(cfg: TrainConfig, inputs: Mapping[str, ModelRef | DatasetRef], 
     train_shards = shards(cfg.dataset_weights())
     val_shards = shards({n: None for n in cfg.validation.datasets}) if cfg.validation else []
     seed = cfg.seed if cfg.seed is not None else ctx.seed
-    spec = RunSpec(config=cfg.model_dump(mode="json"), model_dir=str(model.path), out_dir=str(out_dir),
+    train_cfg = cfg.model_dump(mode="json", include=set(TrainConfig.model_fields))
+    spec = RunSpec(config=train_cfg, model_dir=str(model.path), out_dir=str(out_dir),
                    train_shards=train_shards, val_shards=val_shards, seed=seed, title=title)
     (out_dir / "work").mkdir(parents=True, exist_ok=True)
     if cfg.launch is None:

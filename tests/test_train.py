@@ -1,0 +1,293 @@
+"""The trainer end to end on a tiny Llama (CPU): loss drops, SIGTERM/SIGKILL resume is bit-identical,
+2-process torchrun FSDP2 matches one process, the exported model loads and merges, finetune trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finrecipe.errors import ConfigError, StageError
+from finrecipe.progress import NullProgress
+from finrecipe.stages.base import DatasetRef, ModelRef, StageContext, StageResult, get_kind
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _corpus(path: Path, n_docs: int = 120) -> Path:
+    """A small repetitive corpus: counting sequences over a 24-word cycle."""
+    lines = []
+    for i in range(n_docs):
+        start = (i * 7) % 24
+        n = 8 + (i * 5) % 24
+        lines.append(json.dumps({"text": " ".join(f"w{3 + (start + j) % 24}" for j in range(n))}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    """Tiny matmuls: one intra-op thread is faster and immune to the load of a shared 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+
+
+BASE_CFG: dict[str, Any] = dict(
+    model="base", datasets=["corpus"], seq_len=32, micro_batch_size=2, grad_accum=2,
+    optimizer=dict(lr=3e-3, weight_decay=0.01), schedule=dict(kind="cosine", warmup_steps=2),
+    checkpoint_every_steps=3, seed=0,
+)
+
+
+def _run(kind: str, cfg: dict[str, Any], model: Path, data: Path, out: Path, cache: Path,
+         progress: Any = None) -> StageResult:
+    k = get_kind(kind)
+    config = k.Config.model_validate(cfg)
+    inputs = {"base": ModelRef("base", model), "corpus": DatasetRef("corpus", (data,), "jsonl")}
+    ctx = StageContext(node=out.name, workdir=out.parent, cache_dir=cache, progress=progress or NullProgress())
+    return k.run(config, inputs, out, ctx)
+
+
+def _metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tensors(model_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model: Callable[..., Path], corpus: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StageResult]:
+    """An uninterrupted 8-step run with validation, shared by several tests."""
+    root = tmp_path_factory.mktemp("ref")
+    cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 8, "validation": {"fraction": 0.05, "every_steps": 4}}
+    res = _run("continual_pretraining", cfg, tiny_model("llama"), corpus, root / "out", root / "cache")
+    return root / "out", res
+
+
+def test_loss_drops_and_outputs(reference_run: tuple[Path, StageResult], tiny_model: Callable[..., Path]) -> None:
+    out, res = reference_run
+    recs = _metrics(out)
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert train[-1]["loss"] < 0.8 * train[0]["loss"]
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [4, 8] and val[1]["val_loss"] < val[0]["val_loss"]
+    for r in train:
+        assert r["mfu"] == "n/a" and r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0
+    assert train[-1]["tokens"] == 8 * 4 * 32
+    m = res.metrics
+    assert m["final_train_loss"] == train[-1]["loss"] and m["final_val_loss"] == val[-1]["val_loss"]
+    assert m["tokens"] == 1024 and m["steps"] == 8
+    assert (out / res.artifacts["loss_curve"]).stat().st_size > 1000
+    # The exported model: loads with from_pretrained, has the source dtype, and was trained.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    assert res.model_dir == out / "model"
+    model = AutoModelForCausalLM.from_pretrained(res.model_dir)
+    assert next(model.parameters()).dtype == torch.float32
+    tok = AutoTokenizer.from_pretrained(res.model_dir)
+    assert tok.eos_token_id == 2 and GenerationConfig.from_pretrained(res.model_dir).eos_token_id == 2
+    base, new = _tensors(tiny_model("llama")), _tensors(res.model_dir)
+    assert base.keys() == new.keys()
+    assert all(not torch.equal(base[k], new[k]) for k in base if k.endswith("proj.weight"))
+    # It predicts the corpus better than the base does.
+    ids = tok("w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", return_tensors="pt")["input_ids"]
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
+    with torch.no_grad():
+        assert model(ids, labels=ids).loss < base_model(ids, labels=ids).loss
+
+
+def test_rerun_after_completion_returns_result(reference_run: tuple[Path, StageResult],
+                                               tiny_model: Callable[..., Path], corpus: Path) -> None:
+    out, res = reference_run
+    mtime = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 8, "validation": {"fraction": 0.05, "every_steps": 4}}
+    again = _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, out.parent / "cache")
+    assert again.metrics == res.metrics
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+class _SigtermAt(NullProgress):
+    """A progress sink that sends this process SIGTERM when the step counter reaches `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def task(self, description: str, total: float | None = None, unit: str = "it") -> Any:
+        outer = self
+
+        class T:
+            def update(self, *, completed: float | None = None, **kw: Any) -> None:
+                if completed == outer.step and unit == "step":
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            def __enter__(self) -> T:
+                return self
+
+            def __exit__(self, *a: object) -> None:
+                return None
+
+        return T()
+
+
+def test_sigterm_checkpoints_and_resume_is_bit_identical(
+        reference_run: tuple[Path, StageResult], tiny_model: Callable[..., Path], corpus: Path,
+        tmp_path: Path) -> None:
+    ref_out, ref = reference_run
+    cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 8, "validation": {"fraction": 0.05, "every_steps": 4}}
+    out = tmp_path / "out"
+    with pytest.raises(StageError, match="SIGTERM after step 5 of 8.*run again to resume"):
+        _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache",
+             progress=_SigtermAt(5))
+    assert not (out / "model").exists()
+    ckpts = sorted(p.name for p in (out / "work" / "ckpt").iterdir())
+    assert ckpts == ["step-3", "step-5"]  # periodic at 3, on SIGTERM at 5; the newest two kept
+    assert json.loads((out / "work" / "ckpt" / "step-5" / "meta.json").read_text())["data_position"] == 20
+    res = _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache")
+    got, want = _metrics(out), _metrics(ref_out)
+    key = ("step", "loss", "grad_norm", "lr", "val_loss", "tokens")
+    assert [{k: r.get(k) for k in key} for r in got] == [{k: r.get(k) for k in key} for r in want]
+    import torch
+
+    a, b = _tensors(res.model_dir), _tensors(ref.model_dir)  # type: ignore[arg-type]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_mid_run_resumes_without_replay_or_skip(
+        reference_run: tuple[Path, StageResult], tiny_model: Callable[..., Path], corpus: Path,
+        tmp_path: Path) -> None:
+    """A subprocess is SIGKILLed after step 5 (last checkpoint: step 4); the rerun redoes step 5."""
+    ref_out, _ = reference_run
+    cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 8, "validation": {"fraction": 0.05, "every_steps": 4},
+           "checkpoint_every_steps": 2}
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from pathlib import Path
+        from test_train import _run
+        from finrecipe.progress import NullProgress
+
+        class Kill(NullProgress):
+            def task(self, description, total=None, unit="it"):
+                class T:
+                    def update(self, *, completed=None, **kw):
+                        if unit == "step" and completed == 5:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                    def __enter__(self): return self
+                    def __exit__(self, *a): return None
+                return T()
+
+        _run("continual_pretraining", json.loads({json.dumps(cfg)!r}), Path({str(tiny_model('llama'))!r}),
+             Path({str(corpus)!r}), Path({str(out)!r}), Path({str(tmp_path / 'cache')!r}), progress=Kill())
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
+    _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache")
+    got = [(r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(out)]
+    want = [(r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(ref_out)]
+    assert got == want
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_two_processes_match_single(tiny_model: Callable[..., Path], corpus: Path,
+                                                   tmp_path: Path) -> None:
+    base = {**BASE_CFG, "max_tokens": 32 * 4 * 6, "validation": {"fraction": 0.05}}
+    single = _run("continual_pretraining", {**base, "grad_accum": 2}, tiny_model("llama"), corpus,
+                  tmp_path / "single", tmp_path / "cache")
+    dist = _run("continual_pretraining",
+                {**base, "grad_accum": 1, "launch": {"nproc_per_node": 2, "master_port": _free_port()}},
+                tiny_model("llama"), corpus, tmp_path / "fsdp", tmp_path / "cache")
+    assert dist.metrics["world_size"] == 2 and single.metrics["world_size"] == 1
+    a = [r for r in _metrics(tmp_path / "single") if "loss" in r]
+    b = [r for r in _metrics(tmp_path / "fsdp") if "loss" in r]
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
+    assert dist.metrics["final_val_loss"] == pytest.approx(single.metrics["final_val_loss"], rel=1e-4)
+    import torch
+
+    ta, tb = _tensors(tmp_path / "single" / "model"), _tensors(tmp_path / "fsdp" / "model")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=1e-3, atol=1e-5)
+
+
+def test_finetune_bf16_source_and_merge(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    import torch
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"w{3 + i % 10} w{13 + i % 7}", "a": f"w{40 + i % 10}"}) + "\n"
+                            for i in range(64)))
+    cfg = {**BASE_CFG, "seq_len": 16, "epochs": 1, "prompt_field": "q", "response_field": "a",
+           "template": "w90 {prompt} w91", "packing": False, "dtype": "float32"}
+    src = tiny_model("llama", "bfloat16")
+    res = _run("finetune", cfg, src, data, tmp_path / "ft", tmp_path / "cache")
+    recs = [r for r in _metrics(tmp_path / "ft") if "loss" in r]
+    assert len(recs) == 16 and recs[-1]["loss"] < recs[0]["loss"]
+    # Padded rows: prompt (4 tokens incl. the template words) and padding are not targets.
+    assert all(r["target_tokens"] == 4 * 2 for r in recs)  # 4 rows × (answer + EOS)
+    out = _tensors(res.model_dir)  # type: ignore[arg-type]
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    assert json.loads((res.model_dir / "config.json").read_text())["dtype"] == "bfloat16"  # type: ignore[operator]
+    # The fine-tuned model is a valid input to a merge: base + (finetuned − base).
+    from finrecipe.merge.config import MergeConfig
+    from finrecipe.merge.run import run_merge
+
+    mcfg = MergeConfig.from_dict({"merge_method": "task_arithmetic", "base_model": "base",
+                                  "models": [{"model": "ft", "parameters": {"weight": 1.0}}],
+                                  "dtype": "float32", "out_dtype": "bfloat16"})
+    merged = run_merge(mcfg, tmp_path / "merged", {"base": src, "ft": res.model_dir})  # type: ignore[dict-item]
+    mt = _tensors(merged.out_dir)
+    for k in out:
+        torch.testing.assert_close(mt[k].float(), out[k].float(), rtol=0.02, atol=1e-2)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(merged.out_dir) is not None
+
+
+def test_config_errors(tiny_model: Callable[..., Path], corpus: Path, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    k = get_kind("continual_pretraining")
+    with pytest.raises(ValidationError, match="learning_rate"):
+        k.Config.model_validate({**BASE_CFG, "learning_rate": 1.0})
+    with pytest.raises(ValidationError, match="not both"):
+        k.Config.model_validate({**BASE_CFG, "epochs": 1, "max_tokens": 100})
+    with pytest.raises(ConfigError, match="global_batch_tokens=100 must be a multiple"):
+        _run("continual_pretraining", {**BASE_CFG, "grad_accum": None, "global_batch_tokens": 100},
+             tiny_model("llama"), corpus, tmp_path / "o", tmp_path / "cache")
+    assert list(k.inputs(k.Config.model_validate(
+        {**BASE_CFG, "datasets": {"corpus": 1.0, "replay": 0.2}, "validation": {"datasets": ["heldout"]}}))) == [
+        ("base", "model"), ("corpus", "dataset"), ("replay", "dataset"), ("heldout", "dataset")]
