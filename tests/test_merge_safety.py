@@ -222,7 +222,7 @@ def test_cli_exit_codes_and_no_tracebacks(related_models: Any, tmp_path: Path) -
     r = invoke(["inspect", str(tmp_path / "out")])
     assert r.exit_code == 0 and "parameters" in r.output and "model.embed_tokens.weight" in r.output
     r = invoke(["inspect", str(tmp_path / "missing")])
-    assert r.exit_code == 1 and "no such file" in r.output
+    assert r.exit_code == 1 and "no such file" in r.output.lower()
     assert not (tmp_path / "o2").exists() and not no_leftovers(tmp_path)
 
 
