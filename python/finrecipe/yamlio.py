@@ -166,7 +166,9 @@ def validation_error(err: ValidationError, *, file: str | None = None,
     """
     msgs: list[str] = []
     first: tuple[KeyPath, str] | None = None
-    for e in err.errors(include_url=False):
+    # An unknown key usually explains a "missing" one (a typo): report unknown keys first.
+    errors = sorted(err.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+    for e in errors:
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
         # Drop pydantic's union-member tags such as 'MergeStage' that are not keys in the file.
         full = prefix + loc
