@@ -4,6 +4,7 @@ Nothing here touches the network."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,12 +34,20 @@ def build_tokenizer(out_dir: Path, texts: Iterable[str] = (), vocab_size: int = 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
     fast.save_pretrained(str(out_dir))
+    # Name a class both transformers 4 and 5 know (5 writes "TokenizersBackend").
+    cfg_path = Path(out_dir) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def build_tiny_llama(out_dir: str | Path, texts: Iterable[str] = (), *, vocab_size: int = 512,
                      hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 2048,
-                     seed: int = 0) -> Path:
-    """A small random Llama with a locally trained tokenizer, saved to `out_dir`."""
+                     seed: int = 0, model_vocab: int | None = None) -> Path:
+    """A small random Llama with a locally trained tokenizer, saved to `out_dir`.
+
+    `model_vocab` pads the embedding / output matrices beyond the tokenizer's size (as real models
+    often do), e.g. to give a tiny model a realistic 32k-row output layer."""
     import torch
     import transformers as tf
 
@@ -46,7 +55,7 @@ def build_tiny_llama(out_dir: str | Path, texts: Iterable[str] = (), *, vocab_si
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out, texts, vocab_size)
     tok = tf.AutoTokenizer.from_pretrained(str(out))
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+    cfg = tf.LlamaConfig(vocab_size=max(len(tok), model_vocab or 0), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
                          max_position_embeddings=max_positions, tie_word_embeddings=False,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

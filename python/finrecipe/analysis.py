@@ -1,0 +1,211 @@
+"""Task-vector analysis: how independent are δ_i = θ_i − θ_base (e.g. the instruction vector and the
+domain vector)?
+
+The Rust core (`finrecipe._core.analyze`) streams the memory-mapped checkpoints and returns, per
+tensor, the Gram matrix G[i][j] = ⟨δ_i, δ_j⟩ in f64 plus the whole-model total. This module builds the
+plan (tensor names and shapes from the headers), then derives:
+
+- per pair: global cosine G_ij / sqrt(G_ii G_jj) and both norms;
+- per tensor and per layer (sums of Gram matrices over the layer's tensors): cosines and norms;
+- one heatmap PNG per pair: layers × module types (q_proj, k_proj, ..., down_proj, norms);
+- `analysis.json` with all figures.
+
+Without the Rust function (an older extension) a streaming Python fallback reads one tensor at a time
+with safetensors (f64 accumulation), so results are the same, only slower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from finrecipe.errors import MismatchError
+from finrecipe.progress import NullProgress, Progress
+
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
+
+
+def build_plan(base: str | Path, models: Sequence[str | Path], *, threads: int = 0,
+               chunk_elems: int = 1 << 20) -> dict[str, Any]:
+    """The analysis plan over the float tensors every model shares with the base (same shape)."""
+    from finrecipe.merge import read_model
+
+    paths = [Path(base).absolute(), *[Path(m).absolute() for m in models]]
+    infos = [read_model(p) for p in paths]
+    tensors = []
+    for name, ti in infos[0].tensors.items():
+        if ti.dtype not in ("BF16", "F16", "F32"):
+            continue
+        for k, info in enumerate(infos[1:], 1):
+            other = info.tensors.get(name)
+            if other is None:
+                raise MismatchError(f"{paths[k]}: tensor {name!r} of the base model is missing; task vectors "
+                                    "need models of the same architecture")
+            if tuple(other.shape) != tuple(ti.shape):
+                raise MismatchError(f"{paths[k]}: tensor {name!r} has shape {list(other.shape)}, the base has "
+                                    f"{list(ti.shape)}")
+        tensors.append({"name": name, "base": {"model": 0, "tensor": name},
+                        "vectors": [{"model": k, "tensor": name} for k in range(1, len(paths))]})
+    return {"models": [str(p) for p in paths], "threads": threads, "chunk_elems": chunk_elems,
+            "tensors": tensors}
+
+
+def _python_analyze(plan: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Same result as `_core.analyze`, one tensor at a time in Python (f64)."""
+    import torch
+    from safetensors import safe_open
+
+    from finrecipe.merge import read_model
+
+    infos = [read_model(p) for p in plan["models"]]
+    handles: dict[tuple[int, str], Any] = {}
+
+    def load(model: int, name: str) -> Any:
+        ti = infos[model].tensors[name]
+        key = (model, ti.file)
+        if key not in handles:
+            handles[key] = safe_open(str(Path(plan["models"][model]) / ti.file), framework="pt")
+        return handles[key].get_tensor(name).to(torch.float64).flatten()
+
+    k = len(plan["tensors"][0]["vectors"]) if plan["tensors"] else 0
+    total = [[0.0] * k for _ in range(k)]
+    numel = 0
+    out: dict[str, Any] = {}
+    with progress.task("analyze", total=len(plan["tensors"]), unit="tensor") as task:
+        for t in plan["tensors"]:
+            b = load(t["base"]["model"], t["base"]["tensor"])
+            ds = torch.stack([load(v["model"], v["tensor"]) - b for v in t["vectors"]])
+            g = (ds @ ds.T).tolist()
+            out[t["name"]] = {"gram": g, "numel": int(b.numel())}
+            for i in range(k):
+                for j in range(k):
+                    total[i][j] += g[i][j]
+            numel += int(b.numel())
+            task.update(advance=1)
+    return {"tensors": out, "total": {"gram": total, "numel": numel}}
+
+
+def run_plan(plan: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or NullProgress()
+    try:
+        from finrecipe import _core
+
+        core = getattr(_core, "analyze", None)
+    except ImportError:
+        core = None
+    if core is None:
+        return _python_analyze(plan, progress)
+    with progress.task("analyze", total=None, unit="B") as task:
+        def cb(done: int, total: int) -> None:
+            task.update(completed=done, total=total)
+
+        return dict(core(json.dumps(plan), cb))
+
+
+def _cos(g: Sequence[Sequence[float]], i: int, j: int) -> float | None:
+    d = g[i][i] * g[j][j]
+    return g[i][j] / math.sqrt(d) if d > 0 else None
+
+
+def split_name(name: str) -> tuple[int | None, str]:
+    """(layer index or None, module type) of a tensor name, e.g. (3, "self_attn.q_proj")."""
+    m = LAYER_RE.search(name)
+    if not m:
+        return None, re.sub(r"\.(weight|bias)$", "", name)
+    return int(m.group(1)), m.group(2)
+
+
+def figures(raw: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """All figures from the per-tensor Gram matrices; `names` are the vectors' names."""
+    k = len(names)
+    pairs_idx = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    tg = raw["total"]["gram"]
+    pairs = [{"a": names[i], "b": names[j], "cosine": _cos(tg, i, j), "norm_a": math.sqrt(max(tg[i][i], 0.0)),
+              "norm_b": math.sqrt(max(tg[j][j], 0.0)), "dot": tg[i][j]} for i, j in pairs_idx]
+    tensors = {}
+    layers: dict[int, list[list[float]]] = {}
+    cells: dict[tuple[int, str], list[list[float]]] = {}
+    for name, t in raw["tensors"].items():
+        g = t["gram"]
+        tensors[name] = {"numel": t["numel"], "norms": [math.sqrt(max(g[i][i], 0.0)) for i in range(k)],
+                         "cosines": {f"{names[i]}|{names[j]}": _cos(g, i, j) for i, j in pairs_idx}}
+        layer, module = split_name(name)
+        if layer is None:
+            continue
+        for acc in (layers.setdefault(layer, [[0.0] * k for _ in range(k)]),
+                    cells.setdefault((layer, module), [[0.0] * k for _ in range(k)])):
+            for i in range(k):
+                for j in range(k):
+                    acc[i][j] += g[i][j]
+    per_layer = {str(li): {"norms": [math.sqrt(max(g[i][i], 0.0)) for i in range(k)],
+                           "cosines": {f"{names[i]}|{names[j]}": _cos(g, i, j) for i, j in pairs_idx}}
+                 for li, g in sorted(layers.items())}
+    modules = sorted({m for _, m in cells})
+    layer_ids = sorted(layers)
+    heat = {}
+    for i, j in pairs_idx:
+        heat[f"{names[i]}|{names[j]}"] = [[_cos(cells[(li, m)], i, j) if (li, m) in cells else None
+                                           for m in modules] for li in layer_ids]
+    return {"vectors": list(names), "pairs": pairs, "per_layer": per_layer, "tensors": tensors,
+            "heatmap": {"layers": layer_ids, "modules": modules, "cosine": heat},
+            "numel": raw["total"]["numel"]}
+
+
+def heatmap_png(fig: dict[str, Any], pair: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    h = fig["heatmap"]
+    data = np.array([[np.nan if v is None else v for v in row] for row in h["cosine"][pair]], dtype=float)
+    a, b = pair.split("|", 1)
+    f, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(h["modules"]), 1), 1.5 + 0.35 * max(len(h["layers"]), 1)))
+    if data.size:
+        lim = max(float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0, 1e-6)
+        im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        f.colorbar(im, ax=ax, label="cosine")
+    ax.set_xticks(range(len(h["modules"])), h["modules"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(h["layers"])), [str(x) for x in h["layers"]], fontsize=8)
+    ax.set_ylabel("layer")
+    ax.set_title(f"cos(δ {a}, δ {b}) per layer × module", fontsize=9)
+    f.tight_layout()
+    buf = io.BytesIO()
+    f.savefig(buf, format="png", dpi=100)
+    plt.close(f)
+    return buf.getvalue()
+
+
+def analyze(base: str | Path, models: Sequence[str | Path], *, out_dir: str | Path | None = None,
+            names: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the analysis; with `out_dir`, write analysis.json and one heatmap PNG per pair there.
+
+    `names` (optional) names the base then each model; defaults to directory names."""
+    if len(models) < 2:
+        raise MismatchError("analyze needs at least two models besides the base (a pair of task vectors)")
+    vec_names = list(names[1:]) if names else [Path(m).name for m in models]
+    if len(set(vec_names)) != len(vec_names):
+        vec_names = [f"{n}#{i}" for i, n in enumerate(vec_names)]
+    plan = build_plan(base, models)
+    raw = run_plan(plan, progress)
+    fig = figures(raw, vec_names)
+    fig["base"] = names[0] if names else Path(base).name
+    fig["heatmaps"] = []
+    if out_dir is not None:
+        from finrecipe.util.fs import atomic_dir
+
+        out = Path(out_dir)
+        with atomic_dir(out, overwrite=True) as tmp:
+            for n, pair in enumerate(fig["heatmap"]["cosine"]):
+                fname = f"heatmap_{n}.png"
+                (tmp / fname).write_bytes(heatmap_png(fig, pair))
+                fig["heatmaps"].append(str(out.absolute() / fname))
+            (tmp / "analysis.json").write_text(json.dumps(fig, indent=1, ensure_ascii=False), encoding="utf-8")
+    return fig
