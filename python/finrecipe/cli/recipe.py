@@ -131,7 +131,7 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
         t.add_column(col, justify="right" if col == "time" else "left")
     style = {"ran": "cyan", "cached": "green", "failed": "red", "pending": "yellow"}
     for n in res.nodes:
-        st = n.status if n.status != "cached" else "reused"
+        st = n.status if n.status != "cached" else ("local" if n.out_dir is None else "reused")
         t.add_row(n.name, n.type, f"[{style[n.status]}]{st}[/]",
                   _secs(n.seconds) if n.status == "ran" else "—",
                   _short_path(n.model_dir or n.out_dir))

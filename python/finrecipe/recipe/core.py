@@ -54,6 +54,8 @@ def _find_value(obj: Any, value: str, path: KeyPath) -> KeyPath | None:
     """Key path of the first leaf equal to `value` (where a reference is written)."""
     if isinstance(obj, dict):
         for k, v in obj.items():
+            if k == value:  # a name used as a key (e.g. `datasets: {corpus: 0.7}`)
+                return path + (k,)
             r = _find_value(v, value, path + (k,))
             if r is not None:
                 return r
@@ -137,7 +139,7 @@ class Recipe:
         ctx = {"file": str(self.file), "positions": self.loaded.lines, "files": self.loaded.files,
                "prefix": kp, "recipe_dir": self.recipe_dir}
         try:
-            config = kind.Config.model_validate(body, context=ctx)
+            config = kind.Config.model_validate(body, context=ctx)  # type: ignore[attr-defined]
         except ValidationError as e:
             raise validation_error(e, file=str(self.file), positions=self.loaded.lines,
                                    files=self.loaded.files, prefix=kp, model=kind.Config) from None
@@ -163,9 +165,9 @@ class Recipe:
                     refs.append((tok, "model", ("models", node.name, "init", "tokenizer")))
             if node.kind is not None:
                 assert node.config is not None
-                for ref, expected in node.kind.inputs(node.config):
-                    where = _find_value(node.raw, ref, ("stages", node.name)) or ("stages", node.name)
-                    refs.append((ref, expected, where))
+                for in_name, in_kind in node.kind.inputs(node.config):
+                    where = _find_value(node.raw, in_name, ("stages", node.name)) or ("stages", node.name)
+                    refs.append((in_name, str(in_kind), where))
             for ref, expected, where in refs:
                 target = self.nodes.get(ref)
                 if target is None:

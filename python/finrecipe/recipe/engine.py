@@ -134,7 +134,7 @@ def _resolve_model(recipe: Recipe, node: Node, done: Mapping[str, Resolved], sha
         if not files:
             raise RecipeError(f"{p} holds no model files (*.safetensors, config.json, ...)",
                               **recipe.loaded.where(kp + ("path",)))
-        material = {"source": "path", "content": d}
+        material: dict[str, Any] = {"source": "path", "content": d}
         return Resolved(digest(material), material, local=True, model_dir=p,
                         lock_entry={"path": _rel(p, recipe.recipe_dir), "content": d},
                         size=sum(f["size"] for f in files))
@@ -186,9 +186,9 @@ def _resolve_dataset(recipe: Recipe, node: Node, shas: ShaCache, lock: Mapping[s
                     "files": [{"name": _rel(f, base), "sha256": sha} for f, sha, _ in hashed]}
         ref = DatasetRef(node.name, tuple(f for f, _, _ in hashed), fmt, spec.text_field, spec.weight,
                          tuple(s for _, s, _ in hashed))
-        entry = {"files": [{"path": _rel(f, recipe.recipe_dir), "size": size, "sha256": sha}
+        files_entry = {"files": [{"path": _rel(f, recipe.recipe_dir), "size": size, "sha256": sha}
                            for f, sha, size in hashed]}
-        return Resolved(digest(material), material, local=True, dataset=ref, lock_entry=entry,
+        return Resolved(digest(material), material, local=True, dataset=ref, lock_entry=files_entry,
                         size=sum(s for _, _, s in hashed))
     commit = None if refresh else _locked_commit(lock, "datasets", node.name, spec.hub, spec.revision)
     if commit is None or sources.is_commit(spec.revision):

@@ -23,6 +23,7 @@ lazily by the ``type:`` string so that importing torch happens only when a stage
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -106,7 +107,7 @@ class StageKind:
 
     type: ClassVar[str]
     version: ClassVar[str]
-    Config: ClassVar[type[BaseModel]]
+    Config: ClassVar[builtins.type[BaseModel]]
     # Whether the stage produces a model usable where a model is expected.
     produces_model: ClassVar[bool] = True
 
