@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 EXT_BUILT := $(VENV)/.ext-built
 RUST_SRC := Cargo.toml $(shell find rust -name '*.rs' 2>/dev/null)
 
-.PHONY: setup build test test-rust test-python lint demo bench-merge bench-train bench-eval clean
+.PHONY: setup build test test-rust test-python lint demo bench-merge bench-train bench-eval bench-recipe clean
 
 setup: $(EXT_BUILT)
 
@@ -53,6 +53,9 @@ bench-train: setup
 
 bench-eval: setup
 	$(PY) bench/bench_eval.py
+
+bench-recipe: setup
+	$(PY) bench/bench_recipe.py
 
 clean:
 	rm -rf target $(VENV) runs bench/out
