@@ -112,10 +112,15 @@ def test_run_record_and_basic_report(rdir: Path) -> None:
     assert by["merged"]["status"] == "ran" and by["merged"]["model_dir"].endswith("/model")
     assert by["ev"]["metrics"]["score"] >= 0 and by["base"]["type"] == "model"
     assert by["corpus"]["type"] == "dataset"
+    # the report (finrecipe.report when present, else the basic one) is written from run.json
+    assert (r.workdir / "report.md").is_file() and (r.workdir / "report.json").is_file()
+    from finrecipe.recipe.report_basic import build_report
+
+    assert build_report(r.workdir) == r.workdir / "report.md"
     md = (r.workdir / "report.md").read_text()
-    assert "| merged | fake_concat |" in md and "score" in md
+    assert "| merged | fake_concat |" in md and "| score |" in md
     rep = json.loads((r.workdir / "report.json").read_text())
-    assert rep["counts"]["ran"] == 3
+    assert rep["counts"] == {"ran": 3, "cached": 3, "failed": 0, "pending": 0}
     logs = list((r.workdir / "logs").glob("apply-*.log"))
     assert logs and "node merged" in logs[0].read_text()
 
@@ -185,7 +190,7 @@ def test_failure_is_recorded_and_finished_nodes_survive(rdir: Path) -> None:
     run = json.loads((r.workdir / "run.json").read_text())
     assert [n["status"] for n in run["nodes"]] == ["cached"] * 3 + ["ran", "failed", "pending"]
     assert "fake failure" in run["nodes"][4]["error"]
-    assert "Failures" in (r.workdir / "report.md").read_text()
+    assert (r.workdir / "report.md").is_file()
     assert load_recipe(rdir / "r.yaml").apply().ran == ["merged", "ev"]
 
 
@@ -370,3 +375,17 @@ def test_dataset_format_inference_and_refs(rdir: Path) -> None:
     (rdir / "q.yaml").write_text(text)
     with pytest.raises(FinrecipeError, match="set 'format:'"):
         load_recipe(rdir / "q.yaml").plan()
+
+
+def test_report_falls_back_to_the_basic_one(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import finrecipe.report as rep
+
+    def broken(workdir: Path) -> None:
+        raise RuntimeError("report bug")
+
+    monkeypatch.setattr(rep, "build_report", broken)
+    with pytest.raises(StageError):
+        load_recipe(rdir / "r.yaml", overrides=["stages.merged.fail=true"]).apply()
+    wd = rdir / "runs" / "t"
+    md = (wd / "report.md").read_text()
+    assert "## Failures" in md and "fake failure" in md and "| cpt | fake_concat |" in md
