@@ -389,3 +389,42 @@ def test_report_falls_back_to_the_basic_one(rdir: Path, monkeypatch: pytest.Monk
     wd = rdir / "runs" / "t"
     md = (wd / "report.md").read_text()
     assert "## Failures" in md and "fake failure" in md and "| cpt | fake_concat |" in md
+
+
+def test_ctrl_c_during_apply_via_cli(rdir: Path) -> None:
+    text = (rdir / "r.yaml").read_text().replace(
+        "    models: [cpt, inst]\n", "    models: [cpt, inst]\n    steps: 100\n    step_seconds: 0.05\n")
+    (rdir / "r.yaml").write_text(text)
+    code = "import sys, test_recipe_fakes; from finrecipe.cli import main; main(['apply', '-q', sys.argv[1]])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(rdir / "r.yaml")], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wd = rdir / "runs" / "t"
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if list(wd.glob("merged/*/work/steps")):
+                break
+            assert proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    run = json.loads((wd / "run.json").read_text())
+    assert [n["status"] for n in run["nodes"]][3:] == ["ran", "failed", "pending"]
+    assert "KeyboardInterrupt" in run["nodes"][4]["error"]
+    assert load_recipe(rdir / "r.yaml").apply().ran == ["merged", "ev"]
+    assert _count(rdir).count("done cpt") == 1
+
+
+def test_unresolvable_hub_revision_offline_is_a_clear_error(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = RECIPE.replace("  base: {path: models/base}", "  base: {hub: org/base, revision: main}")
+    (rdir / "h.yaml").write_text(text)
+    r = load_recipe(rdir / "h.yaml")
+    r.validate()  # nothing to download or resolve for validate
+    with pytest.raises(FinrecipeError, match="cannot resolve revision 'main' of model 'org/base'") as ei:
+        r.plan()
+    assert "finrecipe lock" in str(ei.value)
