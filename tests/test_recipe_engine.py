@@ -428,3 +428,13 @@ def test_unresolvable_hub_revision_offline_is_a_clear_error(rdir: Path, monkeypa
     with pytest.raises(FinrecipeError, match="cannot resolve revision 'main' of model 'org/base'") as ei:
         r.plan()
     assert "finrecipe lock" in str(ei.value)
+
+
+def test_deleted_output_is_rebuilt(rdir: Path) -> None:
+    res = load_recipe(rdir / "r.yaml").apply()
+    merged = next(n for n in res.nodes if n.name == "merged")
+    assert merged.model_dir is not None
+    shutil.rmtree(merged.model_dir)
+    plan = {n.name: n.status for n in load_recipe(rdir / "r.yaml").plan().nodes}
+    assert plan["merged"] == "to run" and plan["cpt"] == "cached" and plan["ev"] == "cached"
+    assert load_recipe(rdir / "r.yaml").apply().ran == ["merged"]

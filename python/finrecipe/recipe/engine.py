@@ -368,7 +368,13 @@ def _marker(res: Resolved) -> dict[str, Any] | None:
     if res.out_dir is None:
         return None
     m = read_json(res.out_dir / MARKER)
-    return m if isinstance(m, dict) and m.get("key") == res.key else None
+    if not isinstance(m, dict) or m.get("key") != res.key:
+        return None
+    md = (m.get("result") or {}).get("model_dir")
+    if md and not (res.out_dir / md).is_dir():  # (relative, or absolute: `/` keeps absolute paths)
+        log.warning("%s: marker present but the model directory %s is gone; rebuilding", res.out_dir, md)
+        return None
+    return m
 
 
 def _result_from_marker(res: Resolved, marker: Mapping[str, Any]) -> StageResult:
