@@ -277,6 +277,19 @@ def test_finetune_bf16_source_and_merge(tiny_model: Callable[..., Path], tmp_pat
     assert AutoModelForCausalLM.from_pretrained(merged.out_dir) is not None
 
 
+def test_activation_checkpointing_same_losses(tiny_model: Callable[..., Path], corpus: Path,
+                                              tmp_path: Path) -> None:
+    cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 3, "checkpoint_every_steps": None}
+    _run("continual_pretraining", cfg, tiny_model("llama"), corpus, tmp_path / "a", tmp_path / "cache")
+    _run("continual_pretraining", {**cfg, "activation_checkpointing": True}, tiny_model("llama"), corpus,
+         tmp_path / "b", tmp_path / "cache")
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert len(a) == 3 and not (tmp_path / "a" / "work" / "ckpt").exists()
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
+
+
 def test_config_errors(tiny_model: Callable[..., Path], corpus: Path, tmp_path: Path) -> None:
     from pydantic import ValidationError
 

@@ -101,7 +101,7 @@ class Checkpointer:
             raise FormatError(f"{path / 'meta.json'}: unreadable checkpoint metadata ({e}); delete "
                               f"{path} to resume from an older checkpoint") from None
         msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
+        state: dict[str, Any] = {"model": msd, "optim": osd}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
             dcp.load(state, checkpoint_id=str(path))

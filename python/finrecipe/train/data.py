@@ -324,7 +324,7 @@ def split_heldout(counts: Sequence[int], fraction: float, seed: int) -> tuple[li
     return train, val
 
 
-def build_order(train_ids: Sequence[np.ndarray], offsets: Sequence[int], weights: Sequence[float],
+def build_order(train_ids: Sequence[np.ndarray], offsets: Sequence[int] | np.ndarray, weights: Sequence[float],
                 seed: int, *, epochs: float | None, total_sequences: int | None) -> np.ndarray:
     """The deterministic training order (global sequence ids). See the module docstring."""
     base = np.array([w * len(ids) for w, ids in zip(weights, train_ids, strict=True)], dtype=np.float64)
@@ -343,9 +343,9 @@ def build_order(train_ids: Sequence[np.ndarray], offsets: Sequence[int], weights
     for i, (ids, c) in enumerate(zip(train_ids, counts, strict=True)):
         if c == 0 or len(ids) == 0:
             continue
-        reps = []
+        reps: list[np.ndarray] = []
         k = 0
-        while sum(len(r) for r in reps) < c:
+        while sum(int(len(r)) for r in reps) < c:
             reps.append(ids[np.random.default_rng([seed, 104729, i, k]).permutation(len(ids))])
             k += 1
         parts.append(np.concatenate(reps)[:c] + int(offsets[i]))

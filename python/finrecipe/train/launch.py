@@ -7,6 +7,7 @@ writes metrics, checkpoints' metadata and the model. Exit codes: 0 done, 1 faile
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         sys.stderr.write("usage: python -m finrecipe.train.launch RUN_SPEC.json\n")
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s rank%(process)d: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    # Only rank 0 logs progress; the others report warnings and errors.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(name)s rank{rank}: %(message)s")
     try:
         spec = RunSpec.model_validate_json(Path(args[0]).read_text())
         train(spec)

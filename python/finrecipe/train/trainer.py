@@ -148,9 +148,12 @@ class Trainer:
         model.config.use_cache = False
         self.flops_per_token = model_flops_per_token(model, cfg.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())
-        model.to(d.device)
+        model.to(d.device)  # type: ignore[arg-type]
         if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if d.enabled:
             tdist.shard_fsdp2(model, d, self.bf16)
         if cfg.compile:
@@ -252,7 +255,8 @@ class Trainer:
         dtype = _source_dtype(self.model_dir)
         if getattr(config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
-        tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in sd.items()}
+        tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in sd.items()
+                   if isinstance(v, torch.Tensor)}
         with atomic_dir(dest, overwrite=True) as tmp:
             shards: list[dict[str, torch.Tensor]] = [{}]
             size = 0
