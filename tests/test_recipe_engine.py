@@ -438,3 +438,38 @@ def test_deleted_output_is_rebuilt(rdir: Path) -> None:
     plan = {n.name: n.status for n in load_recipe(rdir / "r.yaml").plan().nodes}
     assert plan["merged"] == "to run" and plan["cpt"] == "cached" and plan["ev"] == "cached"
     assert load_recipe(rdir / "r.yaml").apply().ran == ["merged"]
+
+
+def test_cli_plan_apply_lock(rdir: Path) -> None:
+    from click.testing import CliRunner
+
+    from finrecipe.cli import main
+
+    cli = CliRunner()
+    p = str(rdir / "r.yaml")
+    res = cli.invoke(main, ["plan", "--json", p])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert [n["status"] for n in plan["nodes"]] == ["local"] * 3 + ["to run"] * 3
+    est = {n["name"]: n["estimated_bytes"] for n in plan["nodes"]}
+    assert est["base"] == 6 and est["cpt"] == 6 and est["merged"] == 6  # inputs' size as a guess
+    res = cli.invoke(main, ["apply", "--dry-run", p])
+    assert res.exit_code == 0 and "3 would run: cpt, merged, ev" in res.output
+    res = cli.invoke(main, ["apply", "-q", p, "--only", "cpt"])
+    assert res.exit_code == 0 and "reused" in res.output
+    res = cli.invoke(main, ["apply", "-q", p])
+    assert res.exit_code == 0 and "ran 2" in res.output
+    res = cli.invoke(main, ["apply", p, "--locked"])
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    (rdir / "data" / "a.jsonl").write_text("changed\n")
+    res = cli.invoke(main, ["apply", p, "--locked"])
+    assert res.exit_code == 2 and "data/a.jsonl changed" in res.output
+    res = cli.invoke(main, ["lock", p])
+    assert res.exit_code == 0 and "r.yaml.lock" in res.output
+    res = cli.invoke(main, ["plan", "--json", p, "--set", "stages.cpt.value=9"])
+    assert res.exit_code == 0
+    cpt = json.loads(res.output)["nodes"][3]
+    assert cpt["status"] == "stale" and "config value: 2.0 → 9.0" in cpt["reasons"]
+    assert any(r.startswith("inputs.corpus") or "corpus" in r for r in cpt["reasons"])
+    res = cli.invoke(main, ["plan", p])
+    assert res.exit_code == 0 and "stale" in res.output and "3 to run: cpt, merged, ev" in res.output

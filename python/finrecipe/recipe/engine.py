@@ -423,6 +423,7 @@ def make_plan(recipe: Recipe, *, progress: Progress | None = None,
     state = read_json(recipe.workdir / STATE_FILE) or {}
     last = state.get("nodes", {}) if isinstance(state, dict) else {}
     nodes = []
+    by_name: dict[str, PlanNode] = {}
     for node in recipe:
         r = res[node.name]
         pn = PlanNode(node.name, node.type, r.key, "to run", inputs=list(node.deps), out_dir=r.out_dir)
@@ -447,11 +448,17 @@ def make_plan(recipe: Recipe, *, progress: Progress | None = None,
                     with contextlib.suppress(Exception):  # an estimate only
                         pn.estimated_bytes = node.kind.estimate_output_bytes(
                             node.config, _input_refs(recipe, node, res))
+                    if pn.estimated_bytes is None and node.kind.produces_model:
+                        # a rough guess: a trained or merged model is about as large as its inputs
+                        known = [by_name[d].estimated_bytes for d in node.deps
+                                 if recipe.nodes[d].provides == "model" and by_name[d].estimated_bytes]
+                        pn.estimated_bytes = max(known) if known else None  # type: ignore[type-var]
                 if node.kind is not None and node.kind.produces_model and r.out_dir is not None:
                     pn.model_dir = r.out_dir / "model"
                 elif node.model is not None:
                     pn.model_dir = r.model_dir
         nodes.append(pn)
+        by_name[node.name] = pn
     return Plan(recipe.name, recipe.file, recipe.workdir, nodes)
 
 
