@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "eval"
 LMEVAL_PY = ROOT / ".venv-lmeval" / "bin" / "python"
+VERSION = "default"
 DATA = Path(os.environ.get("JFIN_DATA", "/work/shared/data/japanese-lm-fin-harness"))
-TASKS = ("fp2", "security_sales_1")
+TASKS = ("fp2", "security_sales_1")  # the lm-eval task names below assume these two
 
 _LMEVAL_DRIVER = r'''
 import json, sys, time, torch
@@ -102,7 +103,7 @@ def build_inputs(limit: int | None, hidden: int, layers: int, vocab: int,
         docs = jfin.load_docs(t, DATA)
         texts += [d["question"] + d["context"] for d in docs]
         docs = docs[:limit] if limit else docs
-        p = jfin.get_prompt(t)
+        p = jfin.get_prompt(t, VERSION)
         rows[t] = [{"description": p.description, "text": p.doc_to_text(d), "choices": p.doc_to_choice(d),
                     "gold": p.gold(d)} for d in docs]
     model_dir = OUT / f"model-h{hidden}-l{layers}-v{vocab}-mv{model_vocab}"
@@ -148,6 +149,8 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--version", default="default",
+                    help="jfin prompt version (default: one-token choices; 0.3: the choice texts)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -161,6 +164,8 @@ def main() -> None:
     if not LMEVAL_PY.exists():
         raise SystemExit("create .venv-lmeval first: python3 -m venv .venv-lmeval && "
                          ".venv-lmeval/bin/pip install lm-eval==0.4.9 'transformers<5'")
+    global VERSION
+    VERSION = args.version
     model_dir, items, task_dir, n_items = build_inputs(args.limit, args.hidden, args.layers, args.vocab,
                                                           args.model_vocab)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -193,7 +198,7 @@ def main() -> None:
         f"{args.threads} torch threads; date {time.strftime('%Y-%m-%d', time.gmtime())}.",
         f"Model: random Llama hidden {args.hidden}, {args.layers} layers, BPE vocab {args.vocab} "
         f"(output layer {max(args.vocab, args.model_vocab)} rows); "
-        f"tasks fp2 + security_sales_1 (default prompt), first {args.limit} items each = {n_items} questions.",
+        f"tasks fp2 + security_sales_1 (prompt {args.version}), first {args.limit} items each = {n_items} questions.",
         "",
         "| contender | acc fp2 | acc_norm fp2 | acc security_sales_1 | acc_norm security_sales_1 | median s | questions/s |",
         "|---|---|---|---|---|---|---|",
@@ -207,7 +212,7 @@ def main() -> None:
     lines += ["", f"Speed-up (ratio of medians, {args.runs} alternating runs each): **{lm_med / fr_med:.2f}×**; "
               f"max |Δ log-likelihood| per choice {max_diff:.2e}; same argmax on every question: {argmax_same}."]
     print("\n".join(lines))
-    (OUT / "result.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (OUT / f"result-{args.version}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
