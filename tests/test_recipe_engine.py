@@ -473,3 +473,13 @@ def test_cli_plan_apply_lock(rdir: Path) -> None:
     assert any(r.startswith("inputs.corpus") or "corpus" in r for r in cpt["reasons"])
     res = cli.invoke(main, ["plan", p])
     assert res.exit_code == 0 and "stale" in res.output and "3 to run: cpt, merged, ev" in res.output
+
+
+def test_trust_remote_code_is_per_source_and_inherited(rdir: Path) -> None:
+    res = load_recipe(rdir / "r.yaml", overrides=["models.base.trust_remote_code=true"]).apply()
+    m = {n.name: n.metrics for n in res.nodes}
+    assert m["cpt"]["trust"] is True and m["merged"]["trust"] is True  # merged gets it through cpt
+    res = load_recipe(rdir / "r.yaml", overrides=["models.inst.trust_remote_code=false"]).apply()
+    assert {n.name: n.metrics for n in res.nodes}["cpt"]["trust"] is True  # cached from the first run
+    other = load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=7"]).apply()
+    assert {n.name: n.metrics for n in other.nodes}["cpt"]["trust"] is False

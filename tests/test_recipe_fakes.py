@@ -84,7 +84,8 @@ class FakeConcat(StageKind):
             (tmp / "weights.txt").write_text(content)
             (tmp / "config.json").write_text("{}")
         _log_run(config.count_file, f"done {ctx.node}")
-        return StageResult(model_dir=out_dir / "model", metrics={"value": config.value})
+        trust = any(isinstance(r, ModelRef) and r.trust_remote_code for r in inputs.values())
+        return StageResult(model_dir=out_dir / "model", metrics={"value": config.value, "trust": trust})
 
 
 class EvalConfig(BaseModel):

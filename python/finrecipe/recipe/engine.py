@@ -409,9 +409,17 @@ def _input_refs(recipe: Recipe, node: Node, res: Mapping[str, Resolved]
             if dr.dataset is not None:
                 refs[d] = dr.dataset
         elif dr.model_dir is not None:
-            trc = bool(dn.model.trust_remote_code) if dn.model is not None else False
-            refs[d] = ModelRef(d, dr.model_dir, trust_remote_code=trc)
+            refs[d] = ModelRef(d, dr.model_dir, trust_remote_code=_trusts_remote_code(recipe, d))
     return refs
+
+
+def _trusts_remote_code(recipe: Recipe, name: str) -> bool:
+    """A source's `trust_remote_code`; a stage output inherits it from any of its model inputs
+    (a model trained from a custom-code architecture needs the same code to load)."""
+    node = recipe.nodes[name]
+    if node.model is not None:
+        return bool(node.model.trust_remote_code)
+    return any(_trusts_remote_code(recipe, d) for d in node.deps if recipe.nodes[d].provides == "model")
 
 
 def make_plan(recipe: Recipe, *, progress: Progress | None = None,
