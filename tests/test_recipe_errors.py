@@ -243,3 +243,25 @@ def test_cli_reports_error_with_exit_code_2(rdir: Path) -> None:
     assert res.exit_code == 2
     assert "17:19" in res.output and "did you mean 'inst'?" in res.output
     assert "Traceback" not in res.output
+
+
+def test_init_source_errors(rdir: Path) -> None:
+    p = _write(rdir, GOOD.replace("  base: {path: models/base}",
+                                  "  base:\n    init: {config: {hidden_size: 8}, seed: 0}"))
+    e = _err(p)
+    assert e.path == "models.base.init.config" and "model_type" in e.message and e.line == 5
+    p = _write(rdir, GOOD.replace("  base: {path: models/base}",
+                                  "  base:\n    init: {config: {model_type: llama}, tokenizer: tok/nope}"))
+    r = load_recipe(p)
+    with pytest.raises(RecipeError) as ei:
+        r.validate()
+    assert ei.value.path == "models.base.init.tokenizer" and "neither a model of this recipe" in ei.value.message
+    # a model name as tokenizer is a reference (a dependency), checked like any other
+    p = _write(rdir, GOOD.replace("  base: {path: models/base}",
+                                  "  base:\n    init: {config: {model_type: llama}, tokenizer: corpus}"))
+    e = _err(p)
+    assert e.path == "models.base.init.tokenizer" and "'corpus' is a dataset" in e.message
+    p = _write(rdir, GOOD.replace("  base: {path: models/base}",
+                                  "  base:\n    init: {config: {model_type: llama}, tokenizer: inst}"))
+    assert load_recipe(p).nodes["base"].deps == ["inst"]
+    assert load_recipe(p).order[:2] == ["inst", "base"]
