@@ -309,6 +309,8 @@ def test_extends_deep_merge_and_relative_paths(rdir: Path) -> None:
     assert by["base"].model_dir == shared / "models" / "base"  # relative to the file that wrote it
     assert by["inst"].model_dir == rdir / "models" / "inst"
     assert res.ran == ["cpt", "merged"]
+    # paths inside a stage resolve against the file that defines the stage
+    assert by["cpt"].metrics["recipe_dir"] == str(shared) and by["merged"].metrics["recipe_dir"] == str(rdir)
 
 
 def test_hub_sources_with_a_fake_downloader(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,7 +85,8 @@ class FakeConcat(StageKind):
             (tmp / "config.json").write_text("{}")
         _log_run(config.count_file, f"done {ctx.node}")
         trust = any(isinstance(r, ModelRef) and r.trust_remote_code for r in inputs.values())
-        return StageResult(model_dir=out_dir / "model", metrics={"value": config.value, "trust": trust})
+        return StageResult(model_dir=out_dir / "model", metrics={"value": config.value, "trust": trust,
+                                                                "recipe_dir": str(ctx.recipe_dir)})
 
 
 class EvalConfig(BaseModel):

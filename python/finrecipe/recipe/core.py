@@ -137,7 +137,7 @@ class Recipe:
                                 + f"; known types: {', '.join(sorted(KNOWN_TYPES))}", kp + ("type",)) from None
             raise self._err(str(e), kp + ("type",)) from None
         ctx = {"file": str(self.file), "positions": self.loaded.lines, "files": self.loaded.files,
-               "prefix": kp, "recipe_dir": self.recipe_dir}
+               "prefix": kp, "recipe_dir": self.stage_dir(name)}
         try:
             config = kind.Config.model_validate(body, context=ctx)  # type: ignore[attr-defined]
         except ValidationError as e:
@@ -246,6 +246,12 @@ class Recipe:
             if any(d in want for d in self.nodes[n].deps):
                 want.add(n)
         return [n for n in self.order if n in want]
+
+    def stage_dir(self, name: str) -> Path:
+        """Directory that relative paths inside stage `name` resolve against: that of the file
+        defining the stage (the one writing its `type:`), so a shared parent recipe's stages keep
+        pointing at the parent's files when extended from elsewhere."""
+        return self.loaded.base_dir(("stages", name, "type"))
 
     def check_names(self, names: Sequence[str], option: str) -> None:
         for n in names:
