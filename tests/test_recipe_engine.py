@@ -335,7 +335,8 @@ def test_hub_sources_with_a_fake_downloader(rdir: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(sources, "hub_resolve_commit", resolve)
     monkeypatch.setattr(sources, "hub_download", download)
-    text = RECIPE.replace("  base: {path: models/base}", "  base: {hub: org/base, revision: main}")
+    text = (rdir / "r.yaml").read_text().replace("  base: {path: models/base}",
+                                                 "  base: {hub: org/base, revision: main}")
     text = text.replace('  corpus: {files: "data/*.jsonl"}', "  corpus: {hub: org/corpus, revision: main}")
     (rdir / "h.yaml").write_text(text)
     res = load_recipe(rdir / "h.yaml").apply()
@@ -423,7 +424,8 @@ def test_ctrl_c_during_apply_via_cli(rdir: Path) -> None:
 
 def test_unresolvable_hub_revision_offline_is_a_clear_error(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    text = RECIPE.replace("  base: {path: models/base}", "  base: {hub: org/base, revision: main}")
+    text = (rdir / "r.yaml").read_text().replace("  base: {path: models/base}",
+                                                 "  base: {hub: org/base, revision: main}")
     (rdir / "h.yaml").write_text(text)
     r = load_recipe(rdir / "h.yaml")
     r.validate()  # nothing to download or resolve for validate
