@@ -304,3 +304,11 @@ def test_config_errors(tiny_model: Callable[..., Path], corpus: Path, tmp_path: 
     assert list(k.inputs(k.Config.model_validate(
         {**BASE_CFG, "datasets": {"corpus": 1.0, "replay": 0.2}, "validation": {"datasets": ["heldout"]}}))) == [
         ("base", "model"), ("corpus", "dataset"), ("replay", "dataset"), ("heldout", "dataset")]
+    est = k.estimate_output_bytes(k.Config.model_validate(BASE_CFG), {"base": ModelRef("base", tiny_model("llama"))})
+    assert est == (tiny_model("llama") / "model.safetensors").stat().st_size
+
+
+def test_stage_modules_do_not_import_torch() -> None:
+    code = ("import sys, finrecipe.stages.continual_pretraining, finrecipe.stages.finetune, "
+            "finrecipe.train.runner; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -42,6 +42,13 @@ class ContinualPretraining(StageKind):
         assert isinstance(config, TrainConfig)
         return training_inputs(config)  # type: ignore[return-value]
 
+    def estimate_output_bytes(self, config: BaseModel,
+                              inputs: Mapping[str, ModelRef | DatasetRef]) -> int | None:
+        from finrecipe.train.runner import estimate_model_bytes
+
+        assert isinstance(config, TrainConfig)
+        return estimate_model_bytes(config, inputs)
+
     def run(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
             ctx: StageContext) -> StageResult:
         from finrecipe.train.data import tokenize_pretraining

@@ -34,6 +34,15 @@ def training_inputs(cfg: TrainConfig) -> list[tuple[str, str]]:
     return [x for x in names if not (x[0] in seen or seen.add(x[0]))]  # type: ignore[func-returns-value]
 
 
+def estimate_model_bytes(cfg: TrainConfig, inputs: Mapping[str, ModelRef | DatasetRef]) -> int | None:
+    """The output has the input model's tensors in the same dtype: about its safetensors size."""
+    ref = inputs.get(cfg.model)
+    if not isinstance(ref, ModelRef) or not ref.path.is_dir():
+        return None
+    files = list(ref.path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
 def _result(out_dir: Path) -> StageResult | None:
     res = out_dir / "work" / "result.json"
     if (out_dir / "model" / "config.json").is_file() and res.is_file():
