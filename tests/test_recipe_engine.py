@@ -429,8 +429,12 @@ def test_unresolvable_hub_revision_offline_is_a_clear_error(rdir: Path, monkeypa
     (rdir / "h.yaml").write_text(text)
     r = load_recipe(rdir / "h.yaml")
     r.validate()  # nothing to download or resolve for validate
+    plan = {n.name: n for n in r.plan().nodes}  # plan works offline, showing what it cannot key
+    assert plan["base"].key == "unresolved" and "not resolved" in plan["base"].reasons[0]
+    assert plan["cpt"].reasons == ["input 'base' is not resolved"] and plan["ev"].status == "to run"
+    assert plan["inst"].status == "local" and plan["inst"].key != "unresolved"
     with pytest.raises(FinrecipeError, match="cannot resolve revision 'main' of model 'org/base'") as ei:
-        r.plan()
+        r.apply()
     assert "finrecipe lock" in str(ei.value)
 
 

@@ -64,6 +64,10 @@ class Resolved:
     dataset: DatasetRef | None = None
     lock_entry: dict[str, Any] | None = None
     size: int | None = None  # bytes of a local source
+    unresolved: str | None = None  # why the key is unknown (`plan` offline, hub revision not locked)
+
+
+UNRESOLVED = "unresolved"
 
 
 def _rel(p: Path, base: Path) -> str:
@@ -95,29 +99,48 @@ def _locked_commit(lock: Mapping[str, Any] | None, section: str, name: str, repo
 
 
 def resolve(recipe: Recipe, *, shas: ShaCache, lock: Mapping[str, Any] | None = None,
-            refresh: bool = False) -> dict[str, Resolved]:
+            refresh: bool = False, allow_unresolved: bool = False) -> dict[str, Resolved]:
     """Cache keys and resolved sources of all nodes, in execution order.
 
     Hub revisions that are not commit hashes are taken from the lockfile when it has them for the
     same repo and revision (no network), else resolved on the hub; `refresh` always asks the hub.
+    With `allow_unresolved` (for `plan`), a hub revision that cannot be resolved leaves that node
+    and everything downstream without a key instead of failing.
     """
     from finrecipe import sources
 
     out: dict[str, Resolved] = {}
     for node in recipe:
-        if node.model is not None:
-            out[node.name] = _resolve_model(recipe, node, out, shas, lock, refresh, sources)
-        elif node.dataset is not None:
-            out[node.name] = _resolve_dataset(recipe, node, shas, lock, refresh, sources)
-        else:
-            assert node.kind is not None and node.config is not None
-            material = {"type": node.type, "version": str(node.kind.version),
-                        "config": node.kind.cache_config(node.config),
-                        "inputs": {d: out[d].key for d in sorted(node.deps)}}
-            key = digest(material)
-            od = recipe.workdir / node.name / key
-            out[node.name] = Resolved(key, material, out_dir=od,
-                                      model_dir=od / "model" if node.kind.produces_model else None)
+        bad = next((d for d in node.deps if out[d].unresolved), None)
+        if bad is not None:
+            out[node.name] = Resolved(UNRESOLVED, {}, unresolved=f"input {bad!r} is not resolved")
+            continue
+        is_hub = (node.model is not None and node.model.hub is not None) or \
+            (node.dataset is not None and node.dataset.hub is not None)
+        try:
+            if node.model is not None:
+                out[node.name] = _resolve_model(recipe, node, out, shas, lock, refresh, sources)
+                continue
+            if node.dataset is not None:
+                out[node.name] = _resolve_dataset(recipe, node, shas, lock, refresh, sources)
+                continue
+        except IoError as e:
+            if not (allow_unresolved and is_hub):
+                raise
+            rev = (node.model or node.dataset).revision  # type: ignore[union-attr]
+            out[node.name] = Resolved(UNRESOLVED, {}, unresolved=(
+                f"hub revision {rev or 'main'!r} not resolved (no network?); run `finrecipe lock` "
+                "where the hub is reachable, or pin a commit"))
+            log.debug("unresolved %s: %s", node.name, e)
+            continue
+        assert node.kind is not None and node.config is not None
+        material = {"type": node.type, "version": str(node.kind.version),
+                    "config": node.kind.cache_config(node.config),
+                    "inputs": {d: out[d].key for d in sorted(node.deps)}}
+        key = digest(material)
+        od = recipe.workdir / node.name / key
+        out[node.name] = Resolved(key, material, out_dir=od,
+                                  model_dir=od / "model" if node.kind.produces_model else None)
     return out
 
 
@@ -426,7 +449,7 @@ def make_plan(recipe: Recipe, *, progress: Progress | None = None,
               res: Mapping[str, Resolved] | None = None) -> Plan:
     if res is None:
         shas = ShaCache(recipe.workdir / SHA_CACHE)
-        res = resolve(recipe, shas=shas, lock=_load_lock(recipe))
+        res = resolve(recipe, shas=shas, lock=_load_lock(recipe), allow_unresolved=True)
         shas.save()
     state = read_json(recipe.workdir / STATE_FILE) or {}
     last = state.get("nodes", {}) if isinstance(state, dict) else {}
@@ -435,7 +458,9 @@ def make_plan(recipe: Recipe, *, progress: Progress | None = None,
     for node in recipe:
         r = res[node.name]
         pn = PlanNode(node.name, node.type, r.key, "to run", inputs=list(node.deps), out_dir=r.out_dir)
-        if r.local:
+        if r.unresolved:
+            pn.reasons = [r.unresolved]
+        elif r.local:
             pn.status = "local"
             pn.model_dir = r.model_dir
             pn.estimated_bytes = r.size
