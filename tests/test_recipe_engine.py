@@ -173,11 +173,13 @@ def test_only_force_and_dry_run(rdir: Path) -> None:
     r = load_recipe(rdir / "r.yaml")
     dry = r.apply(dry_run=True)
     assert dry.dry_run and [n.status for n in dry.nodes][3:] == ["pending"] * 3
+    assert dry.would_run == ["cpt", "merged", "ev"] and r.apply(dry_run=True, only=["cpt"]).would_run == ["cpt"]
     assert not (r.workdir / "cpt").exists() and not (r.workdir / "run.json").exists()
     res = r.apply(only=["cpt"])
     assert res.ran == ["cpt"] and [n.status for n in res.nodes][4:] == ["pending", "pending"]
     res = load_recipe(rdir / "r.yaml").apply(only=["merged"])
     assert res.ran == ["merged"]
+    assert load_recipe(rdir / "r.yaml").apply(dry_run=True, force=["cpt"]).would_run == ["cpt", "ev"]
     res = load_recipe(rdir / "r.yaml").apply(force=["cpt"])
     assert res.ran == ["cpt", "ev"]  # cpt forced (same key, so merged stays cached); ev was missing
     assert _count(rdir).count("done cpt") == 2

@@ -114,7 +114,7 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
     r = load_recipe(recipe, overrides=list(overrides))
     if dry_run:
         res = r.apply(only=list(only), force=list(force), dry_run=True, locked=locked)
-        todo = [n.name for n in res.nodes if n.status == "pending"]
+        todo = res.would_run
         console().print(f"dry run: {len(todo)} would run" + (f": {', '.join(todo)}" if todo else "")
                         + f"; {len(res.cached)} cached")
         return

@@ -573,6 +573,7 @@ class ApplyResult:
     finished: str
     seconds: float
     dry_run: bool = False
+    would_run: list[str] = field(default_factory=list)  # dry run: what apply would run
     lock_written: bool = False
     log_file: Path | None = None
     report: Path | None = None
@@ -678,13 +679,15 @@ def _dry_run(recipe: Recipe, only: list[str], force: list[str], locked: bool, st
     plan = make_plan(recipe, res=res)
     sel = _selection(recipe, only, force)
     records = []
+    would_run = []
     for pn in plan.nodes:
-        st = "cached" if pn.status in ("cached", "local") and pn.name not in force else "pending"
-        if pn.name not in sel and st != "cached":
-            st = "pending"
-        records.append(NodeRecord(pn.name, pn.type, pn.key, st, pn.inputs, pn.out_dir, pn.model_dir))
+        done = pn.status == "local" or (pn.status == "cached" and pn.name not in force)
+        if not done and pn.name in sel:
+            would_run.append(pn.name)
+        records.append(NodeRecord(pn.name, pn.type, pn.key, "cached" if done else "pending", pn.inputs,
+                                  pn.out_dir, pn.model_dir))
     return ApplyResult(recipe.name, recipe.workdir, records, started, _now(), time.monotonic() - t0,
-                       dry_run=True)
+                       dry_run=True, would_run=would_run)
 
 
 def _lock_msg(recipe: Recipe, diffs: list[str]) -> str:
