@@ -66,10 +66,10 @@ def _magnitude(d: Any, density: float) -> Any:
 
     if density >= 1.0:
         return d
-    k = int(density * d.numel())
     out = torch.zeros_like(d)
-    if k <= 0:
+    if density <= 0.0 or d.numel() == 0:
         return out
+    k = max(1, int(density * d.numel()))  # mergekit keeps at least one entry
     flat = d.reshape(-1)
     idx = torch.topk(flat.abs(), k, sorted=False).indices
     out.view(-1)[idx] = flat[idx]
