@@ -117,8 +117,8 @@ def test_finetune_masks_prompt(tmp_path: Path, tok) -> None:
 
     x, y = _make_batch(SequenceSet([sh], 8), np.array([0, 1]))
     assert x[0].tolist() == toks[0].tolist()
-    assert y[0].tolist() == [-100, -100, -100, 20, 21, 22, eos]
-    assert y[1].tolist() == [-100, -100, 23, eos, -100, -100, -100]
+    assert y[0].tolist() == [-100, -100, -100, 20, 21, 22, eos, -100]
+    assert y[1].tolist() == [-100, -100, 23, eos, -100, -100, -100, -100]
     packed = tokenize_instructions(_ref(p), tok, tmp_path / "c", template="w5 {prompt} w6",
                                    prompt_field="prompt", response_field="response", seq_len=8, packing=True)
     assert list(packed.tokens()) == [5, 10, 11, 6, 20, 21, 22, eos, 5, 12, 6, 23, eos]

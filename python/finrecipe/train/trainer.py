@@ -83,14 +83,17 @@ def _source_dtype(model_dir: Path) -> torch.dtype:
 
 
 def _make_batch(seqs: SequenceSet, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """input ids (n, L) and next-token targets (n, L-1) with -100 where there is no loss."""
+    """input ids (n, L) and next-token targets (n, L): target t is token t+1, -100 where there is
+    no loss (the last position, masked prompt tokens). Padding the targets instead of slicing the
+    logits saves a copy of the largest activation."""
     toks, tgts = [], []
     for gid in ids:
         t, m = seqs.get(int(gid))
         toks.append(t)
-        tgt = t[1:].copy()
+        tgt = np.full_like(t, -100)
+        tgt[:-1] = t[1:]
         if m is not None:
-            tgt[m[1:] == 0] = -100
+            tgt[:-1][m[1:] == 0] = -100
         tgts.append(tgt)
     return torch.from_numpy(np.stack(toks)), torch.from_numpy(np.stack(tgts))
 
@@ -169,7 +172,7 @@ class Trainer:
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=o.betas, eps=o.eps, fused=d.device.type == "cuda" or None)
+            lr=o.lr, betas=o.betas, eps=o.eps, fused=True)  # fused kernels exist for CPU and CUDA
 
     # ------------------------------------------------------------------------------------ steps
     def _autocast(self, d: tdist.Dist) -> Any:
@@ -180,7 +183,7 @@ class Trainer:
     def _loss_sum(self, d: tdist.Dist, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self._autocast(d):
             logits = self.model(input_ids=x.to(d.device, non_blocking=True)).logits
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                y.to(d.device, non_blocking=True).reshape(-1),
                                ignore_index=-100, reduction="sum")
 
