@@ -153,12 +153,12 @@ mod tests {
     #[test]
     fn unaligned_load_store_roundtrip() {
         let vals = [1.5f32, -2.25, 0.0, 0.375];
-        let mut buf = vec![0u8; 1 + 16];
+        let mut buf = [0u8; 1 + 16];
         store_f32(Dtype::F32, &vals, &mut buf[1..]);
         let mut out = [0f32; 4];
         load_f32(Dtype::F32, &buf[1..], &mut out);
         assert_eq!(out, vals);
-        let mut b16 = vec![0u8; 1 + 8];
+        let mut b16 = [0u8; 1 + 8];
         store_f32(Dtype::BF16, &vals, &mut b16[1..]);
         load_f32(Dtype::BF16, &b16[1..], &mut out);
         assert_eq!(out, vals);

@@ -167,11 +167,12 @@ fn keep_rules(ctx: &Ctx, ctl: &Control) -> Result<Vec<KeepRule>> {
             )?;
             for (q, &k) in split.iter().enumerate() {
                 let mut acc = 0u64;
-                let mut p = Vec::with_capacity(nc);
+                let mut p = Vec::with_capacity(nc + 1);
                 for c in 0..nc {
                     p.push(acc);
                     acc += counts[c * ns + q];
                 }
+                p.push(acc);
                 prefixes[k] = p;
             }
         }
@@ -443,9 +444,8 @@ pub(crate) fn compute(
     match job.method {
         Method::Linear => {
             out.fill(0.0);
-            for i in 0..nsrc {
-                let wi = job.weights[i];
-                for (o, &x) in out.iter_mut().zip(&srcs[i][..m]) {
+            for (src, &wi) in srcs.iter().zip(&job.weights).take(nsrc) {
+                for (o, &x) in out.iter_mut().zip(&src[..m]) {
                     *o += wi * x;
                 }
             }
@@ -547,30 +547,37 @@ fn gta(
                 *o += x;
             }
         }
-        // Reuse: srcs[0] is no longer needed after its contribution is folded below, so keep
-        // mixed and divisor in two passes over the sources with per-element state in `out`.
+        // Mixed delta and divisor over the entries whose sign agrees with the elected one
+        // (zeros never agree). Branch-free so the loops vectorise.
         let mut mixed = vec_take(m);
         let mut div = vec_take(m);
-        for i in 0..nsrc {
+        for (i, src) in srcs.iter().enumerate().take(nsrc) {
             let wi = job.weights[i];
-            for j in 0..m {
-                let x = srcs[i][j];
-                let pos = out[j] >= 0.0;
-                let agree = (x > 0.0 && pos) || (x < 0.0 && !pos);
-                mixed[j] += if agree { x } else { 0.0 };
-                div[j] += if agree { wi } else { 0.0 };
+            for (((mx, dv), &x), &e) in mixed
+                .iter_mut()
+                .zip(div.iter_mut())
+                .zip(&src[..m])
+                .zip(out.iter())
+            {
+                let pos = e >= 0.0;
+                let agree = ((x > 0.0) & pos) | ((x < 0.0) & !pos);
+                *mx += if agree { x } else { 0.0 };
+                *dv += if agree { wi } else { 0.0 };
             }
         }
-        for j in 0..m {
-            let mut v = mixed[j];
-            if job.normalize {
-                let d = if div[j] == 0.0 { 1.0 } else { div[j] };
-                v /= d;
+        let lambda = job.lambda;
+        if job.normalize {
+            for (mx, &dv) in mixed.iter_mut().zip(div.iter()) {
+                *mx /= if dv == 0.0 { 1.0 } else { dv };
             }
-            if job.lambda != 1.0 {
-                v *= job.lambda;
+        }
+        if lambda != 1.0 {
+            for mx in mixed.iter_mut() {
+                *mx *= lambda;
             }
-            out[j] = base[j] + v;
+        }
+        for ((o, &b0), &mx) in out.iter_mut().zip(base).zip(mixed.iter()) {
+            *o = b0 + mx;
         }
         vec_give(mixed);
         vec_give(div);
@@ -586,15 +593,18 @@ fn gta(
             div = 1.0;
         }
         let lambda = job.lambda;
+        if job.normalize {
+            for o in out.iter_mut() {
+                *o /= div;
+            }
+        }
+        if lambda != 1.0 {
+            for o in out.iter_mut() {
+                *o *= lambda;
+            }
+        }
         for (o, &b0) in out.iter_mut().zip(base) {
-            let mut v = *o;
-            if job.normalize {
-                v /= div;
-            }
-            if lambda != 1.0 {
-                v *= lambda;
-            }
-            *o = b0 + v;
+            *o += b0;
         }
     }
 }

@@ -77,9 +77,11 @@ pub(crate) fn with_scratch<R>(nsrc: usize, m: usize, f: impl FnOnce(&mut Scratch
 
 /// Chunking of one tensor: at most `chunk_elems` per chunk, but small enough that every thread
 /// gets work on mid-sized tensors.
+/// Chunks are also capped at 64 Ki elements so that a chunk's buffers stay in L2 cache across
+/// the several passes a method makes over them.
 pub fn chunk_len(numel: usize, chunk_elems: usize, threads: usize) -> usize {
     let target = numel.div_ceil(threads.max(1) * 4);
-    target.max(1 << 16).min(chunk_elems).max(1)
+    target.clamp(1 << 12, 1 << 16).min(chunk_elems).max(1)
 }
 
 /// One tensor being processed: where to read, how it is chunked.

@@ -26,7 +26,7 @@ pub enum Bound {
     /// Every element with key ≥ t (all elements equal to t fall inside).
     Ge(u32),
     /// key > t, plus the first `keep` elements (by index) equal to t. `prefix[c]` = elements
-    /// equal to t in chunks before chunk c.
+    /// equal to t in chunks before chunk c (nchunks + 1 entries).
     Tie { t: u32, keep: u64, prefix: Vec<u64> },
 }
 
@@ -120,29 +120,53 @@ impl KeepRule {
     }
 
     pub fn apply(&self, chunk: usize, d: &mut [f32]) {
-        match (&self.lo, &self.hi) {
-            (Bound::Never, Bound::Always) => {}
-            (Bound::Never, Bound::Never) => d.iter_mut().for_each(|x| *x = 0.0),
-            (Bound::Never, Bound::Ge(t)) => {
-                let t = *t;
+        if let (Bound::Never, Bound::Always) = (&self.lo, &self.hi) {
+            return;
+        }
+        match (chunk_test(&self.lo, chunk), chunk_test(&self.hi, chunk)) {
+            (Some(lo), Some(hi)) => {
+                // keep iff key > hi_thr and not key > lo_thr, with thresholds shifted by one so
+                // that "never" and "always" are plain comparisons too.
                 for x in d.iter_mut() {
-                    *x = if key(*x) >= t { *x } else { 0.0 };
+                    let k = key(*x) as u64 + 1;
+                    let keep = (k > hi) & (k <= lo);
+                    *x = if keep { *x } else { 0.0 };
                 }
             }
-            (lo, hi) => {
+            _ => {
+                // The one chunk per boundary where ties are split: element by element.
                 let start = |b: &Bound| match b {
                     Bound::Tie { prefix, .. } => prefix[chunk],
                     _ => 0,
                 };
-                let (mut clo, mut chi) = (start(lo), start(hi));
+                let (mut clo, mut chi) = (start(&self.lo), start(&self.hi));
                 for x in d.iter_mut() {
                     let k = key(*x);
-                    let in_hi = below(hi, k, &mut chi);
-                    let in_lo = below(lo, k, &mut clo);
+                    let in_hi = below(&self.hi, k, &mut chi);
+                    let in_lo = below(&self.lo, k, &mut clo);
                     if !in_hi || in_lo {
                         *x = 0.0;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// For one chunk, "rank < R" as `key + 1 > thr` (None when ties are split inside this chunk).
+fn chunk_test(b: &Bound, chunk: usize) -> Option<u64> {
+    match b {
+        Bound::Never => Some(u64::MAX),
+        Bound::Always => Some(0),
+        Bound::Ge(t) => Some(*t as u64),
+        Bound::Tie { t, keep, prefix } => {
+            let (before, after) = (prefix[chunk], prefix[chunk + 1]);
+            if after <= *keep {
+                Some(*t as u64) // every tie in this chunk is kept: key >= t
+            } else if before >= *keep {
+                Some(*t as u64 + 1) // none is: key > t
+            } else {
+                None
             }
         }
     }
@@ -193,6 +217,7 @@ pub(crate) mod tests {
             prefix.push(acc);
             acc += x[c.clone()].iter().filter(|&&v| key(v) == th.t).count() as u64;
         }
+        prefix.push(acc);
         Bound::Tie {
             t: th.t,
             keep: th.keep,

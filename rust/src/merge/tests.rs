@@ -1,1 +1,296 @@
+//! Each method on small hand-computed cases, plus DARE's independence from threads and chunking.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::*;
+use crate::safetensors::write::{plan_layout, OutTensor, Writer};
+use crate::safetensors::Dtype;
+
+fn save(dir: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let outs: Vec<OutTensor> = tensors
+        .iter()
+        .map(|(n, s, _)| OutTensor {
+            name: n.to_string(),
+            dtype: Dtype::F32,
+            shape: s.clone(),
+        })
+        .collect();
+    let w = Writer::create(dir, plan_layout(&outs, &BTreeMap::new(), 1 << 30)).unwrap();
+    for (i, (_, _, v)) in tensors.iter().enumerate() {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write(i, 0, &bytes).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn read(dir: &Path, name: &str) -> Vec<f32> {
+    let m = Model::open(dir).unwrap();
+    let t = m.get(name).unwrap();
+    let mut out = vec![0f32; t.numel()];
+    load_f32(t.dtype, m.bytes(t), &mut out);
+    out
+}
+
+/// Models m0..mk each with one tensor "x" of the given values; runs one tensor plan.
+struct Case {
+    root: tempfile::TempDir,
+    n: usize,
+}
+
+impl Case {
+    fn new(values: &[Vec<f32>]) -> Case {
+        let root = tempfile::tempdir().unwrap();
+        for (i, v) in values.iter().enumerate() {
+            save(
+                &root.path().join(format!("m{i}")),
+                &[("x", vec![v.len()], v.clone())],
+            );
+        }
+        Case {
+            root,
+            n: values.len(),
+        }
+    }
+
+    fn plan(&self, out: &str, tensor: Value, threads: usize, chunk: usize) -> String {
+        let o = self.root.path().join(out);
+        std::fs::create_dir_all(&o).unwrap();
+        let models: Vec<String> = (0..self.n)
+            .map(|i| self.root.path().join(format!("m{i}")).display().to_string())
+            .collect();
+        json!({"version": 1, "models": models, "out_dir": o, "out_shard_size": 1u64 << 30,
+               "threads": threads, "seed": 7, "chunk_elems": chunk, "metadata": {}, "tensors": [tensor]})
+        .to_string()
+    }
+
+    fn run_with(&self, out: &str, tensor: Value, threads: usize, chunk: usize) -> Vec<f32> {
+        run_merge(&self.plan(out, tensor, threads, chunk), &Control::default()).unwrap();
+        read(&self.root.path().join(out), "x")
+    }
+
+    fn run(&self, tensor: Value) -> Vec<f32> {
+        self.run_with("out", tensor, 2, 1 << 20)
+    }
+}
+
+fn src(model: usize, params: Value) -> Value {
+    json!({"model": model, "tensor": "x", "params": params})
+}
+
+fn base() -> Value {
+    json!({"model": 0, "tensor": "x"})
+}
+
+fn close(a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-6, "{a:?} != {b:?}");
+    }
+}
+
+#[test]
+fn linear_normalized() {
+    let c = Case::new(&[vec![1.0, 2.0, 3.0], vec![3.0, 2.0, 1.0]]);
+    let out = c.run(json!({"name": "x", "method": "linear", "out_dtype": "F32",
+        "sources": [src(0, json!({"weight": 1.0})), src(1, json!({"weight": 3.0}))],
+        "params": {"normalize": true}}));
+    assert_eq!(out, vec![2.5, 2.0, 1.5]);
+}
+
+#[test]
+fn task_arithmetic_weights_and_lambda() {
+    let c = Case::new(&[
+        vec![1.0; 4],
+        vec![2.0, 1.0, 0.0, 1.0],
+        vec![1.0, 3.0, 1.0, -1.0],
+    ]);
+    let out = c.run(
+        json!({"name": "x", "method": "task_arithmetic", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({"weight": 1.0})), src(2, json!({"weight": 0.5}))],
+        "params": {"lambda": 2.0, "normalize": false}}),
+    );
+    assert_eq!(out, vec![3.0, 3.0, -1.0, -1.0]);
+}
+
+#[test]
+fn ties_trims_elects_and_normalizes() {
+    let c = Case::new(&[
+        vec![0.0; 4],
+        vec![3.0, -1.0, 2.0, 0.5],
+        vec![-1.0, -2.0, 1.5, 4.0],
+    ]);
+    let p = json!({"weight": 1.0, "density": 0.75});
+    let out = c.run(
+        json!({"name": "x", "method": "ties", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, p.clone()), src(2, p)], "params": {"lambda": 1.0, "normalize": true}}),
+    );
+    // a keeps 3, 2, -1; b keeps 4, -2, 1.5; elem 1: (-1 - 2) / 2; elem 2: (2 + 1.5) / 2.
+    assert_eq!(out, vec![3.0, -1.5, 1.75, 4.0]);
+    // Sign election drops the minority: +3 (w 1) vs -1 (w 1) → keep +3 only.
+    let c = Case::new(&[vec![0.0], vec![3.0], vec![-1.0]]);
+    let p = json!({"weight": 1.0, "density": 1.0});
+    let out = c.run(
+        json!({"name": "x", "method": "ties", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, p.clone()), src(2, p)], "params": {"lambda": 1.0, "normalize": false}}),
+    );
+    assert_eq!(out, vec![3.0]);
+}
+
+#[test]
+fn ties_breaks_ties_by_index() {
+    // All |δ| equal: density 0.5 keeps exactly the first half, whatever the chunking.
+    let n = 10_000;
+    let c = Case::new(&[
+        vec![0.0; n],
+        (0..n)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect(),
+    ]);
+    for (k, (threads, chunk)) in [(1, 1 << 20), (2, 7), (2, 1000)].iter().enumerate() {
+        let p = json!({"weight": 1.0, "density": 0.5});
+        let out = c.run_with(
+            &format!("o{k}"),
+            json!({"name": "x", "method": "ties", "out_dtype": "F32",
+            "base": base(), "sources": [src(1, p)], "params": {"lambda": 1.0, "normalize": true}}),
+            *threads,
+            *chunk,
+        );
+        for (i, v) in out.iter().enumerate() {
+            let want = if i < n / 2 {
+                if i % 3 == 0 {
+                    -1.0
+                } else {
+                    1.0
+                }
+            } else {
+                0.0
+            };
+            assert_eq!(*v, want, "i={i}");
+        }
+    }
+}
+
+#[test]
+fn breadcrumbs_drops_outliers_and_small() {
+    let c = Case::new(&[vec![0.0; 10], (1..=10).map(|x| x as f32).collect()]);
+    let out = c.run(
+        json!({"name": "x", "method": "breadcrumbs", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({"weight": 1.0, "density": 0.5, "gamma": 0.1}))],
+        "params": {"lambda": 1.0, "normalize": true}}),
+    );
+    assert_eq!(out, vec![0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0, 9.0, 0.0]);
+}
+
+#[test]
+fn dare_independent_of_threads_and_chunks() {
+    let n = 20_000;
+    let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let a: Vec<f32> = b
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + 0.1 * (i as f32 * 1.3).cos())
+        .collect();
+    let c = Case::new(&[b.clone(), a.clone()]);
+    let t = |rescale: bool| {
+        json!({"name": "x", "method": "dare_ties", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({"weight": 1.0, "density": 0.3}))],
+        "params": {"lambda": 1.0, "normalize": true, "rescale": rescale}})
+    };
+    let r1 = c.run_with("a", t(true), 1, 1 << 20);
+    let r2 = c.run_with("b", t(true), 2, 7);
+    let r3 = c.run_with("c", t(true), 2, 999);
+    assert_eq!(r1, r2);
+    assert_eq!(r1, r3);
+    // About 30% kept; kept deltas rescaled so the L1 norm is preserved.
+    let kept = r1.iter().zip(&b).filter(|(x, y)| x != y).count() as f64 / n as f64;
+    assert!((kept - 0.3).abs() < 0.02, "{kept}");
+    let l1_before: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).sum();
+    let l1_after: f64 = r1.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).sum();
+    assert!((l1_before - l1_after).abs() / l1_before < 1e-3);
+    // Without rescale the kept deltas are unchanged.
+    let r4 = c.run_with("d", t(false), 2, 100);
+    for i in 0..n {
+        assert!(r4[i] == b[i] || r4[i] == a[i]);
+        assert_eq!(r4[i] == b[i], r1[i] == b[i]);
+    }
+}
+
+#[test]
+fn slerp_model_stock_passthrough() {
+    let c = Case::new(&[vec![1.0, 0.0], vec![0.0, 1.0]]);
+    let out = c.run(
+        json!({"name": "x", "method": "slerp", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({}))], "params": {"t": 0.5}}),
+    );
+    let h = std::f32::consts::FRAC_1_SQRT_2;
+    close(&out, &[h, h]);
+    // Nearly colinear: linear interpolation.
+    let c = Case::new(&[vec![1.0, 0.0], vec![2.0, 0.0]]);
+    let out = c.run(
+        json!({"name": "x", "method": "slerp", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({}))], "params": {"t": 0.25}}),
+    );
+    close(&out, &[1.25, 0.0]);
+
+    // Orthogonal task vectors: cos 0 → t 0 → base. Identical: cos 1 → t 1 → the average.
+    let c = Case::new(&[vec![0.0, 0.0], vec![1.0, 0.0], vec![0.0, 1.0]]);
+    let p = json!({"name": "x", "method": "model_stock", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({})), src(2, json!({}))], "params": {"filter_wise": false}});
+    close(&c.run(p), &[0.0, 0.0]);
+    let c = Case::new(&[vec![1.0, 1.0], vec![3.0, 1.0], vec![3.0, 1.0]]);
+    let p = json!({"name": "x", "method": "model_stock", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({})), src(2, json!({}))], "params": {"filter_wise": false}});
+    close(&c.run(p), &[3.0, 1.0]);
+
+    let c = Case::new(&[vec![1.5, -2.0]]);
+    let out = c.run(
+        json!({"name": "x", "method": "passthrough", "out_dtype": "BF16",
+        "sources": [src(0, json!({}))], "params": {"scale": 2.0}}),
+    );
+    assert_eq!(out, vec![3.0, -4.0]);
+}
+
+#[test]
+fn bad_plans_are_config_or_mismatch_errors() {
+    let c = Case::new(&[vec![1.0, 2.0], vec![1.0, 2.0, 3.0]]);
+    let plan = c.plan("o", json!({"name": "x", "method": "task_arithmetic", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({"weight": 1.0}))], "params": {"lambda": 1.0, "normalize": false}}), 1, 10);
+    match run_merge(&plan, &Control::default()) {
+        Err(Error::Mismatch(m)) => assert!(m.contains("shape"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let plan = c.plan("o", json!({"name": "x", "method": "ties", "out_dtype": "F32", "base": base(),
+        "sources": [src(0, json!({"weight": 1.0, "densty": 0.5}))], "params": {"lambda": 1.0, "normalize": false}}), 1, 10);
+    match run_merge(&plan, &Control::default()) {
+        Err(Error::Config(m)) => assert!(m.contains("densty"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    match run_merge("{\"version\": 1}", &Control::default()) {
+        Err(Error::Config(m)) => assert!(m.contains("missing field"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Nothing written.
+    assert_eq!(
+        std::fs::read_dir(c.root.path().join("o")).unwrap().count(),
+        0
+    );
+    // Cancellation leaves no files either.
+    let plan = c.plan(
+        "o",
+        json!({"name": "x", "method": "linear", "out_dtype": "F32",
+        "sources": [src(0, json!({"weight": 1.0}))], "params": {"normalize": false}}),
+        1,
+        10,
+    );
+    let ctl = Control::default();
+    ctl.cancel.store(true, Ordering::Relaxed);
+    assert!(matches!(run_merge(&plan, &ctl), Err(Error::Cancelled)));
+    assert_eq!(
+        std::fs::read_dir(c.root.path().join("o")).unwrap().count(),
+        0
+    );
+}

@@ -9,7 +9,7 @@ pub use ::safetensors::Dtype;
 /// Bytes per element for whole-byte dtypes; `None` for sub-byte ones (F4, F6_*).
 pub fn dtype_bytes(d: Dtype) -> Option<usize> {
     let bits = d.bitsize();
-    if bits % 8 == 0 {
+    if bits.is_multiple_of(8) {
         Some(bits / 8)
     } else {
         None
