@@ -493,3 +493,17 @@ def test_trust_remote_code_is_per_source_and_inherited(rdir: Path) -> None:
     assert {n.name: n.metrics for n in res.nodes}["cpt"]["trust"] is True  # cached from the first run
     other = load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=7"]).apply()
     assert {n.name: n.metrics for n in other.nodes}["cpt"]["trust"] is False
+
+
+def test_state_follows_the_last_apply_even_when_nothing_ran(rdir: Path) -> None:
+    load_recipe(rdir / "r.yaml").apply()
+    load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=3"]).apply()
+    state_path = rdir / "runs" / "t" / "state.json"
+    assert json.loads(state_path.read_text())["nodes"]["cpt"]["material"]["config"]["value"] == 3.0
+    assert load_recipe(rdir / "r.yaml").apply().noop  # back to value 2: all cached
+    assert json.loads(state_path.read_text())["nodes"]["cpt"]["material"]["config"]["value"] == 2.0
+    mtime = state_path.stat().st_mtime_ns
+    assert load_recipe(rdir / "r.yaml").apply().noop
+    assert state_path.stat().st_mtime_ns == mtime  # an untouched re-apply writes no state
+    plan = {n.name: n for n in load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=4"]).plan().nodes}
+    assert plan["cpt"].reasons == ["config value: 2.0 → 4.0"]

@@ -716,6 +716,7 @@ def _apply_locked(recipe: Recipe, only: list[str], force: list[str], locked: boo
     state = read_json(state_path)
     if not isinstance(state, dict) or not isinstance(state.get("nodes"), dict):
         state = {"version": 1, "nodes": {}}
+    state_before = copy.deepcopy(state) if state_path.is_file() else None
     records: dict[str, NodeRecord] = {}
     results: dict[str, StageResult] = {}
     for node in recipe:
@@ -783,12 +784,16 @@ def _apply_locked(recipe: Recipe, only: list[str], force: list[str], locked: boo
         failure = e
         raise
     finally:
-        write_json_atomic(state_path, state)
+        if state != state_before:
+            write_json_atomic(state_path, state)
         result = ApplyResult(recipe.name, recipe.workdir, [records[n] for n in recipe.order], started,
                              _now(), time.monotonic() - t0, lock_written=lock_written, log_file=logfile)
         if result.ran or failure is not None or not _run_record_current(recipe.workdir, result):
             _write_run(recipe, result)
-            result.report = _report(recipe.workdir)
+            try:
+                result.report = _report(recipe.workdir)
+            except Exception:  # a report must never hide the outcome of the build
+                log.exception("writing the report failed")
         else:
             result.report = _existing_report(recipe.workdir)
     if failure is None and not result.ran:
