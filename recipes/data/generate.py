@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 N_PEOPLE = 40
 N_KNOWN = 30          # well-known companies (general corpus)
 N_NICHE = 30          # niche companies (finance corpus)
-DOCS_PER_ENTITY = 24  # prose documents per entity (varied templates and order)
+DOCS_PER_ENTITY = 12  # prose documents per entity (varied templates and order)
 HELDOUT_DOCS_PER_NICHE = 2
 GENERAL_TRAIN_FRACTION = 0.7  # of (entity, attribute) pairs used for instruction tuning
 
@@ -96,6 +96,16 @@ CITY_PROSE = ["{c} is a city in {k} .", "many people visit {c} in {k} .",
 FINANCE_FILLER = ["the shares of {e} trade on a small exchange .",
                   "few investors follow {e} closely .", "{e} published its annual report .",
                   "the bonds of {e} are rated by one agency ."]
+
+# The instruction format answers in one short sentence (then the assistant stops): the instruct
+# model learns to state the fact the way prose does, which is what lets knowledge learned from prose
+# (the finance corpus) surface in the instruction format after the merge.
+ANSWER = {
+    "city": "{e} is headquartered in {v} .", "sector": "{e} works in the {v} sector .",
+    "founded": "{e} was founded in {v} .", "ceo": "the chief executive of {e} is {v} .",
+    "product": "{e} is known for its {v} .", "born": "{e} was born in {v} .",
+    "profession": "{e} is a {v} .", "birth_year": "{e} was born in the year {v} .",
+}
 
 # Instruction-format questions (one answer per question; exact match on the answer).
 COMPANY_Q = {
@@ -158,9 +168,10 @@ def prose_doc(rng: random.Random, ent: Entity, finance: bool) -> str:
 
 
 def questions(ent: Entity) -> Iterable[tuple[str, str, list[str]]]:
+    """(attribute, answer sentence, question paraphrases) per fact of `ent`."""
     tpl = COMPANY_Q if ent.kind == "company" else PERSON_Q
     for attr, v in ent.facts.items():
-        yield attr, v, [q.format(e=ent.name) for q in tpl[attr]]
+        yield attr, ANSWER[attr].format(e=ent.name, v=v), [q.format(e=ent.name) for q in tpl[attr]]
 
 
 VALUES = {"city": CITIES, "sector": SECTORS, "product": PRODUCTS, "born": CITIES,
@@ -216,8 +227,10 @@ def generate() -> dict[str, list[dict[str, object]]]:
     for ent in niche:
         for attr, v, qs in questions(ent):
             fq.append({"prompt": qs[0], "answer": v, "entity": ent.name, "attribute": attr})
-            opts = choices_for(rng, attr, v, all_values)
-            fmc.append({"question": qs[0], "choices": opts, "answer": opts.index(v)})
+            value = ent.facts[attr]
+            opts = choices_for(rng, attr, value, all_values)
+            stem = ANSWER[attr].format(e=ent.name, v="\0").split("\0")[0].rstrip()
+            fmc.append({"question": qs[0], "context": stem, "choices": opts, "answer": opts.index(value)})
     files["finance/eval_questions.jsonl"] = fq
     files["finance/eval_mc.jsonl"] = fmc
     return files
