@@ -44,6 +44,6 @@ def load_model(path: str | Path, *, device: str | None = None, dtype: str | None
                                                         trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise BadInput(f"{p}: cannot load the model or tokenizer: {e}") from None
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]
     model.eval()
     return model, tok

@@ -149,13 +149,14 @@ class EvaluateConfig(_Strict):
             if isinstance(t, BaseModel) or not isinstance(t, Mapping):
                 out.append(t)
                 continue
-            kinds = [k for k, m in (("suite", JfinTask), ("custom", CustomTask), ("perplexity", PerplexityTask),
-                                    ("files", PerplexityTask), ("generate", GenerateTask)) if k in t]
+            kinds = [k for k in ("suite", "custom", "perplexity", "files", "generate") if k in t]
             if not kinds:
                 raise ValueError(f"tasks[{i}]: say what to run with one of `suite: jfin`, `custom: FILE`, "
                                  "`perplexity: DATASET` (or `files: [...]`), `generate: FILE`")
-            model = {"suite": JfinTask, "custom": CustomTask, "perplexity": PerplexityTask,
-                     "files": PerplexityTask, "generate": GenerateTask}[kinds[0]]
+            by_key: dict[str, type[BaseModel]] = {"suite": JfinTask, "custom": CustomTask,
+                                                  "perplexity": PerplexityTask, "files": PerplexityTask,
+                                                  "generate": GenerateTask}
+            model = by_key[kinds[0]]
             out.append(model.model_validate(t))
         return {**data, "tasks": out}
 

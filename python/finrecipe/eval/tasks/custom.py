@@ -157,11 +157,11 @@ def evaluate_generation(model: Any, tokenizer: Any, path: str | Path, *, templat
     records = []
     for p, g, o in zip(prompts, golds, outputs, strict=True):
         no = normalize(o)
-        e = 1.0 if any(no == normalize(a) for a in g) else 0.0
-        c = 1.0 if any(normalize(a) and normalize(a) in no for a in g) else 0.0
-        em.append(e)
-        contains.append(c)
-        records.append({"prompt": p, "output": o, "answers": g, "exact_match": e, "contains": c})
+        hit = 1.0 if any(no == normalize(a) for a in g) else 0.0
+        inside = 1.0 if any(normalize(a) and normalize(a) in no for a in g) else 0.0
+        em.append(hit)
+        contains.append(inside)
+        records.append({"prompt": p, "output": o, "answers": g, "exact_match": hit, "contains": inside})
     if out_file is not None:
         out = Path(out_file)
         out.parent.mkdir(parents=True, exist_ok=True)

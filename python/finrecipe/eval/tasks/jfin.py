@@ -391,6 +391,12 @@ def _cell_str(v: Any) -> str:
     return str(v)
 
 
+def _answer(v: Any, path: Path) -> int:
+    if not isinstance(v, (int, float)):
+        raise DataError(f"{path}: a_no {v!r} is not a number")
+    return int(v) - 1
+
+
 def _load_cpa(path: Path) -> list[Doc]:
     import openpyxl
 
@@ -420,7 +426,7 @@ def _load_cpa(path: Path) -> list[Doc]:
                 ctx.append(f"{k}: {v}")
         texts = [_cell_str(cells[str(i + 1)]) if cells[str(i + 1)] is not None else "None" for i in range(6)]
         docs.append({"id": len(docs), "question": q, "context": "\n".join(ctx),
-                     "choices": {"id": list(range(6)), "text": texts}, "answer": int(cells["a_no"]) - 1})
+                     "choices": {"id": list(range(6)), "text": texts}, "answer": _answer(cells["a_no"], path)})
     wb.close()
     return docs
 
