@@ -185,3 +185,41 @@ def test_leaderboard_best_version() -> None:
     part = jfin.leaderboard({"default": {**full, "chabsa": None}})
     assert part["versions"]["default"]["missing"] == ["chabsa"]
     assert part["average"] == pytest.approx(50.0)
+
+
+def test_download_with_checksums(tmp_path: Path) -> None:
+    """The online path, with a fake fetcher (tests never touch the network)."""
+    import io
+    import zipfile
+
+    from finrecipe.errors import DataError
+
+    if not (DATA / "cpa_audit.xlsx").is_file():
+        pytest.skip("shared jfin data absent")
+    local = {path: (DATA / name).read_bytes() for name, (path, _sha) in jfin.PINNED_FILES.items()}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("chABSA-dataset/e00001_ann.json", json.dumps({"sentences": [
+            {"sentence": "s", "opinions": [{"target": "t", "polarity": "positive"}]}]}))
+        z.writestr("chABSA-dataset/README.md", "x")
+    calls: list[str] = []
+
+    def fetch(url: str) -> bytes:
+        calls.append(url)
+        if url == jfin.CHABSA_URL:
+            return buf.getvalue()
+        assert f"/{jfin.PINNED_COMMIT}/" in url
+        return local[url.split(f"/{jfin.PINNED_COMMIT}/", 1)[1]]
+
+    d = jfin.download_data(tmp_path / "cache", fetch=fetch)
+    assert len(calls) == 5
+    assert len(jfin.load_docs("fp2", d)) == 475 and len(jfin.load_docs("chabsa", d)) == 1
+    jfin.download_data(tmp_path / "cache", fetch=fetch)  # cached: no new downloads
+    assert len(calls) == 5
+
+    def corrupt(url: str) -> bytes:
+        return b"tampered"
+
+    with pytest.raises(DataError, match="sha256"):
+        jfin.download_data(tmp_path / "cache2", fetch=corrupt)
+    assert not (tmp_path / "cache2" / f"jfin-{jfin.PINNED_COMMIT}").exists()

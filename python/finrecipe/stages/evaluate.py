@@ -8,7 +8,7 @@
         tasks:
           - suite: jfin                             # japanese-lm-fin-harness
             versions: [default, "0.3"]              # or "all"
-            data_dir: ../shared/data/japanese-lm-fin-harness
+            data_dir: ../shared/data/japanese-lm-fin-harness   # or "download" (pinned commit, sha256)
             limit: null
           - custom: exams/internal.jsonl            # multiple choice: question, choices, answer[, context]
             kind: multiple_choice
@@ -245,7 +245,9 @@ def run_evaluation(config: EvaluateConfig, inputs: Mapping[str, ModelRef | Datas
         for t in config.tasks:
             if isinstance(t, JfinTask):
                 versions = parse_versions(t.versions)
-                res = evaluate_jfin(scorer, _resolve(t.data_dir, ctx), versions=versions, tasks=t.tasks,
+                data_dir = (jfin.download_data(ctx.cache_dir) if t.data_dir == "download"
+                            else _resolve(t.data_dir, ctx))
+                res = evaluate_jfin(scorer, data_dir, versions=versions, tasks=t.tasks,
                                     limit=t.limit, progress=ctx.progress)
                 s = jfin_summary(res)
                 entry.update(average=s["average"], average_complete=s["complete"], best_version=s["best_version"])

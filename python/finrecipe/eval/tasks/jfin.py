@@ -465,3 +465,74 @@ def leaderboard(scores: dict[str, dict[str, float | None]]) -> dict[str, Any]:
     best = max(candidates)[2] if candidates else None
     return {"best_version": best, "versions": per_version,
             "average": per_version[best]["average"] if best else None}
+
+
+# -- download (when online) -------------------------------------------------------------------------
+
+PINNED_COMMIT = "aeff729"  # pfnet-research/japanese-lm-fin-harness, 2025-11-27
+RAW_URL = "https://raw.githubusercontent.com/pfnet-research/japanese-lm-fin-harness/{commit}/{path}"
+CHABSA_URL = "https://s3-ap-northeast-1.amazonaws.com/dev.tech-sketch.jp/chakki/public/chABSA-dataset.zip"
+# flat name -> (path in the harness, sha256 of the file at PINNED_COMMIT)
+PINNED_FILES: dict[str, tuple[str, str]] = {
+    "cma_basics.json": ("jlm_fin_eval/datasets/cma_basics/data.json",
+                        "403c593c97f4fc22d62fa5517a97f04be5d87fbe54d4d8a6104c7bafc8ff1582"),
+    "fp2.json": ("jlm_fin_eval/datasets/fp2/data.json",
+                 "94bf768adc84835243c74a8da917675a75fb029524d2ed32ebb1707e8c50d643"),
+    "security_sales_1.json": ("jlm_fin_eval/datasets/security_sales_1/data.json",
+                              "e9712b7fc1f4f4d41f804a64b1fb6966b4a4351b3cf6d25c37424f89eb4b0d45"),
+    "cpa_audit.xlsx": ("jlm_fin_eval/datasets/cpa/CPA_AUDIT.xlsx",
+                       "4bef450cf9d2b28670089bb43d6f2d14bf1900557c2c6946ac5e4d83995a5db0"),
+}
+
+
+def _urllib_fetch(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 (fixed https URLs)
+        return bytes(r.read())
+
+
+def download_data(cache_dir: str | Path, *, fetch: Callable[[str], bytes] | None = None,
+                  chabsa: bool = True) -> Path:
+    """Download the task data once at the pinned commit into `<cache_dir>/jfin-<commit>/` (flat layout),
+    verifying each file's sha256; chABSA's zip is unpacked to `chABSA-dataset/` (its sha256 is recorded
+    in `chabsa.sha256` on first download and checked on later ones). Returns the data directory."""
+    import hashlib
+    import io
+    import zipfile
+
+    from finrecipe.errors import IoError
+    from finrecipe.util.fs import atomic_dir
+
+    fetch = fetch or _urllib_fetch
+    dest = Path(cache_dir) / f"jfin-{PINNED_COMMIT}"
+    if all((dest / n).is_file() for n in PINNED_FILES) and (not chabsa or (dest / "chABSA-dataset").is_dir()):
+        return dest
+    with atomic_dir(dest, overwrite=True) as tmp:
+        for name, (path, sha) in PINNED_FILES.items():
+            url = RAW_URL.format(commit=PINNED_COMMIT, path=path)
+            try:
+                data = fetch(url)
+            except OSError as e:
+                raise IoError(f"cannot download {url}: {e}; pass --data-dir with a local copy instead") from None
+            got = hashlib.sha256(data).hexdigest()
+            if got != sha:
+                raise DataError(f"{url}: sha256 {got} does not match the pinned {sha}; refusing the file")
+            (tmp / name).write_bytes(data)
+        if chabsa:
+            try:
+                blob = fetch(CHABSA_URL)
+            except OSError as e:
+                raise IoError(f"cannot download {CHABSA_URL}: {e}") from None
+            old = dest / "chabsa.sha256"
+            got = hashlib.sha256(blob).hexdigest()
+            if old.is_file() and old.read_text().strip() != got:
+                raise DataError(f"{CHABSA_URL}: sha256 {got} differs from the recorded {old.read_text().strip()}")
+            with zipfile.ZipFile(io.BytesIO(blob)) as z:
+                for member in z.namelist():
+                    base = Path(member).name
+                    if base.startswith("e") and base.endswith("_ann.json"):
+                        (tmp / "chABSA-dataset").mkdir(exist_ok=True)
+                        (tmp / "chABSA-dataset" / base).write_bytes(z.read(member))
+            (tmp / "chabsa.sha256").write_text(got + "\n")
+    return dest
