@@ -55,11 +55,13 @@ REQS = [Request(c, k) for c in ["【問題】\n次の記述のうち\n\n【答�
         for k in ["A", "B", " positive", "negative", "アイ", "\n１"]]
 
 
-@pytest.mark.parametrize("batch_tokens,max_batch", [(1, 1), (64, 2), (256, 3), (100000, 64)])
-def test_matches_unbatched_reference(tiny: tuple[object, object], batch_tokens: int, max_batch: int) -> None:
+@pytest.mark.parametrize("mode,batch_tokens,max_batch", [("packed", 1, 1), ("packed", 64, 2), ("packed", 256, 3),
+                                                         ("packed", 100000, 64), ("prefix", 4096, 64)])
+def test_matches_unbatched_reference(tiny: tuple[object, object], mode: str, batch_tokens: int,
+                                     max_batch: int) -> None:
     model, tok = tiny
     ref = [_reference(model, tok, r, 48) for r in REQS]
-    got = Scorer(model, tok, batch_tokens=batch_tokens, max_batch=max_batch).loglikelihoods(REQS)
+    got = Scorer(model, tok, batch_tokens=batch_tokens, max_batch=max_batch, mode=mode).loglikelihoods(REQS)
     for r, g in zip(ref, got, strict=True):
         assert abs(r - g) < 1e-4
     # same argmax per context group
@@ -82,8 +84,9 @@ def test_left_truncation_uses_own_sequence(tiny: tuple[object, object]) -> None:
     model, tok = tiny
     long = Request("abc def ghi " * 40, " jkl")
     ref = _reference(model, tok, long, 48)
-    got = Scorer(model, tok).loglikelihoods([long, Request("abc", " d")])
-    assert abs(ref - got[0]) < 1e-4
+    for mode in ("packed", "prefix"):
+        got = Scorer(model, tok, mode=mode).loglikelihoods([long, Request("abc", " d")])
+        assert abs(ref - got[0]) < 1e-4
 
 
 def test_mc_predictions_acc_norm_uses_characters() -> None:

@@ -94,7 +94,17 @@ class Scorer:
     """Scores requests with a causal LM. `model` and `tokenizer` are transformers objects."""
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_tokens: int = 4096, max_batch: int = 64,
-                 add_bos: bool = False, max_length: int | None = None) -> None:
+                 add_bos: bool = False, max_length: int | None = None, mode: str = "auto") -> None:
+        """`mode`: "packed" (contexts batched, choices packed behind each with a 4-D mask; the default
+        on GPU) or "prefix" (one question at a time: the context runs causally with a KV cache, then
+        all choices run as one short sequence against it; the default on CPU, where a causal kernel
+        without a mask and no padding beat batching)."""
+        if mode not in ("auto", "packed", "prefix"):
+            raise ValueError(f"mode must be auto, packed or prefix (got {mode!r})")
+        if mode == "auto":
+            dev = next(model.parameters()).device
+            mode = "prefix" if dev.type == "cpu" else "packed"
+        self.mode = mode
         self.model = model
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens
@@ -145,10 +155,15 @@ class Scorer:
 
         progress = progress or NullProgress()
         out = [math.nan] * len(requests)
-        batches = self._batches(self._groups(requests))
+        groups = self._groups(requests)
+        if self.mode == "prefix":
+            batches = [[g] for g in sorted(groups, key=lambda g: -g.length)]
+        else:
+            batches = self._batches(groups)
         with progress.task(description, total=len(requests), unit="req") as task, torch.inference_mode():
             for batch in batches:
-                for rid, ll in self._run_batch(batch):
+                run = self._run_prefix if self.mode == "prefix" else self._run_batch
+                for rid, ll in run(batch):
                     out[rid] = ll
                 task.update(advance=sum(len(g.req_ids) for g in batch))
         return out
@@ -205,6 +220,64 @@ class Scorer:
         tok_lp = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu()
         sums: dict[int, float] = {}
         for rid, v in zip(owners, tok_lp.tolist(), strict=False):
+            sums[rid] = sums.get(rid, 0.0) + v
+        return list(sums.items())
+
+    def _run_prefix(self, batch: list[_Group]) -> list[tuple[int, float]]:
+        """One group: the context causally (no mask, KV cache kept), then every choice's input tokens
+        as one sequence attending to the cache and to its own earlier tokens."""
+        import torch
+
+        (g,) = batch
+        model = self.model
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        lc = len(g.ctx)
+        full = self._needs_full_forward() or self.model.base_model is self.model
+        net = self.model if full else self.model.base_model
+        out = net(input_ids=torch.tensor([g.ctx], device=device), use_cache=True)
+        h_ctx = (out.logits if full else out.last_hidden_state)[0, -1:]
+        ins: list[int] = []
+        pos: list[int] = []
+        owner: list[int] = []
+        for k, cont in enumerate(g.conts):
+            ins.extend(cont[:-1])
+            pos.extend(range(lc, lc + len(cont) - 1))
+            owner.extend([k] * (len(cont) - 1))
+        h_ch = None
+        if ins:
+            m = len(ins)
+            allow = torch.zeros((m, lc + m), dtype=torch.bool)
+            allow[:, :lc] = True
+            own = torch.tensor(owner)
+            allow[:, lc:] = (own.unsqueeze(1) == own.unsqueeze(0)) & torch.tril(torch.ones(m, m, dtype=torch.bool))
+            mask = torch.zeros((1, 1, m, lc + m), dtype=dtype)
+            mask.masked_fill_(~allow, torch.finfo(dtype).min)
+            past = getattr(out, "cache", None) or out.past_key_values
+            import inspect
+
+            kw = "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+            o2 = net(input_ids=torch.tensor([ins], device=device), position_ids=torch.tensor([pos], device=device),
+                     attention_mask=mask.to(device), use_cache=True, **{kw: past})
+            h_ch = (o2.logits if full else o2.last_hidden_state)[0]
+        rows = [h_ctx]
+        targets: list[int] = []
+        owners: list[int] = []
+        off = 0
+        for cont, rid in zip(g.conts, g.req_ids, strict=True):
+            n_in = len(cont) - 1
+            idx = [0] + [1 + off + j for j in range(n_in)]
+            targets.extend(cont)
+            owners.extend([rid] * len(cont))
+            rows.append(torch.tensor(idx, device=device))
+            off += n_in
+        allh = h_ctx if h_ch is None else torch.cat([h_ctx, h_ch], dim=0)
+        sel = allh[torch.cat([r for r in rows[1:]])]
+        logits = sel.float() if full else self.model.get_output_embeddings()(sel).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        tok_lp = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu()
+        sums: dict[int, float] = {}
+        for rid, v in zip(owners, tok_lp.tolist(), strict=True):
             sums[rid] = sums.get(rid, 0.0) + v
         return list(sums.items())
 
