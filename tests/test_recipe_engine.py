@@ -507,3 +507,15 @@ def test_state_follows_the_last_apply_even_when_nothing_ran(rdir: Path) -> None:
     assert state_path.stat().st_mtime_ns == mtime  # an untouched re-apply writes no state
     plan = {n.name: n for n in load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=4"]).plan().nodes}
     assert plan["cpt"].reasons == ["config value: 2.0 → 4.0"]
+
+
+def test_extends_a_list_merges_in_order(rdir: Path) -> None:
+    (rdir / "a.yaml").write_text("finrecipe: 1\nname: a\nmodels:\n  base: {path: models/base}\n"
+                                 "stages:\n  cpt: {type: fake_concat, models: [base], value: 1}\n")
+    (rdir / "b.yaml").write_text("name: b\nmodels:\n  inst: {path: models/inst}\n"
+                                 "stages:\n  cpt: {value: 2}\n")
+    (rdir / "c.yaml").write_text("extends: [a.yaml, b.yaml]\nstages:\n  m: {type: fake_concat, models: [cpt, inst]}\n")
+    r = load_recipe(rdir / "c.yaml")
+    assert r.name == "b" and r.order == ["base", "inst", "cpt", "m"]
+    assert r.nodes["cpt"].config.value == 2  # type: ignore[union-attr]
+    assert r.nodes["cpt"].config.models == ["base"]  # type: ignore[union-attr]

@@ -265,3 +265,8 @@ def test_init_source_errors(rdir: Path) -> None:
                                   "  base:\n    init: {config: {model_type: llama}, tokenizer: inst}"))
     assert load_recipe(p).nodes["base"].deps == ["inst"]
     assert load_recipe(p).order[:2] == ["inst", "base"]
+
+
+def test_bad_node_name(rdir: Path) -> None:
+    e = _err(_write(rdir, GOOD.replace("  inst:\n", "  my.inst:\n")))
+    assert (e.line, e.column, e.path) == (5, 3, "models.my.inst") and "'_' and '-'" in e.message

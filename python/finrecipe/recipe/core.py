@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from finrecipe.errors import ConfigError, RecipeError
 from finrecipe.progress import NullProgress, Progress
 from finrecipe.recipe.loader import Loaded, apply_override, read_recipe
-from finrecipe.recipe.schema import NAME_RE, DatasetSpec, ModelSource, RecipeSchema
+from finrecipe.recipe.schema import NODE_NAME_RE, DatasetSpec, ModelSource, RecipeSchema
 from finrecipe.stages.base import KNOWN_TYPES, REGISTRY, StageKind, get_kind
 from finrecipe.yamlio import KeyPath, format_path, suggest, validation_error
 
@@ -103,9 +103,9 @@ class Recipe:
             entries: dict[str, Any] = getattr(self.schema, section)
             for name in entries:
                 kp: KeyPath = (section, name)
-                if not isinstance(name, str) or not NAME_RE.match(name):
-                    raise self._err(f"bad name {name!r}: use letters, digits, '_', '.', '-' (names become "
-                                    "directory names)", kp)
+                if not isinstance(name, str) or not NODE_NAME_RE.match(name):
+                    raise self._err(f"bad name {name!r}: use letters, digits, '_' and '-' (names become "
+                                    "directory names and --set paths)", kp)
                 if name in seen:
                     raise self._err(f"name {name!r} is already used by {seen[name]}.{name}; model, dataset "
                                     "and stage names share one namespace", kp)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Node names: also directory names, and addressable with `--set stages.NAME.key=...` (no dots).
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 DatasetFormat = Literal["jsonl", "parquet", "text"]
