@@ -113,22 +113,39 @@ fn keep_rules(ctx: &Ctx, ctl: &Control) -> Result<Vec<KeepRule>> {
             }
         }
         let np = pairs.len();
-        let lo = ctx.fold(
+        let nc = ctx.nchunks;
+        // Besides the histograms, remember per chunk the few distinct low values seen in the
+        // bucket with their counts: with bf16-derived deltas a bucket holds one or two values,
+        // so the per-chunk tie counts of pass 3 are usually known without another pass.
+        let (lo, maps) = ctx.fold(
             ctl,
             true,
-            || vec![0u64; np * LO_BINS],
-            |h, _c, _a, s, m| {
+            || (vec![0u64; np * LO_BINS], vec![TieMap::default(); nc * np]),
+            |(h, maps), c, _a, s, m| {
                 for (pi, &(i, b)) in pairs.iter().enumerate() {
                     let hh = &mut h[pi * LO_BINS..(pi + 1) * LO_BINS];
+                    let map = &mut maps[c * np + pi];
+                    map.seen = true;
                     for &x in &s.srcs[i][..m] {
                         let k = select::key(x);
                         if k >> 16 == b {
                             hh[(k & 0xFFFF) as usize] += 1;
+                            map.add((k & 0xFFFF) as u16);
                         }
                     }
                 }
             },
-            add_vecs,
+            |(mut h1, mut m1), (h2, m2)| {
+                for (x, y) in h1.iter_mut().zip(h2) {
+                    *x += y;
+                }
+                for (x, y) in m1.iter_mut().zip(m2) {
+                    if y.seen {
+                        *x = y;
+                    }
+                }
+                (h1, m1)
+            },
         )?;
         let ths: Vec<select::Threshold> = pend
             .iter()
@@ -142,29 +159,56 @@ fn keep_rules(ctx: &Ctx, ctl: &Control) -> Result<Vec<KeepRule>> {
             })
             .collect();
         drop(lo);
-        // Pass 3 (only for split ties): per-chunk counts of elements equal to the threshold.
+        // Split ties need per-chunk counts of elements equal to the threshold: from the maps,
+        // and by a pass over just the chunks whose map overflowed.
         let split: Vec<usize> = (0..wanted.len())
             .filter(|&k| ths[k].keep < ths[k].count_eq)
             .collect();
         let mut prefixes: Vec<Vec<u64>> = vec![Vec::new(); wanted.len()];
         if !split.is_empty() {
-            let nc = ctx.nchunks;
             let ns = split.len();
-            let counts = ctx.fold(
-                ctl,
-                true,
-                || vec![0u64; nc * ns],
-                |h, c, _a, s, m| {
-                    for (q, &k) in split.iter().enumerate() {
-                        let (i, t) = (wanted[k].0, ths[k].t);
-                        h[c * ns + q] = s.srcs[i][..m]
-                            .iter()
-                            .filter(|&&x| select::key(x) == t)
-                            .count() as u64;
+            let pair_of = |k: usize| {
+                pairs
+                    .iter()
+                    .position(|&x| x == (wanted[k].0, ths[k].t >> 16))
+                    .unwrap()
+            };
+            let mut counts = vec![0u64; nc * ns];
+            let mut redo: Vec<usize> = Vec::new();
+            for c in 0..nc {
+                let mut need = false;
+                for (q, &k) in split.iter().enumerate() {
+                    match maps[c * np + pair_of(k)].count((ths[k].t & 0xFFFF) as u16) {
+                        Some(n) => counts[c * ns + q] = n,
+                        None => need = true,
                     }
-                },
-                add_vecs,
-            )?;
+                }
+                if need {
+                    redo.push(c);
+                }
+            }
+            drop(maps);
+            if !redo.is_empty() {
+                let extra = ctx.fold_over(
+                    &redo,
+                    ctl,
+                    true,
+                    || vec![0u64; nc * ns],
+                    |h, c, _a, s, m| {
+                        for (q, &k) in split.iter().enumerate() {
+                            let (i, t) = (wanted[k].0, ths[k].t);
+                            h[c * ns + q] = s.srcs[i][..m]
+                                .iter()
+                                .filter(|&&x| select::key(x) == t)
+                                .count() as u64;
+                        }
+                    },
+                    add_vecs,
+                )?;
+                for &c in &redo {
+                    counts[c * ns..(c + 1) * ns].copy_from_slice(&extra[c * ns..(c + 1) * ns]);
+                }
+            }
             for (q, &k) in split.iter().enumerate() {
                 let mut acc = 0u64;
                 let mut p = Vec::with_capacity(nc + 1);
@@ -214,6 +258,49 @@ fn keep_rules(ctx: &Ctx, ctl: &Control) -> Result<Vec<KeepRule>> {
             },
         })
         .collect())
+}
+
+/// The distinct low-16-bit values (up to 4) met in one chunk's bucket, with their counts.
+#[derive(Debug, Clone, Copy, Default)]
+struct TieMap {
+    lows: [u16; 4],
+    counts: [u32; 4],
+    n: u8,
+    overflow: bool,
+    seen: bool,
+}
+
+impl TieMap {
+    #[inline]
+    fn add(&mut self, low: u16) {
+        for j in 0..self.n as usize {
+            if self.lows[j] == low {
+                self.counts[j] += 1;
+                return;
+            }
+        }
+        if (self.n as usize) < self.lows.len() {
+            self.lows[self.n as usize] = low;
+            self.counts[self.n as usize] = 1;
+            self.n += 1;
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    /// Elements equal to `low` in the bucket, or None when the map overflowed.
+    fn count(&self, low: u16) -> Option<u64> {
+        for j in 0..self.n as usize {
+            if self.lows[j] == low {
+                return Some(self.counts[j] as u64);
+            }
+        }
+        if self.overflow {
+            None
+        } else {
+            Some(0)
+        }
+    }
 }
 
 fn add_vecs<T: std::ops::AddAssign + Copy>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {

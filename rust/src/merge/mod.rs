@@ -154,10 +154,30 @@ impl<'a> Ctx<'a> {
         F: Fn(&mut T, usize, usize, &Scratch, usize) + Sync + Send,
         R: Fn(T, T) -> T + Sync + Send,
     {
+        let all: Vec<usize> = (0..self.nchunks).collect();
+        self.fold_over(&all, ctl, deltas, init, f, reduce)
+    }
+
+    /// Like `fold`, over the listed chunks only.
+    pub fn fold_over<T, I, F, R>(
+        &self,
+        chunks: &[usize],
+        ctl: &Control,
+        deltas: bool,
+        init: I,
+        f: F,
+        reduce: R,
+    ) -> Result<T>
+    where
+        T: Send,
+        I: Fn() -> T + Sync + Send,
+        F: Fn(&mut T, usize, usize, &Scratch, usize) + Sync + Send,
+        R: Fn(T, T) -> T + Sync + Send,
+    {
         let nsrc = self.job.sources.len();
-        let out = (0..self.nchunks)
-            .into_par_iter()
-            .fold(&init, |mut acc, c| {
+        let out = chunks
+            .par_iter()
+            .fold(&init, |mut acc, &c| {
                 if !ctl.cancel.load(Ordering::Relaxed) {
                     with_scratch(nsrc, self.chunk, |s| {
                         let (a, m) = self.load_chunk(c, s, deltas);

@@ -294,3 +294,44 @@ fn bad_plans_are_config_or_mismatch_errors() {
         0
     );
 }
+
+#[test]
+fn ties_split_with_many_values_per_bucket() {
+    // Eight distinct magnitudes in one radix bucket, 1000 copies each, interleaved: per-chunk
+    // value maps overflow and the threshold value's ties are split (k = 3600 = 3000 + 600).
+    let n = 8000;
+    let vals: Vec<f32> = (0..n)
+        .map(|i| {
+            let v = 1.0 + ((i * 3) % 8) as f32 * f32::EPSILON;
+            if i % 5 == 0 {
+                -v
+            } else {
+                v
+            }
+        })
+        .collect();
+    let c = Case::new(&[vec![0.0; n], vals.clone()]);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        vals[b]
+            .abs()
+            .partial_cmp(&vals[a].abs())
+            .unwrap()
+            .then(a.cmp(&b))
+    });
+    let mut want = vec![0f32; n];
+    for &i in &order[..3600] {
+        want[i] = vals[i];
+    }
+    for (k, chunk) in [7usize, 64, 1 << 20].iter().enumerate() {
+        let p = json!({"weight": 1.0, "density": 0.45});
+        let out = c.run_with(
+            &format!("o{k}"),
+            json!({"name": "x", "method": "ties", "out_dtype": "F32", "base": base(),
+                "sources": [src(1, p)], "params": {"lambda": 1.0, "normalize": true}}),
+            2,
+            *chunk,
+        );
+        assert_eq!(out, want, "chunk {chunk}");
+    }
+}
