@@ -44,8 +44,37 @@ pub fn is_float(d: Dtype) -> bool {
     matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32)
 }
 
+/// Runs `$body` compiled for AVX2 when the CPU has it (same results: no FMA contraction, same
+/// IEEE operations, only wider vectors), else for the baseline target.
+macro_rules! avx2_dispatch {
+    ($generic:ident, $avx2:ident, ($($arg:ident : $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { $avx2($($arg),*) };
+        }
+        $generic($($arg),*)
+    };
+}
+pub(crate) use avx2_dispatch;
+
 /// Converts little-endian `src` bytes of `dtype` into `out` (len = element count).
 pub fn load_f32(dtype: Dtype, src: &[u8], out: &mut [f32]) {
+    avx2_dispatch!(load_f32_generic, load_f32_avx2, (dtype: Dtype, src: &[u8], out: &mut [f32]));
+}
+
+/// Converts `src` into little-endian bytes of `dtype` in `dst` (len = count × size).
+pub fn store_f32(dtype: Dtype, src: &[f32], dst: &mut [u8]) {
+    avx2_dispatch!(store_f32_generic, store_f32_avx2, (dtype: Dtype, src: &[f32], dst: &mut [u8]));
+}
+
+#[inline(always)]
+fn load_f32_generic(dtype: Dtype, src: &[u8], out: &mut [f32]) {
     match dtype {
         Dtype::BF16 => {
             debug_assert_eq!(src.len(), out.len() * 2);
@@ -69,8 +98,8 @@ pub fn load_f32(dtype: Dtype, src: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Converts `src` into little-endian bytes of `dtype` in `dst` (len = count × size).
-pub fn store_f32(dtype: Dtype, src: &[f32], dst: &mut [u8]) {
+#[inline(always)]
+fn store_f32_generic(dtype: Dtype, src: &[f32], dst: &mut [u8]) {
     match dtype {
         Dtype::BF16 => {
             debug_assert_eq!(dst.len(), src.len() * 2);

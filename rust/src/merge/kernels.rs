@@ -522,6 +522,23 @@ pub(crate) fn compute(
     m: usize,
     s: &mut Scratch,
 ) {
+    crate::dtype::avx2_dispatch!(
+        compute_generic,
+        compute_avx2,
+        (job: &Job, stats: &Stats, seed: u64, c: usize, a: usize, m: usize, s: &mut Scratch)
+    );
+}
+
+#[inline(always)]
+fn compute_generic(
+    job: &Job,
+    stats: &Stats,
+    seed: u64,
+    c: usize,
+    a: usize,
+    m: usize,
+    s: &mut Scratch,
+) {
     let Scratch {
         base, srcs, out, ..
     } = s;
@@ -590,6 +607,7 @@ pub(crate) fn compute(
 /// Generalised task arithmetic: sparsify each δ, weight, optionally elect signs, mix, normalise,
 /// scale by λ, add to the base.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn gta(
     job: &Job,
     stats: &Stats,

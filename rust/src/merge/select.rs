@@ -119,6 +119,7 @@ impl KeepRule {
         }
     }
 
+    #[inline(always)]
     pub fn apply(&self, chunk: usize, d: &mut [f32]) {
         if let (Bound::Never, Bound::Always) = (&self.lo, &self.hi) {
             return;
