@@ -48,9 +48,12 @@ pub fn is_float(d: Dtype) -> bool {
 /// IEEE operations, only wider vectors), else for the baseline target.
 macro_rules! avx2_dispatch {
     ($generic:ident, $avx2:ident, ($($arg:ident : $ty:ty),*)) => {
+        crate::dtype::avx2_dispatch!($generic, $avx2, ($($arg: $ty),*) -> ())
+    };
+    ($generic:ident, $avx2:ident, ($($arg:ident : $ty:ty),*) -> $ret:ty) => {{
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
-        unsafe fn $avx2($($arg: $ty),*) {
+        unsafe fn $avx2($($arg: $ty),*) -> $ret {
             $generic($($arg),*)
         }
         #[cfg(target_arch = "x86_64")]
@@ -59,7 +62,7 @@ macro_rules! avx2_dispatch {
             return unsafe { $avx2($($arg),*) };
         }
         $generic($($arg),*)
-    };
+    }};
 }
 pub(crate) use avx2_dispatch;
 

@@ -22,12 +22,26 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
-/// A Bernoulli(p) stream keyed by (seed, tensor name, source index).
+/// MurmurHash3's 32-bit finaliser (a bijection with full avalanche).
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// A Bernoulli(p) stream keyed by (seed, tensor name, source index). Only 32-bit integer
+/// operations per element, so the mask loop vectorises.
 #[derive(Debug, Clone, Copy)]
 pub struct KeepStream {
-    key: u64,
-    /// keep iff the top 53 bits of the hash are below this.
-    threshold: u64,
+    k1: u32,
+    k2: u32,
+    k3: u32,
+    /// keep iff the 32-bit hash is below this (p = 1 keeps all via `all`).
+    threshold: u32,
+    all: bool,
 }
 
 impl KeepStream {
@@ -36,14 +50,23 @@ impl KeepStream {
         let k2 = mix64(k1 ^ fnv1a(name));
         let key = mix64(k2 ^ (source as u64 + 1).wrapping_mul(GOLDEN));
         let p = p.clamp(0.0, 1.0);
-        let threshold = (p * (1u64 << 53) as f64) as u64;
-        KeepStream { key, threshold }
+        KeepStream {
+            k1: key as u32,
+            k2: (key >> 32) as u32,
+            k3: mix64(key) as u32,
+            threshold: (p * 4_294_967_296.0).min(u32::MAX as f64) as u32,
+            all: p >= 1.0,
+        }
     }
 
     #[inline(always)]
     pub fn keep(&self, index: u64) -> bool {
-        let z = mix64(self.key ^ index.wrapping_add(1).wrapping_mul(GOLDEN));
-        (z >> 11) < self.threshold
+        let lo = index as u32;
+        let hi = (index >> 32) as u32;
+        let h = fmix32(lo.wrapping_mul(0x9E37_79B1) ^ self.k1);
+        let h = fmix32(h ^ self.k2 ^ hi.wrapping_mul(0x85EB_CA77));
+        let h = fmix32(h ^ self.k3);
+        (h < self.threshold) | self.all
     }
 }
 
