@@ -61,18 +61,24 @@ def _gen(seed: int, name: str) -> Any:
     return torch.Generator().manual_seed(h)
 
 
+def _ranked(d: Any) -> Any:
+    """Flat indices by |d| descending, lower index first among equal magnitudes (the core's order)."""
+    import torch
+
+    return torch.sort(d.reshape(-1).abs(), descending=True, stable=True).indices
+
+
 def _magnitude(d: Any, density: float) -> Any:
     import torch
 
     if density >= 1.0:
         return d
     out = torch.zeros_like(d)
-    if density <= 0.0 or d.numel() == 0:
+    k = int(math.floor(density * d.numel()))
+    if k <= 0:
         return out
-    k = max(1, int(density * d.numel()))  # mergekit keeps at least one entry
-    flat = d.reshape(-1)
-    idx = torch.topk(flat.abs(), k, sorted=False).indices
-    out.view(-1)[idx] = flat[idx]
+    idx = _ranked(d)[:k]
+    out.view(-1)[idx] = d.reshape(-1)[idx]
     return out
 
 
@@ -80,13 +86,12 @@ def _breadcrumbs(d: Any, density: float, gamma: float) -> Any:
     import torch
 
     n = d.numel()
-    top = int(math.floor(gamma * n))
     keep = int(math.floor(density * n))
-    bottom = max(n - keep - top, 0)
-    order = torch.argsort(d.reshape(-1).abs(), stable=True)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[bottom:n - top]] = True
-    return d * mask.view(d.shape)
+    top = min(int(math.floor(gamma * n)), n - keep)  # past the end: drop fewer outliers
+    idx = _ranked(d)[top:top + keep]
+    out = torch.zeros_like(d)
+    out.view(-1)[idx] = d.reshape(-1)[idx]
+    return out
 
 
 def _dare(d: Any, density: float, rescale: bool, gen: Any) -> Any:
