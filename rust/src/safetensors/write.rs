@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{dtype_bytes, read::INDEX_NAME, read::SINGLE_NAME, Dtype};
 use crate::error::{Error, Result};
@@ -140,11 +141,32 @@ pub fn plan_layout(
     }
 }
 
+/// Start writing dirty pages back to disk every this many bytes, so that the final fsync does not
+/// have to wait for the whole output (the kernel would otherwise hold it in the page cache).
+const WRITEBACK_STEP: u64 = 64 << 20;
+
+/// Asks the kernel to start (not wait for) writeback of a file's dirty pages.
+fn start_writeback(f: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: a valid open descriptor; the call only schedules I/O. Errors are not fatal
+        // here: the final fsync reports them.
+        unsafe {
+            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
+}
+
 /// Open output files of a planned layout.
 pub struct Writer {
     pub dir: PathBuf,
     pub layout: Layout,
     files: Vec<File>,
+    /// Bytes written per shard, to start writeback every `WRITEBACK_STEP` bytes.
+    written: Vec<AtomicU64>,
     created: Vec<PathBuf>,
     done: bool,
 }
@@ -156,6 +178,7 @@ impl Writer {
             dir: dir.to_path_buf(),
             layout,
             files: Vec::new(),
+            written: Vec::new(),
             created: Vec::new(),
             done: false,
         };
@@ -171,6 +194,7 @@ impl Writer {
             f.set_len(s.file_len).map_err(|e| Error::io(&p, e))?;
             f.write_all_at(&s.header, 0).map_err(|e| Error::io(&p, e))?;
             w.files.push(f);
+            w.written.push(AtomicU64::new(0));
         }
         Ok(w)
     }
@@ -183,9 +207,15 @@ impl Writer {
             offset + bytes.len() as u64 <= s.nbytes,
             "write past the end of tensor {t}"
         );
-        self.files[s.shard]
-            .write_all_at(bytes, s.start + offset)
-            .map_err(|e| Error::io(&self.created[s.shard], e))
+        let f = &self.files[s.shard];
+        f.write_all_at(bytes, s.start + offset)
+            .map_err(|e| Error::io(&self.created[s.shard], e))?;
+        let len = bytes.len() as u64;
+        let after = self.written[s.shard].fetch_add(len, Ordering::Relaxed) + len;
+        if after / WRITEBACK_STEP != (after - len) / WRITEBACK_STEP {
+            start_writeback(f);
+        }
+        Ok(())
     }
 
     /// fsyncs every shard, writes the index for sharded output, fsyncs the directory.
