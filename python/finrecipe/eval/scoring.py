@@ -84,10 +84,40 @@ class _Group:
     ctx: list[int]
     conts: list[list[int]]
     req_ids: list[int]
+    # The last `shared` context tokens were hoisted out of every continuation: their log-probs
+    # (predicted by the positions before them) belong to each request's sum.
+    shared: int = 0
 
     @property
     def length(self) -> int:
         return len(self.ctx) + sum(max(len(c) - 1, 0) for c in self.conts)
+
+
+def _hoist_common_prefix(g: _Group) -> None:
+    """Move the input tokens all continuations share (e.g. a newline moved over from the context)
+    into the context: their logits are the same for every choice, so they run once."""
+    inputs = [c[:-1] for c in g.conts]
+    n = min(len(x) for x in inputs)
+    k = 0
+    while k < n and all(x[k] == inputs[0][k] for x in inputs):
+        k += 1
+    if k:
+        g.ctx = g.ctx + inputs[0][:k]
+        g.conts = [c[k:] for c in g.conts]
+        g.shared = k
+
+
+def _sum_by_request(batch: Sequence[_Group], owners: Sequence[int], values: Sequence[float]
+                    ) -> list[tuple[int, float]]:
+    """Per-request sums; owner -(r + 1) marks the shared (hoisted) tokens of batch row r."""
+    sums: dict[int, float] = {}
+    for o, v in zip(owners, values, strict=True):
+        sums[o] = sums.get(o, 0.0) + v
+    out = []
+    for r, g in enumerate(batch):
+        extra = sums.get(-(r + 1), 0.0)
+        out.extend((rid, sums[rid] + extra) for rid in g.req_ids)
+    return out
 
 
 class Scorer:
@@ -131,6 +161,8 @@ class Scorer:
                 groups[key] = g = _Group(ctx=ctx, conts=[], req_ids=[])
             g.conts.append(cont)
             g.req_ids.append(i)
+        for g in groups.values():
+            _hoist_common_prefix(g)
         return list(groups.values()) + singles
 
     def _batches(self, groups: list[_Group]) -> list[list[_Group]]:
@@ -189,6 +221,11 @@ class Scorer:
         owners: list[int] = []
         for r, g in enumerate(batch):
             lc = len(g.ctx)
+            for j in range(g.shared):
+                rows.append(r)
+                cols.append(lc - g.shared - 1 + j)
+                targets.append(g.ctx[lc - g.shared + j])
+                owners.append(-(r + 1))
             ids[r, :lc] = torch.tensor(g.ctx)
             pos[r, :lc] = torch.arange(lc)
             allow[r, :lc, :lc] = torch.tril(torch.ones(lc, lc, dtype=torch.bool))
@@ -218,10 +255,7 @@ class Scorer:
         logits = self._project(sel).float()
         logp = torch.log_softmax(logits, dim=-1)
         tok_lp = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu()
-        sums: dict[int, float] = {}
-        for rid, v in zip(owners, tok_lp.tolist(), strict=False):
-            sums[rid] = sums.get(rid, 0.0) + v
-        return list(sums.items())
+        return _sum_by_request(batch, owners, tok_lp.tolist())
 
     def _run_prefix(self, batch: list[_Group]) -> list[tuple[int, float]]:
         """One group: the context causally (no mask, KV cache kept), then every choice's input tokens
@@ -236,14 +270,15 @@ class Scorer:
         full = self._needs_full_forward() or self.model.base_model is self.model
         net = self.model if full else self.model.base_model
         out = net(input_ids=torch.tensor([g.ctx], device=device), use_cache=True)
-        h_ctx = (out.logits if full else out.last_hidden_state)[0, -1:]
+        k = g.shared
+        h_ctx = (out.logits if full else out.last_hidden_state)[0, lc - k - 1:]  # k shared + the last
         ins: list[int] = []
         pos: list[int] = []
         owner: list[int] = []
-        for k, cont in enumerate(g.conts):
+        for ci, cont in enumerate(g.conts):
             ins.extend(cont[:-1])
             pos.extend(range(lc, lc + len(cont) - 1))
-            owner.extend([k] * (len(cont) - 1))
+            owner.extend([ci] * (len(cont) - 1))
         h_ch = None
         if ins:
             m = len(ins)
@@ -260,26 +295,22 @@ class Scorer:
             o2 = net(input_ids=torch.tensor([ins], device=device), position_ids=torch.tensor([pos], device=device),
                      attention_mask=mask.to(device), use_cache=True, **{kw: past})
             h_ch = (o2.logits if full else o2.last_hidden_state)[0]
-        rows = [h_ctx]
-        targets: list[int] = []
-        owners: list[int] = []
+        idx: list[int] = list(range(k))
+        targets: list[int] = list(g.ctx[lc - k:])
+        owners: list[int] = [-1] * k
         off = 0
         for cont, rid in zip(g.conts, g.req_ids, strict=True):
             n_in = len(cont) - 1
-            idx = [0] + [1 + off + j for j in range(n_in)]
+            idx += [k] + [k + 1 + off + j for j in range(n_in)]
             targets.extend(cont)
             owners.extend([rid] * len(cont))
-            rows.append(torch.tensor(idx, device=device))
             off += n_in
         allh = h_ctx if h_ch is None else torch.cat([h_ctx, h_ch], dim=0)
-        sel = allh[torch.cat([r for r in rows[1:]])]
+        sel = allh[torch.tensor(idx, device=device)]
         logits = sel.float() if full else self.model.get_output_embeddings()(sel).float()
         logp = torch.log_softmax(logits, dim=-1)
         tok_lp = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu()
-        sums: dict[int, float] = {}
-        for rid, v in zip(owners, tok_lp.tolist(), strict=True):
-            sums[rid] = sums.get(rid, 0.0) + v
-        return list(sums.items())
+        return _sum_by_request(batch, owners, tok_lp.tolist())
 
     def _hidden(self, ids: Any, pos: Any, mask: Any) -> Any:
         base = self.model.base_model
