@@ -430,6 +430,27 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
     }
 }
 
+/// DARE: keep each element with the stream's probability, scaling kept ones by `f`.
+/// Groups of 8 lanes so the 32-bit hash vectorises.
+#[inline(always)]
+fn dare_mask(d: &mut [f32], k: &KeepStream, a: u64, f: f32) {
+    let n = d.len();
+    let mut groups = d.chunks_exact_mut(8);
+    for (g, xs) in groups.by_ref().enumerate() {
+        let base = a + (g * 8) as u64;
+        for (l, x) in xs.iter_mut().enumerate() {
+            let keep = k.keep(base + l as u64);
+            *x = if keep { *x * f } else { 0.0 };
+        }
+    }
+    let rest = groups.into_remainder();
+    let base = a + (n - rest.len()) as u64;
+    for (l, x) in rest.iter_mut().enumerate() {
+        let keep = k.keep(base + l as u64);
+        *x = if keep { *x * f } else { 0.0 };
+    }
+}
+
 /// (Σ|d|, Σ|d| over kept elements) for a chunk starting at element `a`.
 fn l1_kept(d: &[f32], k: &KeepStream, a: u64) -> (f64, f64) {
     crate::dtype::avx2_dispatch!(l1_kept_generic, l1_kept_avx2, (d: &[f32], k: &KeepStream, a: u64) -> (f64, f64))
@@ -662,11 +683,7 @@ fn gta(
                     Stats::Dare(f) => f[i],
                     _ => 1.0,
                 };
-                let a = a as u64;
-                for (j, x) in d.iter_mut().enumerate() {
-                    let keep = k.keep(a + j as u64);
-                    *x = if keep { *x * f } else { 0.0 };
-                }
+                dare_mask(d, &k, a as u64, f);
             }
             _ => {}
         }
