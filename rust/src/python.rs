@@ -69,7 +69,22 @@ fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py
     })
 }
 
+/// The last panic's message with its location, recorded by our panic hook (which replaces the
+/// default one so that nothing is printed to the user's terminal; the error carries the text).
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(info.to_string());
+        }
+    }));
+}
+
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(msg) = LAST_PANIC.lock().ok().and_then(|mut l| l.take()) {
+        return msg;
+    }
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -201,6 +216,7 @@ fn analyze(py: Python<'_>, plan_json: &str, progress: Option<PyObject>) -> PyRes
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    install_panic_hook();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(read_model, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
