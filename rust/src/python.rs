@@ -166,8 +166,20 @@ fn run_watched<T: Send>(
 /// Validates and describes a model directory or a single safetensors file.
 #[pyfunction]
 fn read_model(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyObject> {
-    let v =
-        py.allow_threads(|| crate::safetensors::read::Model::open(&path).map(|m| m.describe()))?;
+    let v = py.allow_threads(|| {
+        catch_unwind(AssertUnwindSafe(|| {
+            crate::safetensors::read::Model::open(&path).map(|m| m.describe())
+        }))
+    });
+    let v = match v {
+        Ok(r) => r?,
+        Err(p) => {
+            return Err(FinrecipeError::new_err(format!(
+                "internal error in finrecipe's Rust core (please report): {}",
+                panic_message(p)
+            )))
+        }
+    };
     Ok(json_to_py(py, &v)?.unbind())
 }
 
