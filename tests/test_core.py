@@ -364,3 +364,26 @@ def test_analyze_gram(trio: list[Path]) -> None:
         torch.testing.assert_close(torch.tensor(res["tensors"][k]["gram"], dtype=torch.float64), g)
         assert res["tensors"][k]["numel"] == math.prod(SHAPES[k])
     torch.testing.assert_close(torch.tensor(res["total"]["gram"], dtype=torch.float64), tot)
+
+
+def test_rounding_bit_identical_to_torch(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 65504.0, 65520.0,
+                             1e-40, -1e-45, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8])
+    ties = (torch.randint(-2**15, 2**15, (2000,), generator=g, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    x = torch.cat([specials, torch.randn(5000, generator=g) * 10.0 ** torch.randint(-8, 5, (5000,), generator=g),
+                   ties[~ties.isnan()]])
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"x": x}, str(src / "model.safetensors"))
+    for dt, tdt in (("BF16", torch.bfloat16), ("F16", torch.float16)):
+        o = tmp_path / dt
+        o.mkdir()
+        plan = {"version": 1, "models": [str(src)], "out_dir": str(o), "out_shard_size": 1 << 30, "threads": 2,
+                "seed": 0, "chunk_elems": 1000, "metadata": {},
+                "tensors": [{"name": "x", "method": "passthrough", "out_dtype": dt,
+                             "sources": [{"model": 0, "tensor": "x", "params": {}}], "params": {"scale": 1.0}}]}
+        _core.merge(json.dumps(plan), None)
+        got = load_file(str(o / "model.safetensors"))["x"]
+        want = x.to(tdt)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), dt
