@@ -353,7 +353,8 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, models: Path, in_b
     ]
     for r in rows:
         p = r["parity"]
-        runs = f" ({r['runs'][0]} runs)" if r["runs"][0] != r["runs"][1] else ""
+        nr = r["runs"][0]
+        runs = f" ({nr} run{'s' if nr != 1 else ''})" if nr != r["runs"][1] else ""
         lines.append(
             f"| {r['method']} | {r['mk']:.2f} s{runs} | {r['fr']:.2f} s | {r['mk'] / r['fr']:.1f}× | "
             f"{r['floor']:.2f} s | {r['fr'] / r['floor']:.2f}× | {r['mk_mem'] / 2**20:.0f} MiB | "
