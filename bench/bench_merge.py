@@ -375,6 +375,9 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, models: Path, in_b
           "keys is effectively arbitrary), so no implementation can match it bit for bit there; "
           "finrecipe's choice is deterministic." for r in rows if r["parity"].get("differing")],
         targets(rows),
+        "  A TIES parity shortfall is entirely threshold ties (above). Timings depend on the load of this "
+        "shared 2-core VM (see the load averages), which inflates the merge (CPU-bound) more than the I/O "
+        "floor (page-cache reads and one dd).",
         "- All runs (s): " + "; ".join(
             f"{r['method']} mergekit {[round(x, 2) for x in r['all']['mergekit']]}, finrecipe "
             f"{[round(x, 2) for x in r['all']['finrecipe']]}" for r in rows) + ".",
