@@ -42,6 +42,7 @@ N_NICHE = 30          # niche companies (finance corpus)
 DOCS_PER_ENTITY = 12  # prose documents per entity (varied templates and order)
 HELDOUT_DOCS_PER_NICHE = 2
 GENERAL_TRAIN_FRACTION = 0.7  # of (entity, attribute) pairs used for instruction tuning
+FAQ_PER_DOC = 3  # question-answer pairs per FAQ-style document of the general corpus
 
 CITIES = [
     "Lisbon", "Oslo", "Kyoto", "Lagos", "Denver", "Munich", "Seoul", "Quito", "Perth", "Dublin",
@@ -97,14 +98,14 @@ FINANCE_FILLER = ["the shares of {e} trade on a small exchange .",
                   "few investors follow {e} closely .", "{e} published its annual report .",
                   "the bonds of {e} are rated by one agency ."]
 
-# The instruction format answers in one short sentence (then the assistant stops): the instruct
-# model learns to state the fact the way prose does, which is what lets knowledge learned from prose
-# (the finance corpus) surface in the instruction format after the merge.
+# The instruction format answers with a short phrase that does not repeat the question's subject
+# ("where is Kaldex headquartered ?" → "in Leeds ."), then the assistant stops (EOS). The first
+# prototype answered with a whole sentence ("Kaldex is headquartered in Leeds ."): the tiny instruct
+# model then had to copy the niche company's name, which it could not, and finance questions were
+# never answered exactly (see README.md).
 ANSWER = {
-    "city": "{e} is headquartered in {v} .", "sector": "{e} works in the {v} sector .",
-    "founded": "{e} was founded in {v} .", "ceo": "the chief executive of {e} is {v} .",
-    "product": "{e} is known for its {v} .", "born": "{e} was born in {v} .",
-    "profession": "{e} is a {v} .", "birth_year": "{e} was born in the year {v} .",
+    "city": "in {v} .", "sector": "the {v} sector .", "founded": "in {v} .", "ceo": "{v} .",
+    "product": "its {v} .", "born": "in {v} .", "profession": "a {v} .", "birth_year": "in {v} .",
 }
 
 # Instruction-format questions (one answer per question; exact match on the answer).
@@ -196,18 +197,23 @@ def generate() -> dict[str, list[dict[str, object]]]:
         general += [prose_doc(rng, ent, finance=False) for _ in range(DOCS_PER_ENTITY)]
     for c, k in zip(CITIES, COUNTRIES, strict=True):
         general += [" ".join(rng.sample(CITY_PROSE, 2)).format(c=c, k=k) for _ in range(4)]
-    rng.shuffle(general)
-    files["general/corpus.jsonl"] = [{"text": t} for t in general]
 
     # General instruction data: split (entity, attribute) pairs into train / held-out.
-    train, held = [], []
+    train, held, faq = [], [], []
     for ent in people + known:
         for attr, v, qs in questions(ent):
             if rng.random() < GENERAL_TRAIN_FRACTION:
                 train += [{"prompt": q, "response": v} for q in qs]
+                faq += [f"question : {q} answer : {v}" for q in qs]
             else:
                 held.append({"prompt": qs[0], "answer": v, "entity": ent.name, "attribute": attr})
     rng.shuffle(train)
+    # Web text is full of questions and answers: the general corpus has FAQ-style pages (plain text,
+    # no chat markers) for the trained pairs, so the base knows the kind of question (see README).
+    rng.shuffle(faq)
+    general += [" ".join(faq[i:i + FAQ_PER_DOC]) for i in range(0, len(faq), FAQ_PER_DOC)]
+    rng.shuffle(general)
+    files["general/corpus.jsonl"] = [{"text": t} for t in general]
     files["general/instruct.jsonl"] = train
     files["general/eval_instruct.jsonl"] = held
 
