@@ -148,12 +148,13 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--version", default="default",
                     help="jfin prompt version (default: one-token choices; 0.3: the choice texts)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per contender (1: stable on a shared VM; see BENCHMARKS.md)")
     ap.add_argument("--batch", type=int, default=16, help="lm-eval batch size")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -162,8 +163,8 @@ def main() -> None:
                     help="output-layer rows (padded beyond the tokenizer, as real models have)")
     args = ap.parse_args()
     if not LMEVAL_PY.exists():
-        raise SystemExit("create .venv-lmeval first: python3 -m venv .venv-lmeval && "
-                         ".venv-lmeval/bin/pip install lm-eval==0.4.9 'transformers<5'")
+        raise SystemExit("create .venv-lmeval first: python3 -m venv .venv-lmeval && .venv-lmeval/bin/pip "
+                         "install lm-eval==0.4.9 'transformers<5' 'datasets<4'")
     global VERSION
     VERSION = args.version
     model_dir, items, task_dir, n_items = build_inputs(args.limit, args.hidden, args.layers, args.vocab,
