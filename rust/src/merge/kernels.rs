@@ -550,7 +550,8 @@ pub(crate) fn run_chunk(
     }
     let nsrc = job.sources.len();
     with_scratch(nsrc, ctx.chunk, |s| {
-        let deltas = job.method.is_gta();
+        // task_arithmetic subtracts the base inside its fused loop.
+        let deltas = job.method.is_gta() && job.method != Method::TaskArithmetic;
         let (_, m) = ctx.load_chunk(c, s, deltas);
         compute(job, stats, seed, c, a, m, s);
         let Scratch { out, bytes, .. } = s;
@@ -650,7 +651,41 @@ fn compute_generic(
                 j = end;
             }
         }
+        Method::TaskArithmetic => task_arithmetic(job, m, base, srcs, out),
         _ => gta(job, stats, seed, c, a, m, base, srcs, out),
+    }
+}
+
+/// task_arithmetic fused: sources hold raw θ_i (not deltas). Same operations in the same order as
+/// the general path (and mergekit): Σ (θ_i − θ_b)·w_i, then / Σw, then ·λ, then θ_b +.
+#[inline(always)]
+fn task_arithmetic(job: &Job, m: usize, base: &[f32], srcs: &[Vec<f32>], out: &mut [f32]) {
+    let nsrc = job.sources.len();
+    out.fill(0.0);
+    for (src, &wi) in srcs.iter().zip(&job.weights).take(nsrc) {
+        for ((o, &x), &b0) in out.iter_mut().zip(&src[..m]).zip(base) {
+            *o += (x - b0) * wi;
+        }
+    }
+    let mut div: f32 = job.weights.iter().sum();
+    if div.abs() < 1e-8 {
+        div = 1.0;
+    }
+    let lambda = job.lambda;
+    match (job.normalize, lambda != 1.0) {
+        (false, false) => out.iter_mut().zip(base).for_each(|(o, &b0)| *o += b0),
+        (true, false) => out
+            .iter_mut()
+            .zip(base)
+            .for_each(|(o, &b0)| *o = b0 + *o / div),
+        (false, true) => out
+            .iter_mut()
+            .zip(base)
+            .for_each(|(o, &b0)| *o = b0 + *o * lambda),
+        (true, true) => out
+            .iter_mut()
+            .zip(base)
+            .for_each(|(o, &b0)| *o = b0 + (*o / div) * lambda),
     }
 }
 
