@@ -40,24 +40,24 @@ def test_figures_equal_torch_reference(related_models: Callable[..., dict[str, P
     assert len(fig["pairs"]) == 3
     for p in fig["pairs"]:
         a, b = flat[p["a"]], flat[p["b"]]
-        assert p["cosine"] == pytest.approx(_cos(a, b), abs=1e-9)
-        assert p["norm_a"] == pytest.approx(float(a.norm()), rel=1e-9)
-        assert p["norm_b"] == pytest.approx(float(b.norm()), rel=1e-9)
+        assert p["cosine"] == pytest.approx(_cos(a, b), abs=1e-7)
+        assert p["norm_a"] == pytest.approx(float(a.norm()), rel=1e-7)
+        assert p["norm_b"] == pytest.approx(float(b.norm()), rel=1e-7)
     # per tensor
     name = "model.layers.1.self_attn.q_proj.weight"
     t = fig["tensors"][name]
-    assert t["cosines"]["m1|m3"] == pytest.approx(_cos(d["m1"][name], d["m3"][name]), abs=1e-9)
-    assert t["norms"][1] == pytest.approx(float(d["m2"][name].norm()), rel=1e-9)
+    assert t["cosines"]["m1|m3"] == pytest.approx(_cos(d["m1"][name], d["m3"][name]), abs=1e-7)
+    assert t["norms"][1] == pytest.approx(float(d["m2"][name].norm()), rel=1e-7)
     # per layer: all tensors of layer 0 together
     l0 = [k for k in d["m1"] if split_name(k)[0] == 0]
     a0 = torch.cat([d["m1"][k].flatten() for k in l0])
     b0 = torch.cat([d["m2"][k].flatten() for k in l0])
-    assert fig["per_layer"]["0"]["cosines"]["m1|m2"] == pytest.approx(_cos(a0, b0), abs=1e-9)
+    assert fig["per_layer"]["0"]["cosines"]["m1|m2"] == pytest.approx(_cos(a0, b0), abs=1e-7)
     # heatmap cell (layer 2, mlp.down_proj)
     h = fig["heatmap"]
     li, mi = h["layers"].index(2), h["modules"].index("mlp.down_proj")
     k = "model.layers.2.mlp.down_proj.weight"
-    assert h["cosine"]["m2|m3"][li][mi] == pytest.approx(_cos(d["m2"][k], d["m3"][k]), abs=1e-9)
+    assert h["cosine"]["m2|m3"][li][mi] == pytest.approx(_cos(d["m2"][k], d["m3"][k]), abs=1e-7)
     # files
     saved = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert saved["pairs"][0]["cosine"] == pytest.approx(fig["pairs"][0]["cosine"])
@@ -101,3 +101,21 @@ def test_analyze_cli(related_models: Callable[..., dict[str, Path]], tmp_path: P
                                     "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert "m1 × m2" in res.output and (tmp_path / "o" / "heatmap_0.png").is_file()
+
+
+def test_rust_core_equals_python_fallback(related_models: Callable[..., dict[str, Path]]) -> None:
+    from finrecipe import _core
+    from finrecipe.analysis import _python_analyze, build_plan, run_plan
+    from finrecipe.progress import NullProgress
+
+    if not hasattr(_core, "analyze"):
+        pytest.skip("extension without analyze()")
+    dirs = related_models("llama", dtype="bfloat16", n=2, scale=0.02, shard_bytes=20000)
+    plan = build_plan(dirs["base"], [dirs["m1"], dirs["m2"]])
+    core, py = run_plan(plan), _python_analyze(plan, NullProgress())
+    assert set(core["tensors"]) == set(py["tensors"])
+    for name, t in py["tensors"].items():
+        assert core["tensors"][name]["numel"] == t["numel"]
+        for i in range(2):
+            for j in range(2):
+                assert core["tensors"][name]["gram"][i][j] == pytest.approx(t["gram"][i][j], rel=1e-6, abs=1e-12)
