@@ -146,3 +146,17 @@ def test_eval_cli_runs_on_tiny_model(tmp_path: Path) -> None:
     r = json.loads(out.read_text())["models"]["tinym"]
     assert r["jfin"]["tasks"]["chabsa"].get("missing")
     assert r["jfin_versions"]["0.2"]["fp2"]["n"] == 3
+
+
+def test_bootstrap_f1_stderr_fast_path_equals_plain() -> None:
+    import random
+
+    from finrecipe.eval.scoring import bootstrap_stderr
+
+    rnd = random.Random(0)
+    golds = [rnd.choice([0, 1, -100]) for _ in range(300)]
+    preds = [rnd.choice([0, 1]) for _ in range(300)]
+    fast = bootstrap_stderr(golds, preds, chabsa_f1, iters=50)
+    slow = bootstrap_stderr(golds, preds, lambda g, p: chabsa_f1(g, p), iters=50)
+    assert fast is not None and fast > 0
+    assert fast == pytest.approx(slow, rel=1e-9)
