@@ -113,7 +113,7 @@ def _sum_by_request(batch: Sequence[_Group], owners: Sequence[int], values: Sequ
     sums: dict[int, float] = {}
     for o, v in zip(owners, values, strict=True):
         sums[o] = sums.get(o, 0.0) + v
-    out = []
+    out: list[tuple[int, float]] = []
     for r, g in enumerate(batch):
         extra = sums.get(-(r + 1), 0.0)
         out.extend((rid, sums[rid] + extra) for rid in g.req_ids)
@@ -388,11 +388,11 @@ def bootstrap_stderr(golds: Sequence[Any], preds: Sequence[Any], metric: Any = N
         return None
     rng = np.random.default_rng(seed)
     if metric is not None and metric is not chabsa_f1:
-        vals = []
+        plain: list[float] = []
         for _ in range(iters):
             idx = rng.integers(0, n, n)
-            vals.append(metric([golds[i] for i in idx], [preds[i] for i in idx]))
-        return float(np.std(vals, ddof=1))
+            plain.append(metric([golds[i] for i in idx], [preds[i] for i in idx]))
+        return float(np.std(plain, ddof=1))
     labels = sorted(set(golds) | set(preds), key=lambda x: (str(type(x)), x))
     code = {lab: i for i, lab in enumerate(labels)}
     g = np.array([code[x] for x in golds])
