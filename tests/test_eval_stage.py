@@ -170,3 +170,48 @@ def test_generation_with_local_judge(models: dict[str, Path], tmp_path: Path) ->
     assert [x["score"] for x in rows] == [7, 7]
     r0 = run_generation(model, tok, prompts, out_file=tmp_path / "g0.jsonl", max_new_tokens=2)
     assert r0["value"] is None and "no judge" in r0["note"]
+
+
+def test_evaluate_stage_in_a_recipe_and_report(tmp_path: Path) -> None:
+    """merge_tiny + an evaluate stage, applied with the CLI: metrics land in run.json and the report."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from finrecipe.cli import main
+
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "recipes" / "assets", tmp_path / "assets")
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(x) for x in [
+        {"question": "w3 w4", "choices": ["w10", "w11"], "answer": 0},
+        {"question": "w5 w6", "choices": ["w12 w13", "w14"], "answer": 1}]), encoding="utf-8")
+    (tmp_path / "held.txt").write_text("w3 w4 w5 w6 w7 w8 w9", encoding="utf-8")
+    recipe = (repo / "recipes" / "merge_tiny.yaml").read_text(encoding="utf-8")
+    recipe += """
+  eval:
+    type: evaluate
+    models: [base, domain_instruct, final]
+    reference: base
+    tasks:
+      - custom: mc.jsonl
+        name: exam
+      - files: [held.txt]
+        name: held
+    analysis: {base: base, vectors: [instruct, domain]}
+"""
+    (tmp_path / "r.yaml").write_text(recipe, encoding="utf-8")
+    res = CliRunner().invoke(main, ["apply", "-q", str(tmp_path / "r.yaml")])
+    assert res.exit_code == 0, res.output
+    wd = tmp_path / "runs" / "merge_tiny"
+    run = json.loads((wd / "run.json").read_text())
+    ev = next(n for n in run["nodes"] if n["name"] == "eval")
+    assert ev["status"] == "ran" and set(ev["inputs"]) >= {"base", "domain_instruct", "final"}
+    m = ev["metrics"]
+    assert m["models"]["final"]["tasks"]["custom:exam"]["n"] == 2
+    assert m["deltas"]["final"]["ppl:held"] == pytest.approx(
+        m["models"]["final"]["tasks"]["ppl:held"]["value"] - m["models"]["base"]["tasks"]["ppl:held"]["value"])
+    # instruct and domain are independent random inits: their task vectors are far from parallel
+    assert abs(m["analysis"]["pairs"][0]["cosine"]) < 0.9
+    html = (wd / "report.html").read_text()
+    assert "Evaluation: eval" in html and "custom:exam" in html and "data:image/png;base64," in html
+    assert "Task-vector analysis" in (wd / "report.md").read_text()
