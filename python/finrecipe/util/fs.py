@@ -55,7 +55,7 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_temps(dest: Path) -> list[Path]:
     """Remove temp dirs for `dest` whose creating process is gone. Returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     parent = dest.parent
     if not parent.is_dir():
         return removed
