@@ -160,3 +160,19 @@ def test_bootstrap_f1_stderr_fast_path_equals_plain() -> None:
     slow = bootstrap_stderr(golds, preds, lambda g, p: chabsa_f1(g, p), iters=50)
     assert fast is not None and fast > 0
     assert fast == pytest.approx(slow, rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox"])  # qwen2: the shared word-level fixture tokenizer loads as Qwen2Tokenizer and yields no ids
+def test_other_architectures_match_reference(tiny_model: object, arch: str) -> None:
+    from finrecipe.eval.model import load_model
+
+    model, tok = load_model(tiny_model(arch), device="cpu", dtype="float32")  # type: ignore[operator]
+    reqs = [Request(c, k) for c in ["w3 w4 w5 ", "w9 w8 w7 w6 w5"] for k in [" w10", " w11 w12", " w13 w14 w15"]]
+    ref = [_reference(model, tok, r, 128) for r in reqs]
+    for mode in ("packed", "prefix"):
+        got = Scorer(model, tok, mode=mode).loglikelihoods(reqs)
+        assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) < 1e-4
+    from finrecipe.errors import DataError
+
+    with pytest.raises(DataError, match="adds no token"):
+        Scorer(model, tok).loglikelihoods([Request("w3 w4", "w5")])

@@ -149,7 +149,11 @@ class Scorer:
         for i, r in enumerate(requests):
             ctx, cont = encode_pair(self.tokenizer, r.context, r.continuation, add_bos=self.add_bos)
             if not cont:
-                raise ValueError(f"request {i}: the continuation {r.continuation!r} tokenizes to nothing")
+                from finrecipe.errors import DataError
+
+                raise DataError(f"request {i}: the continuation {r.continuation!r} adds no token after the "
+                                f"context ending {r.context[-30:]!r} (the tokenizer merges it into the context); "
+                                "use a target delimiter such as ' ' between prompt and choice")
             if len(ctx) + len(cont) - 1 > self.max_length:
                 # lm-eval cuts this input from the left; it cannot share its context.
                 full = (ctx + cont)[-(self.max_length + 1):]
