@@ -215,3 +215,14 @@ def test_evaluate_stage_in_a_recipe_and_report(tmp_path: Path) -> None:
     html = (wd / "report.html").read_text()
     assert "Evaluation: eval" in html and "custom:exam" in html and "data:image/png;base64," in html
     assert "Task-vector analysis" in (wd / "report.md").read_text()
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(models: dict[str, Path]) -> None:
+    from finrecipe.eval.generate import greedy_generate
+    from finrecipe.eval.model import load_model
+
+    model, tok = load_model(models["instruct"], device="cpu", dtype="float32")
+    prompts = ["質問: 金利とは?", "A?", "金融商品取引業者等は、有価証券の売買の勧誘を行う者について", "x y z"]
+    one = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=1)
+    many = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=16)
+    assert one == many and all(isinstance(o, str) for o in one)

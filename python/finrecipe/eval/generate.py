@@ -39,9 +39,10 @@ def apply_chat(tokenizer: Any, prompt: str) -> tuple[str, bool]:
 
 
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 64,
-                    stop: list[str] | None = None, chat: bool = False,
+                    stop: list[str] | None = None, chat: bool = False, batch_size: int = 16,
                     progress: Progress | None = None) -> list[str]:
-    """Greedy continuations (one prompt at a time, exact), cut at the first stop string."""
+    """Greedy continuations, cut at the first stop string. Prompts are batched (left padding, sorted
+    by length); `batch_size=1` runs them one at a time."""
     import torch
 
     from finrecipe.eval.tasks.custom import cut_at_stop
@@ -50,16 +51,32 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_t
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    outs: list[str] = []
+    if pad is None:
+        pad = 0
+    encoded: list[list[int]] = []
+    for p in prompts:
+        text, special = apply_chat(tokenizer, p) if chat else (p, False)
+        encoded.append(list(tokenizer(text, add_special_tokens=not special)["input_ids"]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outs = [""] * len(prompts)
     with progress.task("generate", total=len(prompts)) as task, torch.inference_mode():
-        for p in prompts:
-            text, special = apply_chat(tokenizer, p) if chat else (p, False)
-            ids = tokenizer(text, add_special_tokens=not special, return_tensors="pt")["input_ids"].to(device)
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        for b0 in range(0, len(order), max(1, batch_size)):
+            idx = order[b0:b0 + max(1, batch_size)]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), int(pad), dtype=torch.long)
+            att = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                n = len(encoded[i])
+                ids[r, width - n:] = torch.tensor(encoded[i])
+                att[r, width - n:] = 1
+            gen = model.generate(ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
-            o = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-            outs.append(cut_at_stop(o, stop or []))
-            task.update(advance=1)
+            for r, i in enumerate(idx):
+                new = gen[r, width:].tolist()
+                if eos is not None and eos in new:
+                    new = new[:new.index(eos)]
+                outs[i] = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop or [])
+            task.update(advance=len(idx))
     return outs
 
 
