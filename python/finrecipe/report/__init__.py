@@ -225,15 +225,17 @@ _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
 h1{font-size:1.6rem}h2{font-size:1.25rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.85rem}th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}
-th{background:#f3f4f6}td:first-child,th:first-child{text-align:left}td.best{font-weight:700;background:#e8f5e9}
+th{background:#f3f4f6}table.nodes td,table.nodes th{text-align:left}td:first-child,th:first-child{text-align:left}td.best{font-weight:700;background:#e8f5e9}
 .meta{color:#555;font-size:.9rem}figure{display:inline-block;margin:.5rem}figcaption{font-size:.8rem;color:#555}
 img{max-width:100%;border:1px solid #eee}.ok{color:#2e7d32}.failed{color:#c62828}code{font-size:.85em}
 """
 
 
-def _html_table(header: list[str], rows: list[list[str]], marks: list[list[bool]] | None = None) -> str:
+def _html_table(header: list[str], rows: list[list[str]], marks: list[list[bool]] | None = None,
+                cls: str = "") -> str:
     e = html.escape
-    out = ["<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    attr = f" class='{cls}'" if cls else ""
+    out = [f"<table{attr}><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
     for i, r in enumerate(rows):
         tds = []
         for j, c in enumerate(r):
@@ -254,7 +256,7 @@ def render_html(run: dict[str, Any]) -> str:
              f"<p class='meta'>recipe <code>{e(str(r.get('file', '?')))}</code> (sha256 "
              f"<code>{e(str(r.get('sha256', ''))[:16])}</code>) · finrecipe {e(str(run.get('finrecipe_version', '?')))}"
              f" · started {e(str(run.get('started', '?')))} · finished {e(str(run.get('finished', '?')))}</p>",
-             "<h2>Nodes</h2>", _html_table(NODE_HEADER, _node_rows(run))]
+             "<h2>Nodes</h2>", _html_table(NODE_HEADER, _node_rows(run), cls="nodes")]
     imgs = _images(run)
 
     def figs(prefix: str) -> str:
