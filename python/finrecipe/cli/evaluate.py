@@ -34,6 +34,8 @@ def eval_cmd(models: tuple[str, ...], suite: str, data_dir: str, versions: str, 
         result = evaluate_models(list(models), data_dir=data_dir, versions=vs, tasks=ts, batch_size=batch_size,
                                  device=device, dtype=dtype, limit=limit, progress=progress)
     console().print(_table(result))
+    if len(vs) > 1:
+        console().print(_versions_table(result, vs))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
         console().print(f"results written to {json_out}")
@@ -60,9 +62,22 @@ def _table(result: dict) -> object:
             else:
                 se = f" ±{100 * r['stderr']:.1f}" if r.get("stderr") is not None else ""
                 cells.append(f"{100 * r['value']:.2f}{se}")
-        ave = "—" if s["average"] is None else f"{s['average']:.2f}" + ("" if s["complete"] else "*")
+        ave = "—" if s["average"] is None else f"{s['average']:.2f}" + ("" if s["complete"] else "†")
         t.add_row(name, str(s["best_version"]), ave, *cells)
     t.caption = "* average over the tasks with data only; a missing task is not scored as zero"
+    return t
+
+
+def _versions_table(result: dict, versions: list[str]) -> object:
+    from rich.table import Table
+
+    t = Table(title="average per prompt version (100 × metric)")
+    t.add_column("model")
+    for v in versions:
+        t.add_column(v, justify="right")
+    for name, m in result["models"].items():
+        by = m["jfin"]["by_version"]
+        t.add_row(name, *["—" if by.get(v) is None else f"{by[v]:.2f}" for v in versions])
     return t
 
 
