@@ -64,7 +64,7 @@ def _table(result: dict) -> object:
                 cells.append(f"{100 * r['value']:.2f}{se}")
         ave = "—" if s["average"] is None else f"{s['average']:.2f}" + ("" if s["complete"] else "†")
         t.add_row(name, str(s["best_version"]), ave, *cells)
-    t.caption = "* average over the tasks with data only; a missing task is not scored as zero"
+    t.caption = "† average over the tasks with data only; a missing task is not scored as zero"
     return t
 
 
