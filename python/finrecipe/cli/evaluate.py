@@ -37,7 +37,10 @@ def eval_cmd(models: tuple[str, ...], suite: str, data_dir: str, versions: str, 
     if len(vs) > 1:
         console().print(_versions_table(result, vs))
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        out = Path(json_out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(out)
         console().print(f"results written to {json_out}")
 
 

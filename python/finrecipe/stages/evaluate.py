@@ -313,19 +313,25 @@ def run_evaluation(config: EvaluateConfig, inputs: Mapping[str, ModelRef | Datas
         for i, p in enumerate(an.get("heatmaps", [])):
             artifacts[f"analysis_heatmap_{i}"] = p
         artifacts["analysis_json"] = str(out_dir / "analysis" / "analysis.json")
-    (out_dir / "results.json").write_text(json.dumps({"metrics": metrics, "detail": detail}, indent=1,
-                                                     ensure_ascii=False, default=str), encoding="utf-8")
+    _write_atomic(out_dir / "results.json", json.dumps({"metrics": metrics, "detail": detail}, indent=1,
+                                                       ensure_ascii=False, default=str).encode("utf-8"))
     artifacts["results"] = str(out_dir / "results.json")
     try:
         from finrecipe.report.plots import scores_bar_png
 
         png = scores_bar_png(metrics)
         if png:
-            (out_dir / "scores.png").write_bytes(png)
+            _write_atomic(out_dir / "scores.png", png)
             artifacts["scores_plot"] = str(out_dir / "scores.png")
     except ImportError:  # report package not importable: the report will draw its own
         pass
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _public(r: Mapping[str, Any], higher: bool) -> dict[str, Any]:
