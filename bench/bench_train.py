@@ -250,6 +250,10 @@ def main() -> None:
                          micro=4, accum=1, steps=30, skip=10).items():
             if k not in given:
                 setattr(args, k, v)
+    if not args.gpu and not Path(args.hf_python).exists():
+        raise SystemExit(f"{args.hf_python} not found: the HF Trainer baseline needs accelerate in its own venv: "
+                         "python3 -m venv .venv-bench-train && .venv-bench-train/bin/pip install torch "
+                         "transformers accelerate numpy (or pass --hf-python)")
     st = setup(args)
     settings = _settings(args)
     payload = {"setup": st, "settings": settings, "gpu": args.gpu, "compile": args.compile}
