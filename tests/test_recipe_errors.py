@@ -220,6 +220,30 @@ def test_missing_local_paths_are_validate_errors(rdir: Path) -> None:
     assert ei.value.path == "datasets.corpus.files" and "no files match" in ei.value.message
 
 
+def test_dataset_description_is_appended_to_the_missing_files_error(rdir: Path) -> None:
+    text = GOOD.replace("    files: data/*.jsonl\n", "    files: user/*.jsonl\n    description: >-\n"
+                        "      put your corpus as JSONL\n      with a 'text' field under user/\n")
+    p = _write(rdir, text)
+    for run in (lambda r: r.validate(), lambda r: r.plan(), lambda r: r.apply()):
+        with pytest.raises(RecipeError) as ei:
+            run(load_recipe(p))
+        e = ei.value
+        assert e.path == "datasets.corpus.files" and e.line == 9 and e.file == str(p)
+        assert "no files match 'user/*.jsonl'" in e.message
+        # folded onto one line, after the glob error
+        assert e.message.endswith("; expected: put your corpus as JSONL with a 'text' field under user/")
+    # without a description the error is the bare glob error
+    p = _write(rdir, GOOD.replace("data/*.jsonl", "user/*.jsonl"))
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(p).validate()
+    assert "expected:" not in ei.value.message
+    # the description is documentation only: it does not change the cache key
+    good = load_recipe(_write(rdir, GOOD)).plan()
+    described = load_recipe(_write(rdir, GOOD.replace("    files: data/*.jsonl\n",
+                                                      "    files: data/*.jsonl\n    description: x\n"))).plan()
+    assert [n.key for n in good.nodes] == [n.key for n in described.nodes]
+
+
 def test_only_and_force_names_checked(rdir: Path) -> None:
     r = load_recipe(_write(rdir, GOOD))
     with pytest.raises(ConfigError, match="did you mean 'merged'"):

@@ -48,6 +48,9 @@ def test_missing_user_corpus_is_a_located_error(name: str, tmp_path: Path) -> No
     text = " ".join(out.split())
     assert f"{name}:" in text and "datasets.finance_corpus.files" in text
     assert "user_data/finance/*.jsonl" in text
+    # the dataset's description says what to put there
+    assert "expected: your" in text and "JSONL" in text and "\"text\" field" in text
+    assert "user_data/finance/" in text.split("expected:")[1]
 
 
 @pytest.mark.parametrize("name", sorted(USER_CORPUS))

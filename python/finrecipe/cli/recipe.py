@@ -13,6 +13,9 @@ _set_option = click.option(
     help="Override a recipe field (value parsed as YAML), e.g. --set stages.cpt.optimizer.lr=1e-6. "
          "Repeatable.")
 _recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+_lock_file_option = click.option(
+    "--lock-file", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PATH",
+    help="Lockfile to read (and write) instead of RECIPE.lock beside the recipe.")
 
 
 def _human(n: float | None) -> str:
@@ -64,12 +67,17 @@ _STATUS_STYLE = {"cached": "green", "local": "green", "stale": "yellow", "to run
 @click.command("plan")
 @_recipe_arg
 @_set_option
+@_lock_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Show the execution order of RECIPE with each node's status: cached, stale (and why) or to run."""
+def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, as_json: bool) -> None:
+    """Show the nodes of RECIPE in execution order with each one's status (local, cached, stale and
+    why, or to run), its cache key, inputs and output size (measured when cached, else estimated).
+
+    Hub revisions are resolved from the lockfile when it pins them, else on the hub; a revision that
+    cannot be resolved offline leaves its node (and what depends on it) unresolved."""
     from finrecipe.recipe import load_recipe
 
-    r = load_recipe(recipe, overrides=list(overrides))
+    r = load_recipe(recipe, overrides=list(overrides), lock_file=lock_file)
     plan = r.plan()
     if as_json:
         click.echo(json.dumps(plan.to_json(), indent=2))
@@ -103,26 +111,37 @@ def plan_cmd(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
 @click.option("--force", multiple=True, metavar="NODE", help="Rebuild NODE even if cached. Repeatable.")
 @click.option("--dry-run", is_flag=True, help="Show what would run; run nothing.")
 @click.option("--locked", is_flag=True,
-              help="Refuse to run if anything resolves differently from RECIPE.lock.")
+              help="Refuse to run if anything resolves differently from the lockfile (RECIPE.lock).")
+@_lock_file_option
+@click.option("--no-lock", is_flag=True,
+              help="Do not write the lockfile (it is still read for pinned hub commits and --locked).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], force: tuple[str, ...],
-              dry_run: bool, locked: bool, quiet: bool) -> None:
-    """Build what RECIPE describes: run every node that is not cached, in dependency order."""
+              dry_run: bool, locked: bool, lock_file: Path | None, no_lock: bool, quiet: bool) -> None:
+    """Build what RECIPE describes: run every node that is not cached, in dependency order.
+
+    Outputs go to <workdir>/<node>/<key>/ (workdir defaults to runs/<name> beside the recipe). Ends
+    with a summary of the nodes, the scores of the evaluate stages and the path of the HTML report
+    (<workdir>/report.html). The lockfile RECIPE.lock is written (or updated) unless --locked or
+    --no-lock is given."""
     from finrecipe.cli.ui import RichProgress, console, console_err
     from finrecipe.recipe import load_recipe
 
-    r = load_recipe(recipe, overrides=list(overrides))
+    r = load_recipe(recipe, overrides=list(overrides), lock_file=lock_file)
     if dry_run:
-        res = r.apply(only=list(only), force=list(force), dry_run=True, locked=locked)
+        res = r.apply(only=list(only), force=list(force), dry_run=True, locked=locked,
+                      write_lock=not no_lock)
         todo = res.would_run
         console().print(f"dry run: {len(todo)} would run" + (f": {', '.join(todo)}" if todo else "")
                         + f"; {len(res.cached)} cached")
         return
     with RichProgress(quiet=quiet) as progress:
-        res = r.apply(only=list(only), force=list(force), locked=locked, progress=progress)
+        res = r.apply(only=list(only), force=list(force), locked=locked, progress=progress,
+                      write_lock=not no_lock)
     if res.noop:
         console().print(f"[green]nothing to do[/]: all {len(res.nodes)} nodes of {r.name} are cached "
                         f"({res.seconds:.2f}s)")
+        _print_results(res)
         return
     from rich.table import Table
 
@@ -143,17 +162,42 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
         extra.append(f"lockfile {_short_path(r.lock_path)} updated")
     console_err().print(f"ran {len(res.ran)}, reused {len(res.cached)} in {res.seconds:.1f}s"
                         + (f"; {'; '.join(extra)}" if extra else ""))
+    _print_results(res)
+
+
+def _print_results(res: Any) -> None:
+    """The models × tasks table of every evaluate node (the report's table), then the HTML report."""
+    from rich.table import Table
+
+    from finrecipe.cli.ui import console
+    from finrecipe.report import _eval_tables
+
+    for n in res.evaluations:
+        header, rows, marks, _deltas = _eval_tables(n.metrics)
+        t = Table(title=f"results: {n.name}", title_justify="left",
+                  caption="scores ×100 (bits/byte and judge scores as is); bold = best in the column; "
+                          "† = average over the tasks with data only",
+                  caption_justify="left")
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if i == 0 else "right")
+        for row, mark in zip(rows, marks, strict=True):
+            t.add_row(*[f"[bold]{c}[/]" if m else c for c, m in zip(row, mark, strict=True)])
+        console().print(t)
+    if res.report_html is not None:
+        console().print(f"report: {_short_path(res.report_html)}")
 
 
 @click.command("lock")
 @_recipe_arg
 @_set_option
-def lock_cmd(recipe: Path, overrides: tuple[str, ...]) -> None:
-    """Resolve RECIPE's inputs (hub commits, dataset file hashes) and write RECIPE.lock."""
+@_lock_file_option
+def lock_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None) -> None:
+    """Resolve RECIPE's inputs (hub revisions to commits, asking the hub; local dataset files and
+    model directories to sizes and sha256) and write RECIPE.lock. Builds nothing."""
     from finrecipe.cli.ui import console
     from finrecipe.recipe import load_recipe
 
-    r = load_recipe(recipe, overrides=list(overrides))
+    r = load_recipe(recipe, overrides=list(overrides), lock_file=lock_file)
     path = r.lock()
     console().print(f"[green]wrote[/] {_short_path(path)}")
 

@@ -76,6 +76,8 @@ class Recipe:
         self.loaded = loaded
         self.file = loaded.file
         self.recipe_dir = loaded.file.parent
+        # where `apply` / `lock` read and write the lockfile (`load_recipe(..., lock_file=...)`)
+        self.lock_path: Path = self.file.with_name(self.file.name + ".lock")
         try:
             self.schema = RecipeSchema.model_validate(loaded.data)
         except ValidationError as e:
@@ -262,10 +264,6 @@ class Recipe:
     def __iter__(self) -> Iterator[Node]:
         return (self.nodes[n] for n in self.order)
 
-    @property
-    def lock_path(self) -> Path:
-        return self.file.with_name(self.file.name + ".lock")
-
     # ------------------------------------------------------------------ operations
 
     def validate(self) -> list[str]:
@@ -281,12 +279,15 @@ class Recipe:
         return make_plan(self, progress=progress or NullProgress())
 
     def apply(self, *, only: Sequence[str] | None = None, force: Sequence[str] | None = None,
-              dry_run: bool = False, locked: bool = False, progress: Progress | None = None
-              ) -> ApplyResult:
+              dry_run: bool = False, locked: bool = False, progress: Progress | None = None,
+              write_lock: bool = True) -> ApplyResult:
+        """Run every node that is not cached. The lockfile (`self.lock_path`) is read for pinned hub
+        commits and for `locked`; it is rewritten when something resolves differently, unless
+        `write_lock` is false."""
         from finrecipe.recipe.engine import apply
 
         return apply(self, only=list(only or []), force=list(force or []), dry_run=dry_run,
-                     locked=locked, progress=progress or NullProgress())
+                     locked=locked, progress=progress or NullProgress(), write_lock=write_lock)
 
     def lock(self, *, refresh: bool = True) -> Path:
         """Resolve everything (hub commits, dataset hashes) and write RECIPE.lock."""
@@ -295,11 +296,18 @@ class Recipe:
         return write_lock(self, refresh=refresh)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read, merge (`extends`), override (`--set`) and validate a recipe file."""
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), *,
+                lock_file: str | Path | None = None) -> Recipe:
+    """Read, merge (`extends`), override (`--set`) and validate a recipe file.
+
+    `lock_file`: where the lockfile is read and written (default `<recipe>.lock` beside the recipe).
+    """
     loaded = read_recipe(path)
     top = dict(RecipeSchema.model_fields)
     entry_fields = {"models": list(ModelSource.model_fields), "datasets": list(DatasetSpec.model_fields)}
     for expr in overrides:
         apply_override(loaded, expr, top_fields=top, entry_fields=entry_fields)
-    return Recipe(loaded)
+    recipe = Recipe(loaded)
+    if lock_file is not None:
+        recipe.lock_path = Path(lock_file).absolute()
+    return recipe

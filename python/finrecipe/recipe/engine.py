@@ -199,7 +199,8 @@ def _resolve_dataset(recipe: Recipe, node: Node, shas: ShaCache, lock: Mapping[s
         try:
             files = sources.expand_globs(spec.patterns, base)
         except DataError as e:
-            raise RecipeError(str(e), **recipe.loaded.where(kp + ("files",))) from None
+            raise RecipeError(_missing_files_msg(e, spec.description),
+                              **recipe.loaded.where(kp + ("files",))) from None
         fmt = spec.format or _infer(recipe, node, files)
         hashed = []
         for f in files:
@@ -226,6 +227,14 @@ def _resolve_dataset(recipe: Recipe, node: Node, shas: ShaCache, lock: Mapping[s
     if isinstance(marker, dict) and marker.get("dataset_files"):
         _attach_hub_dataset(recipe, node, res, marker["dataset_files"])
     return res
+
+
+def _missing_files_msg(e: DataError, description: str | None) -> str:
+    """The glob error, with the dataset's `description:` (what to put there) when it has one."""
+    msg = str(e)
+    if description and description.strip():
+        msg += f"; expected: {' '.join(description.split())}"
+    return msg
 
 
 def _infer(recipe: Recipe, node: Node, files: list[Path]) -> Any:
@@ -521,7 +530,8 @@ def validate_deep(recipe: Recipe) -> list[str]:
             try:
                 sources.expand_globs(node.dataset.patterns, recipe.loaded.base_dir(kp + ("files",)))
             except DataError as e:
-                raise RecipeError(str(e), **recipe.loaded.where(kp + ("files",))) from None
+                raise RecipeError(_missing_files_msg(e, node.dataset.description),
+                                  **recipe.loaded.where(kp + ("files",))) from None
         if node.kind is not None and node.config is not None:
             avail: dict[str, ModelRef | DatasetRef] = {
                 d: ModelRef(d, local_models[d]) for d in node.deps if d in local_models}
@@ -576,7 +586,19 @@ class ApplyResult:
     would_run: list[str] = field(default_factory=list)  # dry run: what apply would run
     lock_written: bool = False
     log_file: Path | None = None
-    report: Path | None = None
+    report: Path | None = None  # report.md
+
+    @property
+    def report_html(self) -> Path | None:
+        """`<workdir>/report.html` when the report package wrote it."""
+        p = self.workdir / "report.html"
+        return p if p.is_file() else None
+
+    @property
+    def evaluations(self) -> list[NodeRecord]:
+        """The evaluate nodes that have scores (metrics schema `finrecipe.evaluate/1`), in order."""
+        return [n for n in self.nodes if n.type == "evaluate" and n.status in ("ran", "cached")
+                and isinstance(n.metrics.get("models"), dict)]
 
     @property
     def ran(self) -> list[str]:
@@ -650,7 +672,7 @@ def _log_to(workdir: Path) -> Iterator[Path]:
 
 
 def apply(recipe: Recipe, *, only: list[str], force: list[str], dry_run: bool, locked: bool,
-          progress: Progress | None = None) -> ApplyResult:
+          progress: Progress | None = None, write_lock: bool = True) -> ApplyResult:
     progress = progress or NullProgress()
     recipe.check_names(only, "--only")
     recipe.check_names(force, "--force")
@@ -660,7 +682,8 @@ def apply(recipe: Recipe, *, only: list[str], force: list[str], dry_run: bool, l
         return _dry_run(recipe, only, force, locked, started, t0)
     with workdir_lock(recipe.workdir), _log_to(recipe.workdir) as logfile:
         log.info("apply %s (%s), finrecipe %s", recipe.name, recipe.file, __version__)
-        return _apply_locked(recipe, only, force, locked, progress, started, t0, logfile)
+        return _apply_locked(recipe, only, force, locked, progress, started, t0, logfile,
+                             write_lock=write_lock)
 
 
 def _selection(recipe: Recipe, only: list[str], force: list[str]) -> set[str]:
@@ -696,7 +719,7 @@ def _lock_msg(recipe: Recipe, diffs: list[str]) -> str:
 
 
 def _apply_locked(recipe: Recipe, only: list[str], force: list[str], locked: bool, progress: Progress,
-                  started: str, t0: float, logfile: Path) -> ApplyResult:
+                  started: str, t0: float, logfile: Path, *, write_lock: bool = True) -> ApplyResult:
     shas = ShaCache(recipe.workdir / SHA_CACHE)
     lock = _load_lock(recipe)
     res = resolve(recipe, shas=shas, lock=lock)
@@ -708,7 +731,7 @@ def _apply_locked(recipe: Recipe, only: list[str], force: list[str], locked: boo
             log.error("lock mismatch: %s", diffs)
             raise LockMismatchError(_lock_msg(recipe, diffs))
     lock_written = False
-    if not locked:
+    if not locked and write_lock:
         lock_written = _update_lock(recipe, lock, doc)
         lock = doc if lock_written else lock
     sel = _selection(recipe, only, force)
@@ -778,7 +801,7 @@ def _apply_locked(recipe: Recipe, only: list[str], force: list[str], locked: boo
             diffs = compare_lock(lock, doc, recipe.lock_path)
             if diffs:
                 raise LockMismatchError(_lock_msg(recipe, diffs))
-        else:
+        elif write_lock:
             lock_written = _update_lock(recipe, lock, doc) or lock_written
     except BaseException as e:
         failure = e

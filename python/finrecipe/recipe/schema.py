@@ -82,6 +82,9 @@ class DatasetSpec(_Strict):
     format: DatasetFormat | None = None
     text_field: str = "text"
     weight: float = Field(default=1.0, gt=0)
+    # what belongs here, for whoever fills it in: appended to the error when no file matches
+    # (not part of the cache key or the lockfile)
+    description: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
