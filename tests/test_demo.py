@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from finrecipe.cli import main
@@ -90,7 +91,11 @@ def test_tokenizer_covers_data_and_chat_format() -> None:
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_with_reduced_sizes(tmp_path: Path) -> None:
-    args = ["apply", str(RECIPES / "demo.yaml"), "-q", "--set", f"workdir={tmp_path / 'run'}"]
+    # the lockfile goes to tmp_path: the test never rewrites recipes/demo.yaml.lock
+    lock = tmp_path / "demo.lock"
+    args = ["apply", str(RECIPES / "demo.yaml"), "-q", "--set", f"workdir={tmp_path / 'run'}",
+            "--lock-file", str(lock)]
+    committed_lock = (RECIPES / "demo.yaml.lock").read_bytes()
     for k, v in SMALL.items():
         args += ["--set", f"{k}={v}"]
     res = CliRunner().invoke(main, args)
@@ -112,7 +117,15 @@ def test_demo_runs_end_to_end_with_reduced_sizes(tmp_path: Path) -> None:
         assert {"custom:finance_qa", "custom:general_qa", "custom:finance_mc", "ppl:finance_heldout"} <= set(
             m["tasks"])
     assert metrics["analysis"] is not None
-    # a second apply reuses everything
+    # it ends with the results table (all four models) and the path of the HTML report
+    out = res.output[res.output.index("results: eval"):]
+    assert all(f"│ {m} " in out for m in ("base", "instruct", "finance", "merged"))
+    assert out.rstrip().splitlines()[-1] == f"report: {state / 'report.html'}"
+    # a second apply reuses everything, and shows the same table
     res2 = CliRunner().invoke(main, args)
     assert res2.exit_code == 0, res2.output
     assert "nothing to do" in res2.output
+    assert res2.output[res2.output.index("results: eval"):] == out
+    # the sources resolve as the committed lockfile says, which the test left untouched
+    assert yaml.safe_load(lock.read_text()) == yaml.safe_load(committed_lock)
+    assert (RECIPES / "demo.yaml.lock").read_bytes() == committed_lock

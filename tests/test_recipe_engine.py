@@ -270,6 +270,53 @@ def test_lockfile_written_and_mismatch_reported(rdir: Path) -> None:
     assert load_recipe(rdir / "r.yaml").lock() == r.lock_path and r.lock_path.is_file()
 
 
+def test_lockfile_elsewhere_or_not_written(rdir: Path, tmp_path: Path) -> None:
+    beside = rdir / "r.yaml.lock"
+    elsewhere = tmp_path / "locks" / "r.lock"
+    elsewhere.parent.mkdir()
+    # Python API: lock_file= moves it, write_lock=False skips writing it
+    assert load_recipe(rdir / "r.yaml").apply(write_lock=False).ran == ["cpt", "merged", "ev"]
+    assert not beside.exists() and not elsewhere.exists()
+    r = load_recipe(rdir / "r.yaml", lock_file=elsewhere)
+    assert r.lock_path == elsewhere
+    res = r.apply()
+    assert res.noop and res.lock_written and elsewhere.is_file() and not beside.exists()
+    lock = yaml.safe_load(elsewhere.read_text())
+    # paths stay relative to the recipe, wherever the lockfile is
+    assert [f["path"] for f in lock["datasets"]["corpus"]["files"]] == ["data/a.jsonl", "data/b.jsonl"]
+    assert load_recipe(rdir / "r.yaml", lock_file=elsewhere).apply(locked=True).noop
+    with pytest.raises(LockMismatchError, match="no lockfile"):  # RECIPE.lock itself does not exist
+        load_recipe(rdir / "r.yaml").apply(locked=True)
+    # a changed input: --locked against the moved lockfile refuses; write_lock=False leaves it as it was
+    before = elsewhere.read_text()
+    (rdir / "data" / "b.jsonl").write_text('{"text": "changed"}\n')
+    with pytest.raises(LockMismatchError, match="data/b.jsonl changed"):
+        load_recipe(rdir / "r.yaml", lock_file=elsewhere).apply(locked=True)
+    res = load_recipe(rdir / "r.yaml", lock_file=elsewhere).apply(write_lock=False)
+    assert res.ran == ["cpt", "merged", "ev"] and not res.lock_written
+    assert elsewhere.read_text() == before and not beside.exists()
+    # `lock` and the CLI options
+    from click.testing import CliRunner
+
+    from finrecipe.cli import main
+
+    cli = CliRunner()
+    p = str(rdir / "r.yaml")
+    res_cli = cli.invoke(main, ["apply", "-q", p, "--locked", "--lock-file", str(elsewhere)])
+    assert res_cli.exit_code == 2 and "data/b.jsonl changed" in res_cli.output
+    res_cli = cli.invoke(main, ["lock", p, "--lock-file", str(elsewhere)])
+    assert res_cli.exit_code == 0 and elsewhere.read_text() != before and not beside.exists()
+    res_cli = cli.invoke(main, ["apply", "-q", p, "--locked", "--lock-file", str(elsewhere)])
+    assert res_cli.exit_code == 0 and "nothing to do" in res_cli.output
+    (rdir / "data" / "a.jsonl").write_text('{"text": "changed too"}\n')
+    locked_text = elsewhere.read_text()
+    res_cli = cli.invoke(main, ["apply", "-q", p, "--no-lock", "--lock-file", str(elsewhere)])
+    assert res_cli.exit_code == 0 and "ran 3" in res_cli.output and "updated" not in res_cli.output
+    assert elsewhere.read_text() == locked_text and not beside.exists()
+    res_cli = cli.invoke(main, ["plan", "--json", p, "--lock-file", str(elsewhere)])
+    assert res_cli.exit_code == 0 and not beside.exists()
+
+
 def test_extends_deep_merge_and_relative_paths(rdir: Path) -> None:
     shared = rdir / "shared"
     _model_dir(shared / "models" / "base", "shared base")

@@ -13,9 +13,11 @@ _set_option = click.option(
     help="Override a recipe field (value parsed as YAML), e.g. --set stages.cpt.optimizer.lr=1e-6. "
          "Repeatable.")
 _recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-_lock_file_option = click.option(
-    "--lock-file", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PATH",
-    help="Lockfile to read (and write) instead of RECIPE.lock beside the recipe.")
+
+
+def _lock_file_option(help: str) -> Any:
+    return click.option("--lock-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        metavar="PATH", help=help)
 
 
 def _human(n: float | None) -> str:
@@ -47,8 +49,9 @@ def _short_path(p: Any) -> str:
 @_recipe_arg
 @_set_option
 def validate_cmd(recipe: Path, overrides: tuple[str, ...]) -> None:
-    """Check RECIPE without running anything: schema, references, cycles, local paths, and merge
-    configs against the headers of local input models."""
+    """Check RECIPE without running or downloading anything: schema, references, cycles, that local
+    model directories, tokenizers and dataset files exist, and each stage's config against its input
+    models when they are all local directories (e.g. a merge against the safetensors headers)."""
     from finrecipe.cli.ui import console
     from finrecipe.recipe import load_recipe
 
@@ -67,7 +70,7 @@ _STATUS_STYLE = {"cached": "green", "local": "green", "stale": "yellow", "to run
 @click.command("plan")
 @_recipe_arg
 @_set_option
-@_lock_file_option
+@_lock_file_option("Lockfile to read pinned hub commits from, instead of RECIPE.lock beside the recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, as_json: bool) -> None:
     """Show the nodes of RECIPE in execution order with each one's status (local, cached, stale and
@@ -108,22 +111,28 @@ def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, a
 @_set_option
 @click.option("--only", multiple=True, metavar="NODE",
               help="Build only NODE (and whatever it needs that is missing). Repeatable.")
-@click.option("--force", multiple=True, metavar="NODE", help="Rebuild NODE even if cached. Repeatable.")
+@click.option("--force", multiple=True, metavar="NODE",
+              help="Rebuild NODE even if cached (its dependents keep their cache: their keys do not "
+                   "change). Repeatable.")
 @click.option("--dry-run", is_flag=True, help="Show what would run; run nothing.")
 @click.option("--locked", is_flag=True,
-              help="Refuse to run if anything resolves differently from the lockfile (RECIPE.lock).")
-@_lock_file_option
+              help="Refuse to run if there is no lockfile or anything resolves differently from it; "
+                   "never write it.")
+@_lock_file_option("Lockfile to read and write instead of RECIPE.lock beside the recipe.")
 @click.option("--no-lock", is_flag=True,
               help="Do not write the lockfile (it is still read for pinned hub commits and --locked).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bars (a line still says when each node starts).")
 def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], force: tuple[str, ...],
               dry_run: bool, locked: bool, lock_file: Path | None, no_lock: bool, quiet: bool) -> None:
     """Build what RECIPE describes: run every node that is not cached, in dependency order.
 
-    Outputs go to <workdir>/<node>/<key>/ (workdir defaults to runs/<name> beside the recipe). Ends
-    with a summary of the nodes, the scores of the evaluate stages and the path of the HTML report
-    (<workdir>/report.html). The lockfile RECIPE.lock is written (or updated) unless --locked or
-    --no-lock is given."""
+    Outputs go to <workdir>/<node>/<key>/ (workdir defaults to runs/<name> beside the recipe); a
+    node counts as done once its DONE.json is written, so an interrupted apply continues where it
+    stopped. Prints a summary of the nodes, then the scores of the evaluate stages and the path of
+    the HTML report (<workdir>/report.html; report.md, report.json and logs/ are beside it); a
+    re-apply with nothing to do prints the same scores from the cache. RECIPE.lock is rewritten
+    when what the recipe resolves to changed, unless --locked or --no-lock is given."""
     from finrecipe.cli.ui import RichProgress, console, console_err
     from finrecipe.recipe import load_recipe
 
@@ -167,33 +176,43 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
 
 def _print_results(res: Any) -> None:
     """The models × tasks table of every evaluate node (the report's table), then the HTML report."""
+    from rich.markup import escape
     from rich.table import Table
 
     from finrecipe.cli.ui import console
-    from finrecipe.report import _eval_tables
+    from finrecipe.report import _eval_tables  # the report's table: same cells, same order
 
     for n in res.evaluations:
         header, rows, marks, _deltas = _eval_tables(n.metrics)
-        t = Table(title=f"results: {n.name}", title_justify="left",
-                  caption="scores ×100 (bits/byte and judge scores as is); bold = best in the column; "
-                          "† = average over the tasks with data only",
-                  caption_justify="left")
+        t = Table(title=f"results: {n.name}", title_justify="left")
         for i, h in enumerate(header):
             t.add_column(h, justify="left" if i == 0 else "right")
         for row, mark in zip(rows, marks, strict=True):
-            t.add_row(*[f"[bold]{c}[/]" if m else c for c, m in zip(row, mark, strict=True)])
+            t.add_row(*[f"[bold]{escape(c)}[/]" if m else escape(c) for c, m in zip(row, mark, strict=True)])
         console().print(t)
+        raw = {r.get("metric") for e in n.metrics["models"].values() if isinstance(e, dict)
+               for r in (e.get("tasks") or {}).values() if isinstance(r, dict)}
+        note = ["scores ×100"]
+        if "bits_per_byte" in raw:
+            note.append("bits/byte as is (lower is better)")
+        if "judge_score" in raw:
+            note.append("judge scores as is")
+        note.append("bold = best in the column")
+        if any(c.endswith("†") for row in rows for c in row):
+            note.append("† = average over the tasks with data only")
+        console().print("[dim]" + "; ".join(note) + "[/]")
     if res.report_html is not None:
-        console().print(f"report: {_short_path(res.report_html)}")
+        console().print(f"report: {_short_path(res.report_html)}", soft_wrap=True)  # one line: copyable
 
 
 @click.command("lock")
 @_recipe_arg
 @_set_option
-@_lock_file_option
+@_lock_file_option("Write the lockfile to PATH instead of RECIPE.lock beside the recipe.")
 def lock_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None) -> None:
-    """Resolve RECIPE's inputs (hub revisions to commits, asking the hub; local dataset files and
-    model directories to sizes and sha256) and write RECIPE.lock. Builds nothing."""
+    """Resolve RECIPE's sources and write RECIPE.lock: hub revisions to commits (always asking the
+    hub), local dataset files to sizes and sha256, local model directories to a content digest.
+    Builds nothing; hub datasets get their file list once `apply` has downloaded them."""
     from finrecipe.cli.ui import console
     from finrecipe.recipe import load_recipe
 
