@@ -28,6 +28,7 @@ EVAL = """
         name: exam
       - files: [held.txt]
         name: held
+    analysis: {base: base, vectors: [instruct, domain]}
 """
 
 
@@ -72,6 +73,9 @@ def _check_results(d: Path, output: str) -> None:
         line = next(x for x in table if x.strip("│ ").startswith(row[0] + " "))
         assert [c.strip() for c in line.strip("│").split("│")] == row
     assert [r[0] for r in rows] == ["base", "domain_instruct", "final"]
+    run = json.loads((d / "runs" / "merge_tiny" / "run.json").read_text())
+    pair = next(n for n in run["nodes"] if n["name"] == "eval")["metrics"]["analysis"]["pairs"][0]
+    assert f"task-vector cosine (base base): instruct × domain {pair['cosine']:.4f}" in text
     order = [next(i for i, x in enumerate(table) if x.strip("│ ").startswith(r[0] + " ")) for r in rows]
     assert order == sorted(order)
     # the HTML report's path is the last line

@@ -201,6 +201,12 @@ def _print_results(res: Any) -> None:
         if any(c.endswith("†") for row in rows for c in row):
             note.append("† = average over the tasks with data only")
         console().print("[dim]" + "; ".join(note) + "[/]")
+        an = n.metrics.get("analysis")
+        pairs = [p for p in (an.get("pairs") or []) if isinstance(p, dict)] if isinstance(an, dict) else []
+        if pairs:
+            cos = ", ".join(f"{p.get('a')} × {p.get('b')} "
+                            + ("—" if p.get("cosine") is None else f"{p['cosine']:.4f}") for p in pairs)
+            console().print(escape(f"task-vector cosine (base {an.get('base')}): {cos}"))
     if res.report_html is not None:
         console().print(f"report: {_short_path(res.report_html)}", soft_wrap=True)  # one line: copyable
 
