@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from finrecipe.recipe.engine import ApplyResult
 
 _set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
@@ -174,7 +177,7 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
     _print_results(res)
 
 
-def _print_results(res: Any) -> None:
+def _print_results(res: ApplyResult) -> None:
     """The models × tasks table of every evaluate node (the report's table), then the HTML report."""
     from rich.markup import escape
     from rich.table import Table
@@ -202,7 +205,9 @@ def _print_results(res: Any) -> None:
             note.append("† = average over the tasks with data only")
         console().print("[dim]" + "; ".join(note) + "[/]")
         an = n.metrics.get("analysis")
-        pairs = [p for p in (an.get("pairs") or []) if isinstance(p, dict)] if isinstance(an, dict) else []
+        if not isinstance(an, dict):
+            continue
+        pairs = [p for p in (an.get("pairs") or []) if isinstance(p, dict)]
         if pairs:
             cos = ", ".join(f"{p.get('a')} × {p.get('b')} "
                             + ("—" if p.get("cosine") is None else f"{p['cosine']:.4f}") for p in pairs)
