@@ -28,7 +28,7 @@ $(EXT_BUILT): $(INSTALLED) $(RUST_SRC)
 
 build: $(EXT_BUILT)
 
-test: setup test-rust test-python
+test: setup lint test-rust test-python
 
 test-rust:
 	cargo test --quiet
