@@ -347,6 +347,23 @@ def test_progress_and_keyboard_interrupt(tmp_path: Path) -> None:
     assert list(o.iterdir()) == []
 
 
+def test_interrupt_reported_after_last_chunk_still_cancels(trio: list[Path], tmp_path: Path) -> None:
+    """Ctrl-C that arrives with the final progress report (the work already finished) leaves no files."""
+    reports: list[tuple[int, int]] = []
+
+    def interrupt_at_end(done: int, total: int) -> None:
+        reports.append((done, total))
+        if done == total:
+            raise KeyboardInterrupt
+
+    o = tmp_path / "late"
+    with pytest.raises(KeyboardInterrupt):
+        _core.merge(_plan(trio, o, "task_arithmetic", [{"weight": 1.0}] * 2, {"lambda": 1.0, "normalize": False}),
+                    interrupt_at_end)
+    assert reports and reports[-1][0] == reports[-1][1]
+    assert list(o.iterdir()) == []
+
+
 # --- analyze ------------------------------------------------------------------------------------
 
 

@@ -158,7 +158,12 @@ fn run_watched<T: Send>(
             ctl.done.load(Ordering::Relaxed),
             ctl.total.load(Ordering::Relaxed),
         );
-        cb.call1(py, (d, t))?;
+        // An exception from the last report (Ctrl-C just as the work finished) still cancels:
+        // the caller sees the exception, so the outputs must go too.
+        if let Err(e) = cb.call1(py, (d, t)).and_then(|_| py.check_signals()) {
+            ctl.cancel.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
     }
     Ok(v)
 }
