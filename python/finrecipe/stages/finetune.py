@@ -1,27 +1,15 @@
-"""`type: finetune`: supervised fine-tuning on prompt/response JSONL with the same trainer.
+"""`type: finetune`: instruction tuning with the continual-pretraining trainer.
 
-Each example is ``template`` with ``{prompt}`` replaced, then the response and EOS; only the
-response and EOS are targets (prompt labels are -100). Examples are packed into ``seq_len`` rows
-(``packing: true``) or one per row, truncated and padded (``packing: false``).
+The data is prompt/response JSONL; the prompt is rendered with `template`, masked out of the loss
+(labels -100), and the response plus EOS are the targets. Everything else is TrainConfig.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from finrecipe.stages.base import (
-    DatasetRef,
-    InputKind,
-    ModelRef,
-    StageContext,
-    StageKind,
-    StageResult,
-    register,
-)
+from finrecipe.stages.base import DatasetRef, StageContext, register
+from finrecipe.stages.continual_pretraining import Tokenizer, TrainingStage
 from finrecipe.train.config import TrainConfig
 
 
@@ -33,28 +21,14 @@ class FinetuneConfig(TrainConfig):
 
 
 @register
-class Finetune(StageKind):
+class Finetune(TrainingStage):
     type = "finetune"
     version = "1"
     Config = FinetuneConfig
+    label = "finetune"
 
-    def inputs(self, config: BaseModel) -> Sequence[tuple[str, InputKind]]:
-        from finrecipe.train.runner import training_inputs
-
-        assert isinstance(config, TrainConfig)
-        return training_inputs(config)  # type: ignore[return-value]
-
-    def estimate_output_bytes(self, config: BaseModel,
-                              inputs: Mapping[str, ModelRef | DatasetRef]) -> int | None:
-        from finrecipe.train.runner import estimate_model_bytes
-
-        assert isinstance(config, TrainConfig)
-        return estimate_model_bytes(config, inputs)
-
-    def run(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
-            ctx: StageContext) -> StageResult:
+    def tokenizer(self, config: Any, ctx: StageContext) -> Tokenizer:
         from finrecipe.train.data import tokenize_instructions
-        from finrecipe.train.runner import run_training
 
         assert isinstance(config, FinetuneConfig)
 
@@ -64,4 +38,4 @@ class Finetune(StageKind):
                                          response_field=config.response_field, seq_len=config.seq_len,
                                          packing=config.packing, progress=ctx.progress, weight=weight)
 
-        return run_training(config, inputs, out_dir, ctx, tokenize, f"{ctx.node}: finetune")
+        return tokenize

@@ -1,0 +1,23 @@
+"""Training stages: logging and checkpoint intervals stay out of the cache key; real settings don't."""
+
+from pathlib import Path
+
+import finrecipe
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+
+
+def _keys(*overrides: str) -> dict[str, str]:
+    plan = finrecipe.load_recipe(DEMO, overrides=list(overrides)).plan().to_json()
+    return {n["name"]: n["key"] for n in plan["nodes"]}
+
+
+def test_intervals_do_not_change_keys_but_lr_does() -> None:
+    ref = _keys()
+    same = _keys("stages.finance.log_every=7", "stages.finance.checkpoint_every_steps=3",
+                 "stages.instruct.keep_checkpoints=5")
+    assert same == ref
+    lr = _keys("stages.finance.optimizer.lr=1.234e-3")
+    changed = {n for n in ref if lr[n] != ref[n]}
+    # the finance stage and everything downstream of it, nothing else
+    assert changed == {"finance", "merged", "eval"}
