@@ -134,3 +134,17 @@ def test_html_opens_in_headless_chromium(tmp_path: Path) -> None:
     assert dom.returncode == 0
     assert "Evaluation: eval" in dom.stdout and dom.stdout.count("<img") == 4
     assert "Uncaught" not in dom.stderr and "ERR_FILE_NOT_FOUND" not in dom.stderr
+
+
+def test_bar_series_has_average_group_only_when_there_is_one() -> None:
+    from finrecipe.report.plots import bar_series
+
+    def metrics(avg: float | None) -> dict:
+        return {"task_order": ["a", "ppl:x"],
+                "models": {"m": {"average": avg, "tasks": {"a": {"metric": "acc", "value": 0.5},
+                                                           "ppl:x": {"metric": "bpb", "value": 1.2}}}}}
+
+    labels, series = bar_series(metrics(None))
+    assert labels == ["a"] and series == {"m": [50.0]}
+    labels, series = bar_series(metrics(40.0))
+    assert labels == ["a", "Ave."] and series == {"m": [50.0, 40.0]}

@@ -26,12 +26,13 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def scores_bar_png(metrics: dict[str, Any]) -> bytes | None:
-    """Grouped bars: one group per task (100 × value for higher-is-better scores), one bar per model,
-    plus the leaderboard average. None when there is nothing to draw."""
-    plt = _plt()
+def bar_series(metrics: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
+    """Group labels and one list of bar heights per model for `scores_bar_png`: 100 × value per
+    higher-is-better task (judge scores as they are), then the leaderboard average ("Ave.") when
+    some model has one; NaN where a model has no value."""
     models = list(metrics.get("models", {}))
     cols = [t for t in metrics.get("task_order", []) if not t.startswith("ppl:")]
+    has_avg = any(isinstance(metrics["models"][m].get("average"), (int, float)) for m in models)
     series: dict[str, list[float]] = {}
     for m in models:
         e = metrics["models"][m]
@@ -41,9 +42,19 @@ def scores_bar_png(metrics: dict[str, Any]) -> bytes | None:
             v = r.get("value")
             vals.append(100.0 * v if isinstance(v, (int, float)) and r.get("metric") != "judge_score"
                         else (v if isinstance(v, (int, float)) else float("nan")))
-        vals.append(e.get("average") if isinstance(e.get("average"), (int, float)) else float("nan"))
+        if has_avg:
+            vals.append(e.get("average") if isinstance(e.get("average"), (int, float)) else float("nan"))
         series[m] = vals
-    labels = cols + ["Ave."]
+    return cols + (["Ave."] if has_avg else []), series
+
+
+def scores_bar_png(metrics: dict[str, Any]) -> bytes | None:
+    """Grouped bars: one group per task, one bar per model (see `bar_series`). None when there is
+    nothing to draw."""
+    plt = _plt()
+    labels, series = bar_series(metrics)
+    models = list(series)
+    cols = [x for x in labels if x != "Ave."]
     if not models or not cols:
         return None
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels) * max(1, len(models)) * 0.45 + 2), 3.6))
