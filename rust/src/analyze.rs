@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::dtype::is_float;
 use crate::error::{Error, Result};
+use crate::merge::kernels::dot;
 use crate::merge::plan::{Job, Method, Ref, SrcRef};
 use crate::merge::{open_models, Control, Ctx};
 use crate::safetensors::read::Model;
@@ -199,19 +200,4 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
         "total": {"gram": total_rows, "numel": total_numel},
         "seconds": t0.elapsed().as_secs_f64(),
     }))
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let n8 = a.len() / 8 * 8;
-    for (x, y) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] as f64 * y[l] as f64;
-        }
-    }
-    let mut s: f64 = acc.iter().sum();
-    for (x, y) in a[n8..].iter().zip(&b[n8..]) {
-        s += *x as f64 * *y as f64;
-    }
-    s
 }

@@ -487,7 +487,8 @@ fn l1_kept_generic(d: &[f32], k: &KeepStream, a: u64) -> (f64, f64) {
     (before, after)
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
+/// ⟨a, b⟩ accumulated in f64 (used by slerp, model_stock and the task-vector analysis).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
     // Eight f64 lanes so the compiler can vectorise and rounding error stays small.
     let mut acc = [0f64; 8];
     let n8 = a.len() / 8 * 8;
