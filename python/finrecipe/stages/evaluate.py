@@ -184,6 +184,13 @@ class EvaluateStage(StageKind):
     Config = EvaluateConfig
     produces_model = False
 
+    def cache_config(self, config: BaseModel) -> Any:
+        # The batch size changes speed, not scores (the scorer is batch-size independent; tested),
+        # so changing it does not rerun an evaluation.
+        d = config.model_dump(mode="json")
+        d.pop("batch_size", None)
+        return d
+
     def inputs(self, config: BaseModel) -> Sequence[tuple[str, InputKind]]:
         assert isinstance(config, EvaluateConfig)
         names: list[tuple[str, InputKind]] = [(m, "model") for m in config.models]

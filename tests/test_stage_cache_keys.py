@@ -1,4 +1,4 @@
-"""Training stages: logging and checkpoint intervals stay out of the cache key; real settings don't."""
+"""Stage cache keys: settings that cannot change outputs (logging, checkpoint intervals, eval batch size) stay out."""
 
 from pathlib import Path
 
@@ -21,3 +21,8 @@ def test_intervals_do_not_change_keys_but_lr_does() -> None:
     changed = {n for n in ref if lr[n] != ref[n]}
     # the finance stage and everything downstream of it, nothing else
     assert changed == {"finance", "merged", "eval"}
+
+
+def test_eval_batch_size_does_not_change_key() -> None:
+    ref = _keys()
+    assert _keys("stages.eval.batch_size=3") == ref
