@@ -189,7 +189,8 @@ def _print_results(res: ApplyResult) -> None:
         header, rows, marks, _deltas = _eval_tables(n.metrics)
         t = Table(title=f"results: {n.name}", title_justify="left")
         for i, h in enumerate(header):
-            t.add_column(h, justify="left" if i == 0 else "right")
+            # "custom:finance_qa" → two header lines, so that 80 columns show whole task names
+            t.add_column(h.replace(":", ":\n", 1), justify="left" if i == 0 else "right")
         for row, mark in zip(rows, marks, strict=True):
             t.add_row(*[f"[bold]{escape(c)}[/]" if m else escape(c) for c, m in zip(row, mark, strict=True)])
         console().print(t)
