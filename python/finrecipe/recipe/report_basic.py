@@ -29,6 +29,19 @@ def _cell(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
+def run_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The part of report.json both reports share: the recipe, timing, status counts and nodes."""
+    nodes = run.get("nodes", [])
+    return {
+        "recipe": run.get("recipe"), "finrecipe_version": run.get("finrecipe_version"),
+        "started": run.get("started"), "finished": run.get("finished"),
+        "counts": {s: sum(1 for n in nodes if n.get("status") == s)
+                   for s in ("ran", "cached", "failed", "pending")},
+        "nodes": [{k: n.get(k) for k in ("name", "type", "key", "status", "inputs", "out_dir", "model_dir",
+                                          "seconds", "metrics", "artifacts")} for n in nodes],
+    }
+
+
 def render_markdown(run: dict[str, Any]) -> str:
     r = run.get("recipe", {})
     lines = [f"# Run report: {r.get('name', '?')}", "",
@@ -76,15 +89,7 @@ def build_report(workdir: str | Path) -> Path:
         raise FormatError(f"{wd / 'run.json'} not found: run `finrecipe apply` first") from None
     except ValueError as e:
         raise FormatError(f"{wd / 'run.json'}: not valid JSON ({e})") from None
-    summary = {
-        "recipe": run.get("recipe"), "finrecipe_version": run.get("finrecipe_version"),
-        "started": run.get("started"), "finished": run.get("finished"),
-        "counts": {s: sum(1 for n in run.get("nodes", []) if n.get("status") == s)
-                   for s in ("ran", "cached", "failed", "pending")},
-        "nodes": [{k: n.get(k) for k in ("name", "type", "key", "status", "inputs", "out_dir", "model_dir",
-                                          "seconds", "metrics", "artifacts")} for n in run.get("nodes", [])],
-    }
-    write_json_atomic(wd / "report.json", summary)
+    write_json_atomic(wd / "report.json", run_summary(run))
     md = wd / "report.md"
     tmp = md.with_name(".report.md.tmp")
     tmp.write_text(render_markdown(run), encoding="utf-8")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finrecipe.errors import FormatError
+from finrecipe.recipe.report_basic import run_summary
 
 __all__ = ["build_report", "load_run"]
 
@@ -327,12 +328,7 @@ def build_report(workdir: str | Path) -> dict[str, Path]:
                       "deltas": deltas, "reference": ev["metrics"].get("reference"),
                       "metrics": ev["metrics"]})
     summary = {
-        "recipe": run.get("recipe"), "finrecipe_version": run.get("finrecipe_version"),
-        "started": run.get("started"), "finished": run.get("finished"),
-        "counts": {s: sum(1 for n in run.get("nodes", []) if n.get("status") == s)
-                   for s in ("ran", "cached", "failed", "pending")},
-        "nodes": [{k: n.get(k) for k in ("name", "type", "key", "status", "inputs", "out_dir", "model_dir",
-                                          "seconds", "metrics", "artifacts")} for n in run.get("nodes", [])],
+        **run_summary(run),
         "evaluations": evals,
         "plots": [image_files.get(i) for i in range(len(imgs))],
     }
