@@ -20,18 +20,11 @@ from finrecipe.merge import MergeConfig, run_merge
 LAYER_T = {0: 0.0, 1: 0.5, 2: 1.0}  # tiny models have 3 layers: t = idx / (L - 1)
 
 
+
 def _has_rust() -> bool:
     import finrecipe._core as core
 
     return hasattr(core, "merge")
-
-
-@pytest.fixture(params=["rust", "python"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "rust" and not _has_rust():
-        pytest.skip("finrecipe._core has no merge yet")
-    monkeypatch.setenv("FINRECIPE_MERGE_BACKEND", request.param)
-    return str(request.param)
 
 
 def merge(tmp_path: Path, d: dict[str, Any], name: str = "out", **kw: Any) -> dict[str, torch.Tensor]:

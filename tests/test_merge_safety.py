@@ -22,20 +22,6 @@ from finrecipe.errors import FormatError, IoError
 from finrecipe.merge import MergeConfig, read_model, run_merge
 
 
-def _has_rust() -> bool:
-    import finrecipe._core as core
-
-    return hasattr(core, "merge")
-
-
-@pytest.fixture(params=["rust", "python"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "rust" and not _has_rust():
-        pytest.skip("finrecipe._core has no merge yet")
-    monkeypatch.setenv("FINRECIPE_MERGE_BACKEND", request.param)
-    return str(request.param)
-
-
 def no_leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if "finrecipe-tmp" in p.name]
 
