@@ -116,9 +116,9 @@ def test_missing_stage_type_and_unknown_type(rdir: Path) -> None:
 
 
 def test_reserved_type_is_clear(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import finrecipe.stages.base as base
+    import finrecipe.node as node
 
-    monkeypatch.setitem(base.KNOWN_TYPES, "future_kind", "finrecipe.stages.future_kind_not_written")
+    monkeypatch.setitem(node.BUILTIN, ("stages", "future_kind"), "finrecipe.stages.future_kind_not_written")
     e = _err(_write(rdir, GOOD.replace("    type: fake_concat\n    models: [cpt",
                                        "    type: future_kind\n    models: [cpt")))
     assert e.path == "stages.merged.type" and "reserved but not available" in e.message

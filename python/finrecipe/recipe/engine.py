@@ -869,7 +869,7 @@ def _run_node(recipe: Recipe, node: Node, r: Resolved, res: Mapping[str, Resolve
         assert node.kind is not None and node.config is not None
         ctx = StageContext(node=node.name, workdir=recipe.workdir, cache_dir=recipe.workdir / ".cache",
                            progress=progress, logger=logging.getLogger(f"finrecipe.stages.{node.type}"),
-                           results=dict(results), recipe_dir=recipe.stage_dir(node.name))
+                           recipe_dir=recipe.stage_dir(node.name))
         try:
             sr = node.kind.run(node.config, _input_refs(recipe, node, res), r.out_dir, ctx)
         except (FinrecipeError, KeyboardInterrupt):

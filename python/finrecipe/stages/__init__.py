@@ -1,7 +1,6 @@
 """Stage kinds. Each kind is one module registering a `StageKind` in `REGISTRY` (see base.py)."""
 
 from finrecipe.stages.base import (
-    REGISTRY,
     DatasetRef,
     ModelRef,
     StageContext,
@@ -12,7 +11,6 @@ from finrecipe.stages.base import (
 )
 
 __all__ = [
-    "REGISTRY",
     "DatasetRef",
     "ModelRef",
     "StageContext",

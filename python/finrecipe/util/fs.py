@@ -1,4 +1,9 @@
-"""Filesystem helpers: atomic directory outputs and fsync.
+"""Filesystem helpers: atomic file and directory outputs, fsync.
+
+`write_bytes_atomic` / `write_text_atomic` / `write_json_atomic` write a file through a temp name
+unique to the process and thread, fsync it, rename it into place and fsync the directory: a
+reader sees the old file or the new one, never half of one. Use them for every file finrecipe
+writes that something else reads back.
 
 `atomic_dir(dest)` yields a temporary directory beside `dest` named
 `.<dest-name>.finrecipe-tmp-<pid>-<rand>`; on success it is fsynced and renamed to `dest`; on
@@ -9,11 +14,14 @@ power loss) is removed by the next `atomic_dir` for the same destination once it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from finrecipe.errors import FinrecipeError, IoError
 
@@ -41,6 +49,45 @@ def fsync_tree(path: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(root))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a unique temp file + fsync + rename + directory fsync."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IoError(f"{path.parent}: cannot create directory: {e.strerror}") from None
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(3)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise IoError(f"{path}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):
+        fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+    """JSON (strict: NaN and infinities are refused, they are not JSON) written atomically."""
+    try:
+        text = json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        raise IoError(f"{path}: cannot write a non-finite number as JSON ({e})") from None
+    write_text_atomic(path, text + "\n")
 
 
 def _pid_alive(pid: int) -> bool:

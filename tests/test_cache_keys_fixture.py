@@ -1,0 +1,44 @@
+"""Cache keys of the committed recipes, recorded before the orchestration was restructured.
+
+A workdir built by an earlier finrecipe must still say "nothing to do". When a change alters what
+a kind produces, bump that kind's `version` and update these keys in the same commit, saying why.
+"""
+
+from pathlib import Path
+
+import pytest
+
+import finrecipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+KEYS = {
+    "demo.yaml": {
+        "scratch": "36d88888d3f40e25",
+        "general_corpus": "dcd79f0220fe6161",
+        "general_instruct": "6768613a3f1628be",
+        "finance_corpus": "2fa3e12b33321fd4",
+        "finance_heldout": "feef19fc7dc056c7",
+        "base": "238ea58b917309d5",
+        "instruct": "ab410c5169ebbcc5",
+        "finance": "5cf9077c3332277a",
+        "merged": "b03c057fe4307eca",
+        "eval": "473be0504d3fddd0",
+    },
+    "merge_tiny.yaml": {
+        "base": "97d24008029adbe4",
+        "instruct": "6db0d19a2b6180f6",
+        "domain": "185b697d764bc6c2",
+        "domain_instruct": "2740ec9a6b5f5f9d",
+        "ties_blend": "7bf355c986916e4f",
+        "final": "0689c4c13594b4b1",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEYS))
+def test_recorded_cache_keys(name: str, tmp_path: Path) -> None:
+    recipe = finrecipe.load_recipe(RECIPES / name)
+    recipe.workdir = tmp_path / "work"  # plan reads the workdir only; keep recipes/ untouched
+    keys = {n.name: n.key for n in recipe.plan().nodes}
+    assert keys == KEYS[name]
