@@ -78,7 +78,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     """Model dir, corpus and its packed tokens (via finrecipe's data module, cached)."""
     from transformers import AutoTokenizer
 
-    from finrecipe.stages.base import DatasetRef
+    from finrecipe.types import DatasetRef
     from finrecipe.train.data import tokenize_pretraining
 
     root = OUT / ("gpu" if args.gpu else "cpu")

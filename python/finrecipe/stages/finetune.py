@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from finrecipe.stages.base import DatasetRef, StageContext, register
-from finrecipe.stages.continual_pretraining import Tokenizer, TrainingStage
+from finrecipe.stages._training import TrainingStage
+from finrecipe.stages.base import register
 from finrecipe.train.config import TrainConfig
+from finrecipe.types import DatasetRef, StageContext
 
 
 class FinetuneConfig(TrainConfig):
@@ -21,21 +22,17 @@ class FinetuneConfig(TrainConfig):
 
 
 @register
-class Finetune(TrainingStage):
+class Finetune(TrainingStage[FinetuneConfig]):
     type = "finetune"
     version = "1"
     Config = FinetuneConfig
     label = "finetune"
 
-    def tokenizer(self, config: Any, ctx: StageContext) -> Tokenizer:
+    def tokenize(self, config: FinetuneConfig, ref: DatasetRef, tokenizer: Any, weight: float | None,
+                 ctx: StageContext) -> Any:
         from finrecipe.train.data import tokenize_instructions
 
-        assert isinstance(config, FinetuneConfig)
-
-        def tokenize(ref: DatasetRef, tok: Any, weight: float | None) -> Any:
-            return tokenize_instructions(ref, tok, ctx.cache_dir, template=config.template,
-                                         prompt_field=config.prompt_field,
-                                         response_field=config.response_field, seq_len=config.seq_len,
-                                         packing=config.packing, progress=ctx.progress, weight=weight)
-
-        return tokenize
+        return tokenize_instructions(ref, tokenizer, ctx.cache_dir, template=config.template,
+                                     prompt_field=config.prompt_field,
+                                     response_field=config.response_field, seq_len=config.seq_len,
+                                     packing=config.packing, progress=ctx.progress, weight=weight)

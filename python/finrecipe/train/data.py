@@ -32,7 +32,7 @@ import numpy as np
 
 from finrecipe.errors import ConfigError, DataError
 from finrecipe.progress import NullProgress, Progress
-from finrecipe.stages.base import DatasetRef
+from finrecipe.types import DatasetRef
 from finrecipe.util.fs import atomic_dir
 
 DATA_VERSION = "1"

@@ -16,10 +16,13 @@ MFU = flops/token × tokens/s ÷ (devices × peak bf16 dense FLOP/s of one devic
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+from finrecipe.util.fs import write_bytes_atomic, write_text_atomic
 
 # Dense bf16 peak FLOP/s (no sparsity) per device, matched on the CUDA device name.
 PEAK_BF16 = (
@@ -81,7 +84,7 @@ class MetricsLog:
             return
         keep = [ln for ln in self.path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, rec: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -121,7 +124,7 @@ def plot_loss_curve(records: list[dict[str, Any]], dest: Path, title: str = "los
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = dest.with_name(f".{dest.name}.tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(dest)
+    write_bytes_atomic(dest, buf.getvalue())

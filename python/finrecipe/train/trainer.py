@@ -32,7 +32,7 @@ from finrecipe.train.config import RunSpec, TrainConfig
 from finrecipe.train.data import SequenceSet, TokenShard, build_order, split_heldout
 from finrecipe.train.metrics import MetricsLog, mfu, model_flops_per_token, peak_flops, plot_loss_curve
 from finrecipe.train.schedule import lr_factor
-from finrecipe.util.fs import atomic_dir
+from finrecipe.util.fs import atomic_dir, write_json_atomic
 
 log = logging.getLogger("finrecipe.train")
 
@@ -401,9 +401,7 @@ class Trainer:
 
             plot_loss_curve(read_metrics(self.out_dir / "metrics.jsonl"), self.out_dir / "loss_curve.png",
                             title=self.spec.title)
-            tmp = self.work / ".result.json.tmp"
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(self.work / "result.json")
+            write_json_atomic(self.work / "result.json", result, indent=1)
         d.barrier()
         return result
 
