@@ -18,6 +18,7 @@ import yaml
 import test_recipe_fakes  # noqa: F401  (registers fake_concat / fake_eval)
 from finrecipe import load_recipe
 from finrecipe.errors import FinrecipeError, FormatError, LockMismatchError, StageError
+from finrecipe.types import DatasetRef
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -197,7 +198,7 @@ def test_failure_is_recorded_and_finished_nodes_survive(rdir: Path) -> None:
 
 
 def test_concurrent_apply_is_refused(rdir: Path) -> None:
-    from finrecipe.recipe.engine import workdir_lock
+    from finrecipe.recipe.execute import workdir_lock
 
     r = load_recipe(rdir / "r.yaml")
     with workdir_lock(r.workdir), pytest.raises(FinrecipeError, match="another `finrecipe apply` is running"):
@@ -416,10 +417,12 @@ def test_hub_sources_with_a_fake_downloader(rdir: Path, monkeypatch: pytest.Monk
 def test_dataset_format_inference_and_refs(rdir: Path) -> None:
     r = load_recipe(rdir / "r.yaml")
     res = r.apply()
-    from finrecipe.recipe.engine import ShaCache, resolve
+    from finrecipe.recipe.resolve import resolve
+    from finrecipe.util.content import ShaCache
 
     refs = resolve(r, shas=ShaCache(None))
-    ds = refs["corpus"].dataset
+    ds = refs["corpus"].local_output
+    assert isinstance(ds, DatasetRef)
     assert ds is not None and ds.format == "jsonl" and [f.name for f in ds.files] == ["a.jsonl", "b.jsonl"]
     assert len(ds.sha256) == 2 and res.ran
     (rdir / "data" / "x.bin").write_text("?")

@@ -46,21 +46,19 @@ def _log_run(count_file: str | None, line: str) -> None:
 
 
 @register
-class FakeConcat(StageKind):
+class FakeConcat(StageKind[ConcatConfig]):
     type = "fake_concat"
     version = "1"
     Config = ConcatConfig
 
-    def inputs(self, config: BaseModel) -> Sequence[tuple[str, InputKind]]:
-        assert isinstance(config, ConcatConfig)
+    def inputs(self, config: ConcatConfig) -> Sequence[tuple[str, InputKind]]:
         return [(m, "model") for m in config.models] + [(d, "dataset") for d in config.datasets]
 
-    def cache_config(self, config: BaseModel) -> object:
+    def cache_config(self, config: ConcatConfig) -> object:
         return config.model_dump(mode="json", exclude={"count_file"})
 
-    def run(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
+    def run(self, config: ConcatConfig, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
             ctx: StageContext) -> StageResult:
-        assert isinstance(config, ConcatConfig)
         work = out_dir / "work"
         work.mkdir(parents=True, exist_ok=True)
         done = int((work / "steps").read_text()) if (work / "steps").exists() else 0
@@ -96,22 +94,20 @@ class EvalConfig(BaseModel):
 
 
 @register
-class FakeEval(StageKind):
+class FakeEval(StageKind[EvalConfig]):
     type = "fake_eval"
     version = "1"
     Config = EvalConfig
-    produces_model = False
+    provides = "none"
 
-    def inputs(self, config: BaseModel) -> Sequence[tuple[str, InputKind]]:
-        assert isinstance(config, EvalConfig)
+    def inputs(self, config: EvalConfig) -> Sequence[tuple[str, InputKind]]:
         return [(config.model, "model")]
 
-    def cache_config(self, config: BaseModel) -> object:
+    def cache_config(self, config: EvalConfig) -> object:
         return config.model_dump(mode="json", exclude={"count_file"})
 
-    def run(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
+    def run(self, config: EvalConfig, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
             ctx: StageContext) -> StageResult:
-        assert isinstance(config, EvalConfig)
         ref = inputs[config.model]
         assert isinstance(ref, ModelRef)
         _log_run(config.count_file, f"done {ctx.node}")

@@ -63,6 +63,8 @@ class Resolution:
     local_output: InputRef | None = None  # set: nothing to build (a local directory, local files)
     lock_entry: dict[str, Any] | None = None
     size: int | None = None  # bytes of a local source
+    # facts for `run` that are not part of the key (e.g. absolute paths); given as ctx.facts
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,8 +106,22 @@ class NodeKind(Generic[ConfigT]):
     version: ClassVar[str] = "1"
     Config: ClassVar[builtins.type[BaseModel]]
     provides: ClassVar[Provides] = "model"
+    # Whether resolving or running reaches the network (hub sources): `plan` may then leave the node
+    # unresolved offline instead of failing.
+    network: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        pm = cls.__dict__.get("produces_model")  # `produces_model = False` means `provides = "none"`
+        if isinstance(pm, bool) and "provides" not in cls.__dict__:
+            cls.provides = "model" if pm else "none"
 
     # ---------------------------------------------------------------- graph
+    def claims(self, entry: Mapping[str, Any]) -> bool:
+        """Sources: whether a `models:`/`datasets:` entry is of this kind (default: it has the key
+        named like the kind, e.g. `path:`). Exactly one kind of a section must claim an entry."""
+        return self.type in entry
+
     def inputs(self, config: ConfigT) -> Sequence[tuple[str, InputKind]]:
         """Names of other nodes this node reads, each with the kind it expects."""
         return ()
@@ -144,6 +160,11 @@ class NodeKind(Generic[ConfigT]):
         wrong; return a note of what was checked, or None."""
         return None
 
+    def offline_output(self, name: str, config: ConfigT, cc: CheckContext) -> InputRef | None:
+        """For `validate`: the output of a source that needs no build, found without hashing or
+        network (so that stages can be checked against it); None otherwise."""
+        return None
+
     def estimate_output_bytes(self, config: ConfigT, inputs: Mapping[str, InputRef]) -> int | None:
         """Best-effort size of the output, for `finrecipe plan`; None when unknown."""
         return None
@@ -173,6 +194,10 @@ class CheckContext:
     node: str
     base_dir: Callable[[KeyPath], Path]
     error: Callable[[str, KeyPath], RecipeError]
+    node_names: frozenset[str] = frozenset()
+
+    def is_node(self, name: str) -> bool:
+        return name in self.node_names
 
 
 # ------------------------------------------------------------------------------------ registry

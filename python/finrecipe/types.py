@@ -60,6 +60,10 @@ class StageContext:
     # Directory that relative paths inside the node's config resolve against (that of the file
     # that defines the node).
     recipe_dir: Path = field(default_factory=Path.cwd)
+    # The node's resolved key material (e.g. the commit a hub revision resolved to).
+    material: Mapping[str, Any] = field(default_factory=dict)
+    # Facts found while resolving that are not part of the key (absolute paths, ...).
+    facts: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -22,16 +22,37 @@ KeyPath = tuple[str | int, ...]
 Positions = dict[KeyPath, tuple[int, int]]
 
 
+# Limits that make parsing a hostile file fail fast instead of hanging or exhausting memory: a
+# recipe or merge config is small, so these are far above any real one.
+MAX_VALUES = 200_000  # values constructed, aliases expanded (a "billion laughs" hits this at once)
+MAX_DEPTH = 100  # nesting of mappings and sequences
+MAX_BYTES = 16 << 20
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    budget = MAX_VALUES
+
+
+def _err(message: str, node: yaml.Node, path: str | None) -> RecipeError:
+    return RecipeError(message, line=node.start_mark.line + 1, column=node.start_mark.column + 1, path=path)
 
 
 def _construct(loader: _Loader, node: yaml.Node, path: KeyPath, pos: Positions) -> Any:
+    loader.budget -= 1
+    if loader.budget < 0:
+        raise _err(f"more than {MAX_VALUES} values (aliases expanded); a recipe or config is far "
+                   "smaller: is this an alias bomb?", node, format_path(path) or None)
+    if len(path) > MAX_DEPTH:
+        raise _err(f"nested more than {MAX_DEPTH} levels deep (or an alias that contains itself)",
+                   node, format_path(path[:5]) + " ...")
     pos.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict[Any, Any] = {}
         for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise _err("a key must be a plain value (a string or number), not a mapping or a list",
+                           knode, format_path(path) or None)
             key = loader.construct_object(knode, deep=True)
             if key in out:
                 raise RecipeError(f"duplicate key {key!r}", line=knode.start_mark.line + 1,
@@ -48,6 +69,9 @@ def _construct(loader: _Loader, node: yaml.Node, path: KeyPath, pos: Positions) 
 def loads_yaml(text: str, file: str | None = None) -> tuple[Any, Positions]:
     """Parse YAML text; returns (data, positions). Syntax errors become `RecipeError`s."""
     pos: Positions = {}
+    if len(text) > MAX_BYTES:
+        raise RecipeError(f"{len(text)} characters: larger than any recipe or config ({MAX_BYTES} at most)",
+                          file=file)
     try:
         loader = _Loader(text)
         try:
@@ -60,10 +84,20 @@ def loads_yaml(text: str, file: str | None = None) -> tuple[Any, Positions]:
         raise RecipeError(f"invalid YAML: {e.problem}", file=file,
                           line=mark.line + 1 if mark else None,
                           column=mark.column + 1 if mark else None) from None
+    except yaml.YAMLError as e:  # reader errors (NUL bytes, bad encodings) carry no problem mark
+        raise RecipeError(f"invalid YAML: {' '.join(str(e).split())}", file=file) from None
+    except RecursionError:
+        raise RecipeError(f"invalid YAML: nested too deeply (more than {MAX_DEPTH} levels)", file=file) from None
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. an unhashable key, a bad timestamp
+        raise RecipeError(f"invalid YAML: {e}", file=file) from None
     except RecipeError as e:
-        e.file = file
         raise RecipeError(e.message, file=file, line=e.line, column=e.column, path=e.path) from None
     return data, pos
+
+
+def safe_load_text(text: str, file: str | None = None) -> Any:
+    """Data of a YAML document (bounded like `loads_yaml`), without positions."""
+    return loads_yaml(text, file)[0]
 
 
 def load_yaml(path: str | Path) -> tuple[Any, Positions]:
@@ -74,6 +108,8 @@ def load_yaml(path: str | Path) -> tuple[Any, Positions]:
         raise RecipeError("file not found", file=str(p)) from None
     except UnicodeDecodeError as e:
         raise RecipeError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=str(p)) from None
+    except OSError as e:
+        raise RecipeError(f"cannot read: {e.strerror or e}", file=str(p)) from None
     return loads_yaml(text, file=str(p))
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from finrecipe.recipe.engine import ApplyResult
+    from finrecipe.recipe.records import ApplyResult
 
 _set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",

@@ -3,17 +3,14 @@
     recipe = finrecipe.load_recipe("recipes/merge_tiny.yaml", overrides=["stages.m.t=0.3"])
     recipe.validate(); print(recipe.plan().to_json()); result = recipe.apply()
 
-Importing this package is light (pydantic, yaml); torch is imported only by stages that run.
+Modules, each pointing only down: loader (YAML, extends, --set) → schema → graph (nodes, references,
+order; plain data) → resolve (cache keys) → lockfile → status (a node's status, decided once) →
+records (plan, apply result, run.json) → execute (apply) → api (the public entry points).
+Importing this package is light (pydantic, yaml); torch is imported only by kinds that run.
 """
 
-from finrecipe.recipe.core import Node, Recipe, load_recipe
+from finrecipe.recipe.api import Recipe, load_recipe
+from finrecipe.recipe.graph import Node
+from finrecipe.recipe.records import ApplyResult, NodeRecord, Plan, PlanNode
 
-__all__ = ["ApplyResult", "Node", "Plan", "Recipe", "load_recipe"]
-
-
-def __getattr__(name: str) -> object:
-    if name in ("Plan", "ApplyResult", "PlanNode", "NodeRecord"):
-        from finrecipe.recipe import engine
-
-        return getattr(engine, name)
-    raise AttributeError(f"module 'finrecipe.recipe' has no attribute {name!r}")
+__all__ = ["ApplyResult", "Node", "NodeRecord", "Plan", "PlanNode", "Recipe", "load_recipe"]

@@ -1,0 +1,130 @@
+"""The public API of the recipe engine: `load_recipe`, and `validate`, `plan`, `apply` and `lock`
+on the loaded `Recipe`. The CLI and Python users both call these.
+
+    recipe = finrecipe.load_recipe("recipes/merge_tiny.yaml", overrides=["stages.m.t=0.3"])
+    recipe.validate(); print(recipe.plan().to_json()); result = recipe.apply()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from finrecipe.errors import FinrecipeError, RecipeError
+from finrecipe.node import CheckContext
+from finrecipe.progress import NullProgress, Progress
+from finrecipe.recipe import execute, lockfile
+from finrecipe.recipe.graph import RecipeGraph, entry_fields
+from finrecipe.recipe.loader import apply_override, read_recipe
+from finrecipe.recipe.records import ApplyResult, Plan
+from finrecipe.recipe.resolve import resolve
+from finrecipe.recipe.schema import RecipeSchema
+from finrecipe.recipe.status import NodeState, node_state
+from finrecipe.types import ModelRef
+from finrecipe.util.content import ShaCache
+
+
+class Recipe(RecipeGraph):
+    """A loaded, validated recipe. Build one with `finrecipe.load_recipe(path, overrides=[...])`."""
+
+    def validate(self) -> list[str]:
+        """Checks beyond the schema that need no heavy work and write nothing: local paths exist,
+        stage configs against the local input models (e.g. a merge against the safetensors
+        headers). Returns notes (what was checked)."""
+        return validate(self)
+
+    def plan(self, *, progress: Progress | None = None) -> Plan:
+        """Each node's status (local, cached, stale and why, to run), key, inputs and size. Reads
+        the workdir; writes nothing."""
+        return plan(self)
+
+    def apply(self, *, only: Sequence[str] | None = None, force: Sequence[str] | None = None,
+              dry_run: bool = False, locked: bool = False, progress: Progress | None = None,
+              write_lock: bool = True) -> ApplyResult:
+        """Run every node that is not cached. The lockfile (`self.lock_path`) is read for pinned hub
+        commits and for `locked`; it is rewritten when something resolves differently, unless
+        `write_lock` is false."""
+        return apply(self, only=only, force=force, dry_run=dry_run, locked=locked, progress=progress,
+                     write_lock=write_lock)
+
+    def lock(self, *, refresh: bool = True) -> Path:
+        """Resolve everything (hub commits, dataset hashes) and write RECIPE.lock."""
+        return lock(self, refresh=refresh)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), *,
+                lock_file: str | Path | None = None) -> Recipe:
+    """Read, merge (`extends`), override (`--set`) and validate a recipe file.
+
+    `lock_file`: where the lockfile is read and written (default `<recipe>.lock` beside the recipe).
+    """
+    loaded = read_recipe(path)
+    top = dict(RecipeSchema.model_fields)
+    for expr in overrides:
+        apply_override(loaded, expr, top_fields=top, entry_fields=entry_fields())
+    recipe = Recipe(loaded)
+    if lock_file is not None:
+        recipe.lock_path = Path(lock_file).absolute()
+    return recipe
+
+
+def validate(recipe: RecipeGraph) -> list[str]:
+    notes: list[str] = []
+    local: dict[str, ModelRef] = {}
+    for node in recipe:
+        cc = CheckContext(node.name, base_dir=lambda sub, n=node.name: recipe.base_dir(n, sub),  # type: ignore[misc]
+                          error=lambda msg, sub, kp=node.key_path: recipe.error(msg, kp + tuple(sub)),  # type: ignore[misc]
+                          node_names=frozenset(recipe.nodes))
+        avail = {d: local[d] for d in node.deps if d in local}
+        if len(avail) < len(node.deps):
+            continue  # checked against what exists only: an input is built by the recipe
+        try:
+            note = node.kind.check(node.config, avail, cc)
+            ref = node.kind.offline_output(node.name, node.config, cc)
+        except RecipeError as e:
+            raise recipe.relocate(e) from None
+        except FinrecipeError as e:
+            raise type(e)(f"{node.section}.{node.name}: {e}") from None
+        if isinstance(ref, ModelRef):
+            local[node.name] = ref
+        if note is None and node.deps:
+            note = f"{node.name}: {node.type} config checked against " + ", ".join(sorted(avail))
+        if note:
+            notes.append(note)
+    return notes
+
+
+def plan(recipe: RecipeGraph) -> Plan:
+    from finrecipe.recipe.status import estimate, last_state
+
+    shas = ShaCache(None)  # plan writes nothing; hashing unchanged files again is cheap enough
+    res = resolve(recipe, shas=shas, lock=lockfile.load_lock(recipe), allow_unresolved=True)
+    last = last_state(recipe)
+    states: dict[str, NodeState] = {}
+    for node in recipe:
+        st = node_state(recipe, node, res[node.name], last, states)
+        st.estimated_bytes = estimate(recipe, node, st, states)
+        states[node.name] = st
+    return Plan(recipe.name, recipe.file, recipe.workdir, [states[n] for n in recipe.order])
+
+
+def apply(recipe: RecipeGraph, *, only: Sequence[str] | None = None, force: Sequence[str] | None = None,
+          dry_run: bool = False, locked: bool = False, progress: Progress | None = None,
+          write_lock: bool = True) -> ApplyResult:
+    only_l, force_l = list(only or []), list(force or [])
+    recipe.check_names(only_l, "--only")
+    recipe.check_names(force_l, "--force")
+    if dry_run:
+        return execute.dry_run(recipe, only=only_l, force=force_l, locked=locked)
+    return execute.apply(recipe, only=only_l, force=force_l, locked=locked,
+                         progress=progress or NullProgress(), write_lock=write_lock)
+
+
+def lock(recipe: RecipeGraph, *, refresh: bool = True) -> Path:
+    shas = ShaCache(recipe.workdir / execute.SHA_CACHE)
+    res = resolve(recipe, shas=shas, lock=lockfile.load_lock(recipe), refresh=refresh)
+    shas.save()
+    states = execute.states_for(recipe, res)
+    lockfile.write_lock_file(recipe.lock_path,
+                             lockfile.lock_document(recipe, execute.lock_entries(recipe, res, states)))
+    return recipe.lock_path

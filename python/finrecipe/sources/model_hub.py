@@ -1,0 +1,53 @@
+"""`models: {NAME: {hub: ORG/NAME, revision: REV}}`: a model repository on the Hugging Face hub,
+keyed by the commit the revision resolves to (pinned by the lockfile)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from finrecipe.node import NodeKind, Resolution, ResolveContext, register
+from finrecipe.sources.specs import ModelSource
+from finrecipe.types import InputRef, StageContext, StageResult
+from finrecipe.util.content import digest
+
+
+def locked_commit(rc: ResolveContext, repo: str, revision: str | None) -> str:
+    """The commit of `repo@revision`: from the lockfile when it pins the same repo and revision
+    (no network) unless refreshing, else from the hub."""
+    from finrecipe import sources
+
+    e = None if rc.refresh else rc.locked(hub=repo, revision=revision)
+    commit = e.get("commit") if e else None
+    if not isinstance(commit, str) or sources.is_commit(revision):
+        commit = sources.hub_resolve_commit(repo, revision, "model" if rc.section == "models" else "dataset")
+    return commit
+
+
+@register
+class HubModel(NodeKind[ModelSource]):
+    type = "hub"
+    section = "models"
+    Config = ModelSource
+    network = True
+
+    def resolve(self, config: ModelSource, rc: ResolveContext) -> Resolution:
+        assert config.hub is not None
+        commit = locked_commit(rc, config.hub, config.revision)
+        material = {"source": "hub", "repo": config.hub, "commit": commit, "allow_pickle": config.allow_pickle}
+        return Resolution(digest(material), material,
+                          lock_entry={"hub": config.hub, "revision": config.revision, "commit": commit})
+
+    def run(self, config: ModelSource, inputs: Mapping[str, InputRef], out_dir: Path,
+            ctx: StageContext) -> StageResult:
+        from finrecipe import sources
+
+        assert config.hub is not None
+        commit = str(ctx.material["commit"])
+        dest = out_dir / "model"
+        sources.fetch_hub_model(ctx.node, config.hub, commit, dest, allow_pickle=config.allow_pickle)
+        return StageResult(model_dir=dest)
+
+    def trusts_remote_code(self, config: ModelSource) -> bool:
+        return config.trust_remote_code
+

@@ -1,0 +1,58 @@
+"""`models: {NAME: {path: DIR}}`: a local Hugging Face model directory, keyed by its content."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from finrecipe.node import CheckContext, NodeKind, Resolution, ResolveContext, register
+from finrecipe.sources.specs import ModelSource
+from finrecipe.types import InputRef, ModelRef
+from finrecipe.util.content import digest, tree_digest
+
+
+def _rel(p: Path, base: Path) -> str:
+    return Path(os.path.relpath(p, base)).as_posix()
+
+
+def model_dir(config: ModelSource, base_dir: Path) -> Path:
+    assert config.path is not None
+    return (base_dir / config.path).absolute()
+
+
+@register
+class PathModel(NodeKind[ModelSource]):
+    type = "path"
+    section = "models"
+    Config = ModelSource
+
+    def resolve(self, config: ModelSource, rc: ResolveContext) -> Resolution:
+        from finrecipe import sources
+
+        p = model_dir(config, rc.base_dir(("path",)))
+        if not p.is_dir():
+            raise rc.error(f"model directory not found: {p}", ("path",))
+        d, files = tree_digest(p, rc.shas, (*sources.MODEL_PATTERNS, *sources.PICKLE_PATTERNS))
+        if not files:
+            raise rc.error(f"{p} holds no model files (*.safetensors, config.json, ...)", ("path",))
+        material: dict[str, Any] = {"source": "path", "content": d}
+        return Resolution(digest(material), material,
+                          local_output=ModelRef(rc.node, p, trust_remote_code=config.trust_remote_code),
+                          lock_entry={"path": _rel(p, rc.recipe_dir), "content": d},
+                          size=sum(f["size"] for f in files))
+
+    def check(self, config: ModelSource, inputs: Mapping[str, InputRef], cc: CheckContext | None = None
+              ) -> str | None:
+        assert cc is not None
+        p = model_dir(config, cc.base_dir(("path",)))
+        if not p.is_dir():
+            raise cc.error(f"model directory not found: {p}", ("path",))
+        return None
+
+    def offline_output(self, name: str, config: ModelSource, cc: CheckContext) -> InputRef | None:
+        return ModelRef(name, model_dir(config, cc.base_dir(("path",))))
+
+    def trusts_remote_code(self, config: ModelSource) -> bool:
+        return config.trust_remote_code
