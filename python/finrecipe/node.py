@@ -216,6 +216,7 @@ BUILTIN: dict[tuple[Section, str], str] = {
     ("stages", "continual_pretraining"): "finrecipe.stages.continual_pretraining",
     ("stages", "finetune"): "finrecipe.stages.finetune",
     ("stages", "evaluate"): "finrecipe.stages.evaluate",
+    ("stages", "merge_search"): "finrecipe.stages.merge_search",
 }
 
 ENTRY_POINT_GROUP = "finrecipe.kinds"

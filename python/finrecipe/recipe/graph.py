@@ -168,7 +168,7 @@ class RecipeGraph:
                              else f"a {section[:-1]} must be a mapping", kp)
         kind, body = self._kind_of(section, name, body)
         ctx = {"file": str(self.file), "positions": self.loaded.lines, "files": self.loaded.files,
-               "prefix": kp, "recipe_dir": self.base_dir(name)}
+               "prefix": kp, "recipe_dir": self.base_dir(name), "protected": tuple(self.schema.protected)}
         try:
             config = kind.Config.model_validate(body, context=ctx)
         except ValidationError as e:

@@ -33,6 +33,9 @@ class RecipeSchema(_Strict):
     description: str = ""
     workdir: str | None = None
     extends: str | list[str] | None = None
+    # Evaluation suites that may only be evaluated, never optimised on (by a merge search, a merge
+    # probe or any other selection): an objective that names one is a validation error.
+    protected: list[str] = Field(default_factory=lambda: ["jfin"])
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
