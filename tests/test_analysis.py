@@ -103,16 +103,14 @@ def test_analyze_cli(related_models: Callable[..., dict[str, Path]], tmp_path: P
     assert "m1 × m2" in res.output and (tmp_path / "o" / "heatmap_0.png").is_file()
 
 
-def test_rust_core_equals_python_fallback(related_models: Callable[..., dict[str, Path]]) -> None:
-    from finrecipe import _core
-    from finrecipe.analysis import _python_analyze, build_plan, run_plan
+def test_rust_core_equals_torch_reference(related_models: Callable[..., dict[str, Path]]) -> None:
+    from finrecipe.analysis import build_plan, run_plan
     from finrecipe.progress import NullProgress
+    from reference.analysis import python_analyze
 
-    if not hasattr(_core, "analyze"):
-        pytest.skip("extension without analyze()")
     dirs = related_models("llama", dtype="bfloat16", n=2, scale=0.02, shard_bytes=20000)
     plan = build_plan(dirs["base"], [dirs["m1"], dirs["m2"]])
-    core, py = run_plan(plan), _python_analyze(plan, NullProgress())
+    core, py = run_plan(plan), python_analyze(plan, NullProgress())
     assert set(core["tensors"]) == set(py["tensors"])
     for name, t in py["tensors"].items():
         assert core["tensors"][name]["numel"] == t["numel"]

@@ -50,14 +50,14 @@ def _plan(dirs: list[Path], out: Path, method: str, src_params: list[dict[str, A
     tensors = []
     for name in names or list(SHAPES):
         t: dict[str, Any] = {
-            "name": name, "method": method, "out_dtype": out_dtype,
+            "name": name, "kernel": method, "out_dtype": out_dtype,
             "sources": [{"model": i + 1, "tensor": name, "params": p} for i, p in enumerate(src_params)],
             "params": params,
         }
         if base:
             t["base"] = {"model": 0, "tensor": name}
         tensors.append(t)
-    return json.dumps({"version": 1, "models": [str(d) for d in dirs], "out_dir": str(out),
+    return json.dumps({"version": 2, "models": [str(d) for d in dirs], "out_dir": str(out),
                        "out_shard_size": shard, "threads": threads, "seed": seed, "chunk_elems": chunk,
                        "metadata": {"format": "pt"}, "tensors": tensors})
 
@@ -261,10 +261,10 @@ def test_slerp_model_stock_passthrough(trio: list[Path], tmp_path: Path) -> None
             torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-5)
 
     o = tmp_path / "p"
-    out = _run(_plan(trio[:2], o, "passthrough", [{}], {"scale": 2.0}, base=False), o)
+    out = _run(_plan(trio[:2], o, "passthrough", [{"scale": 2.0}], {}, base=False), o)
     assert all(torch.equal(out[k], 2 * m1[k]) for k in SHAPES)
     o = tmp_path / "pc"
-    _core.merge(_plan(trio[:2], o, "passthrough", [{}], {}, base=False, out_dtype="BF16"), None)
+    _core.merge(_plan(trio[:2], o, "passthrough", [{"scale": 1.0}], {}, base=False, out_dtype="BF16"), None)
     raw = load_file(str(o / "model.safetensors"))
     src = load_file(str(trio[1] / "model.safetensors"))
     assert all(torch.equal(raw[k], src[k]) for k in SHAPES)
@@ -292,8 +292,8 @@ def test_plan_errors(trio: list[Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="extra"):
         _core.merge(json.dumps(bad), None)
     bad = json.loads(json.dumps(good))
-    bad["tensors"][0]["method"] = "tiez"
-    with pytest.raises(ConfigError, match="unknown method 'tiez'"):
+    bad["tensors"][0]["kernel"] = "tiez"
+    with pytest.raises(ConfigError, match="unknown kernel 'tiez'"):
         _core.merge(json.dumps(bad), None)
     bad = json.loads(json.dumps(good))
     del bad["tensors"][1]["sources"][0]["params"]["density"]
@@ -307,7 +307,48 @@ def test_plan_errors(trio: list[Path], tmp_path: Path) -> None:
     bad["tensors"][1]["sources"][0]["tensor"] = "nope"
     with pytest.raises(MismatchError, match="no tensor 'nope'"):
         _core.merge(json.dumps(bad), None)
+    bad = json.loads(json.dumps(good))
+    bad["version"] = 1
+    with pytest.raises(ConfigError, match="version 1 is not supported"):
+        _core.merge(json.dumps(bad), None)
+    lin = json.loads(_plan(trio, tmp_path / "e", "linear", [{"weight": 0.5}, {"weight": -0.5}],
+                           {"normalize": True}, base=False))
+    with pytest.raises(ConfigError, match="sum to 0"):
+        _core.merge(json.dumps(lin), None)
     assert list((tmp_path / "e").iterdir()) == []
+
+
+# --- the kernel table ---------------------------------------------------------------------------
+
+
+def test_kernels_agree_with_the_method_table() -> None:
+    from finrecipe.merge.methods import METHODS, MethodDef, ParamDef, kernel_mismatches
+    from finrecipe.merge.plan import PLAN_VERSION
+
+    ks = _core.kernels()
+    assert kernel_mismatches(ks) == []
+    assert _core.PLAN_VERSION == PLAN_VERSION
+    assert {k["name"] for k in ks} == {m.kernel for m in METHODS.values()}
+    ties = next(k for k in ks if k["name"] == "ties")
+    assert [p["name"] for p in ties["source_params"]] == ["weight", "density"]
+    assert ties["base"] == "required" and ties["max_sources"] is None
+    # Disagreements are found in both directions, with the method and the parameter named.
+    bad = dict(METHODS)
+    ta = METHODS["task_arithmetic"]
+    bad["task_arithmetic"] = MethodDef(ta.name, ta.kernel, (*ta.params, ParamDef("epsilon", "global", 0.1)),
+                                       needs_base=True)
+    bad["nuslerp"] = MethodDef("nuslerp", "nuslerp", (), needs_base=False)
+    del bad["model_stock"]
+    problems = " | ".join(kernel_mismatches(ks, bad))
+    assert "method 'task_arithmetic': global parameters" in problems and "epsilon" in problems
+    assert "kernel 'nuslerp' is not in the compiled core" in problems
+    assert "kernel 'model_stock' of the compiled core is used by no merge method" in problems
+    wide = dict(METHODS)
+    ties_m = METHODS["ties"]
+    wide["ties"] = MethodDef("ties", "ties", tuple(ParamDef("density", "model", 1.0, lo=0.0, hi=2.0)
+                                                    if p.name == "density" else p for p in ties_m.params),
+                             needs_base=True)
+    assert any("'density' range [0, 2]" in p for p in kernel_mismatches(ks, wide))
 
 
 # --- progress and cancellation ----------------------------------------------------------------
@@ -396,10 +437,10 @@ def test_rounding_bit_identical_to_torch(tmp_path: Path) -> None:
     for dt, tdt in (("BF16", torch.bfloat16), ("F16", torch.float16)):
         o = tmp_path / dt
         o.mkdir()
-        plan = {"version": 1, "models": [str(src)], "out_dir": str(o), "out_shard_size": 1 << 30, "threads": 2,
+        plan = {"version": 2, "models": [str(src)], "out_dir": str(o), "out_shard_size": 1 << 30, "threads": 2,
                 "seed": 0, "chunk_elems": 1000, "metadata": {},
-                "tensors": [{"name": "x", "method": "passthrough", "out_dtype": dt,
-                             "sources": [{"model": 0, "tensor": "x", "params": {}}], "params": {"scale": 1.0}}]}
+                "tensors": [{"name": "x", "kernel": "passthrough", "out_dtype": dt,
+                             "sources": [{"model": 0, "tensor": "x", "params": {"scale": 1.0}}], "params": {}}]}
         _core.merge(json.dumps(plan), None)
         got = load_file(str(o / "model.safetensors"))["x"]
         want = x.to(tdt)

@@ -230,3 +230,23 @@ def test_tokenizer_source_and_config_dtype(related_models: Any, tmp_path: Path) 
         validate_merge(MergeConfig.from_dict({**d, "tokenizer_source": "elsewhere"}))
     with pytest.raises(ConfigError, match="not supported"):
         MergeConfig.from_dict({**d, "tokenizer_source": "union"})
+
+
+def test_linear_zero_weight_sum_and_bad_numbers_refused(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "bfloat16")
+    d = {"merge_method": "linear", "models": [{"model": str(ms["m1"]), "parameters": {"weight": 1.0}},
+                                              {"model": str(ms["m2"]), "parameters": {"weight": -1.0}}]}
+    with pytest.raises(ConfigError, match="sum to 0 for tensor 'lm_head.weight'.*normalize"):
+        run_merge(MergeConfig.from_dict(d), tmp_path / "never")
+    assert list(tmp_path.iterdir()) == []
+    # Only where the sum is zero: a filter rule that zeroes the sum for the mlp tensors names one.
+    d["models"][1]["parameters"] = {"weight": [{"filter": "mlp", "value": -1.0}, {"value": 1.0}]}
+    with pytest.raises(ConfigError, match=r"tensor 'model\.layers\.0\.mlp\.\w+\.weight'"):
+        validate_merge(MergeConfig.from_dict(d))
+    # normalize: false is an explicit sum (zero weights give zeros, not infinities).
+    validate_merge(MergeConfig.from_dict({**d, "parameters": {"normalize": False}}))
+    for bad, words in (({"weight": float("inf")}, "finite"), ({"weight": float("nan")}, "finite"),
+                       ({"weight": 1.0, "density": 1.5}, r"within \[0, 1\]")):
+        with pytest.raises(ConfigError, match=words):
+            MergeConfig.from_dict({"merge_method": "ties", "base_model": str(ms["base"]),
+                                   "models": [{"model": str(ms["m1"]), "parameters": bad}]})

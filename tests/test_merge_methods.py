@@ -1,7 +1,5 @@
-"""Every merge method against a plain-torch float32 reference written here, on tiny models.
-
-Runs on each available backend: the Rust core (`finrecipe._core.merge`, skipped until the
-extension provides it) and the torch reference executor (`finrecipe.merge.pyexec`).
+"""Every merge method against a plain-torch float32 reference written here, on tiny models, and
+the Rust core against the independent torch executor of the same plans (`tests/reference/pyexec.py`).
 """
 
 from __future__ import annotations
@@ -19,12 +17,6 @@ from finrecipe.merge import MergeConfig, run_merge
 
 LAYER_T = {0: 0.0, 1: 0.5, 2: 1.0}  # tiny models have 3 layers: t = idx / (L - 1)
 
-
-
-def _has_rust() -> bool:
-    import finrecipe._core as core
-
-    return hasattr(core, "merge")
 
 
 def merge(tmp_path: Path, d: dict[str, Any], name: str = "out", **kw: Any) -> dict[str, torch.Tensor]:
@@ -137,7 +129,7 @@ def assert_close(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], *, 
 
 # -- tests ------------------------------------------------------------------------------------------------
 
-def test_task_arithmetic_and_lambda(backend: str, related_models: Any, tmp_path: Path) -> None:
+def test_task_arithmetic_and_lambda(related_models: Any, tmp_path: Path) -> None:
     ms = related_models("llama", "float32")
     S = {k: load_state_dict(v) for k, v in ms.items()}
     out = merge(tmp_path, cfg_for("task_arithmetic", ms, [("m1", {"weight": 0.7}), ("m2", {"weight": 0.4})],
@@ -152,7 +144,7 @@ def test_task_arithmetic_and_lambda(backend: str, related_models: Any, tmp_path:
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_linear_normalize(backend: str, related_models: Any, tmp_path: Path, normalize: bool) -> None:
+def test_linear_normalize(related_models: Any, tmp_path: Path, normalize: bool) -> None:
     ms = related_models("llama", "float32")
     S = {k: load_state_dict(v) for k, v in ms.items()}
     out = merge(tmp_path, cfg_for("linear", ms, [("m1", {"weight": 1.0}), ("m2", {"weight": 3.0})],
@@ -162,7 +154,7 @@ def test_linear_normalize(backend: str, related_models: Any, tmp_path: Path, nor
 
 
 @pytest.mark.parametrize("density", [0.3, 1.0])
-def test_ties(backend: str, related_models: Any, tmp_path: Path, density: float) -> None:
+def test_ties(related_models: Any, tmp_path: Path, density: float) -> None:
     ms = related_models("llama", "float32", n=3)
     S = {k: load_state_dict(v) for k, v in ms.items()}
     ws = [1.0, 0.5, 0.8]
@@ -174,7 +166,7 @@ def test_ties(backend: str, related_models: Any, tmp_path: Path, density: float)
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
-def test_breadcrumbs(backend: str, related_models: Any, tmp_path: Path, method: str) -> None:
+def test_breadcrumbs(related_models: Any, tmp_path: Path, method: str) -> None:
     ms = related_models("llama", "float32")
     S = {k: load_state_dict(v) for k, v in ms.items()}
     d = cfg_for(method, ms, [("m1", {"weight": 1.0}), ("m2", {"weight": 0.5, "gamma": 0.05})],
@@ -195,7 +187,7 @@ def test_breadcrumbs(backend: str, related_models: Any, tmp_path: Path, method: 
     assert kept == math.floor(0.5 * S["base"][w].numel())
 
 
-def test_slerp_gradient_and_filters(backend: str, related_models: Any, tmp_path: Path) -> None:
+def test_slerp_gradient_and_filters(related_models: Any, tmp_path: Path) -> None:
     ms = related_models("llama", "float32", n=1, scale=0.05)
     S = {k: load_state_dict(v) for k, v in ms.items()}
     t_rule = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.25},
@@ -209,7 +201,7 @@ def test_slerp_gradient_and_filters(backend: str, related_models: Any, tmp_path:
     torch.testing.assert_close(out["model.embed_tokens.weight"], S["m1"]["model.embed_tokens.weight"])
 
 
-def test_slerp_near_parallel_falls_back_to_lerp(backend: str, tmp_path: Path) -> None:
+def test_slerp_near_parallel_falls_back_to_lerp(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(3)
     a = torch.randn(64, 32, generator=g)
     b = a * 1.5 + 1e-4 * torch.randn(64, 32, generator=g)  # cos ≈ 1, norms differ
@@ -224,7 +216,7 @@ def test_slerp_near_parallel_falls_back_to_lerp(backend: str, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("filter_wise", [False, True])
-def test_model_stock(backend: str, related_models: Any, tmp_path: Path, filter_wise: bool) -> None:
+def test_model_stock(related_models: Any, tmp_path: Path, filter_wise: bool) -> None:
     ms = related_models("llama", "float32", n=3)
     S = {k: load_state_dict(v) for k, v in ms.items()}
     out = merge(tmp_path, cfg_for("model_stock", ms, [("m1", None), ("m2", None), ("m3", None)],
@@ -233,7 +225,7 @@ def test_model_stock(backend: str, related_models: Any, tmp_path: Path, filter_w
     assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_passthrough_scale_and_copy(backend: str, related_models: Any, tmp_path: Path) -> None:
+def test_passthrough_scale_and_copy(related_models: Any, tmp_path: Path) -> None:
     ms = related_models("llama", "bfloat16")
     S = load_state_dict(ms["m1"])
     out = merge(tmp_path, {"merge_method": "passthrough", "models": [{"model": str(ms["m1"])}]})
@@ -247,7 +239,7 @@ def test_passthrough_scale_and_copy(backend: str, related_models: Any, tmp_path:
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_properties(backend: str, related_models: Any, tmp_path: Path, method: str) -> None:
+def test_dare_properties(related_models: Any, tmp_path: Path, method: str) -> None:
     ms = related_models("llama", "float32", n=1)
     S = {k: load_state_dict(v) for k, v in ms.items()}
     d = cfg_for(method, ms, [("m1", {"weight": 1.0, "density": 0.3})])
@@ -272,7 +264,7 @@ def test_dare_properties(backend: str, related_models: Any, tmp_path: Path, meth
 @pytest.mark.parametrize(("in_dt", "out_dt"), [("bfloat16", "float16"), ("float16", "bfloat16"),
                                                ("float32", "bfloat16"), ("bfloat16", None),
                                                ("bfloat16", "float32")])
-def test_dtypes_in_and_out(backend: str, related_models: Any, tmp_path: Path, in_dt: str,
+def test_dtypes_in_and_out(related_models: Any, tmp_path: Path, in_dt: str,
                            out_dt: str | None) -> None:
     ms = related_models("qwen2", in_dt)
     S = {k: load_state_dict(v) for k, v in ms.items()}
@@ -294,7 +286,7 @@ def test_dtypes_in_and_out(backend: str, related_models: Any, tmp_path: Path, in
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
-def test_merged_model_loads_with_transformers(backend: str, related_models: Any, tmp_path: Path,
+def test_merged_model_loads_with_transformers(related_models: Any, tmp_path: Path,
                                               arch: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -315,7 +307,7 @@ def test_merged_model_loads_with_transformers(backend: str, related_models: Any,
     assert logits.shape == (1, 3, 128) and torch.isfinite(logits).all()
 
 
-def test_sharded_inputs_and_outputs(backend: str, related_models: Any, tmp_path: Path) -> None:
+def test_sharded_inputs_and_outputs(related_models: Any, tmp_path: Path) -> None:
     ms1 = related_models("llama", "bfloat16")
     ms = related_models("llama", "bfloat16", shard_bytes=60_000)
     assert (ms["m1"] / "model.safetensors.index.json").is_file()
@@ -336,7 +328,7 @@ def test_sharded_inputs_and_outputs(backend: str, related_models: Any, tmp_path:
     assert not (single.out_dir / "model.safetensors.index.json").exists()
 
 
-def test_ties_threshold_ties_are_deterministic(backend: str, related_models: Any, tmp_path: Path) -> None:
+def test_ties_threshold_ties_are_deterministic(related_models: Any, tmp_path: Path) -> None:
     """bf16 deltas tie at the top-k threshold often; the choice must not depend on threads or chunking."""
     ms = related_models("llama", "bfloat16")
     S = {k: load_state_dict(v) for k, v in ms.items()}
@@ -357,22 +349,35 @@ def test_ties_threshold_ties_are_deterministic(backend: str, related_models: Any
     assert changed == min(k, nonzero)
 
 
-@pytest.mark.skipif(not _has_rust(), reason="finrecipe._core has no merge yet")
+def reference_merge(d: dict[str, Any], out: Path, **kw: Any) -> dict[str, torch.Tensor]:
+    """The same config planned by finrecipe and executed by the torch reference executor."""
+    from finrecipe.merge import build_plan
+    from reference import pyexec
+
+    plan = dict(build_plan(MergeConfig.from_dict(d), **kw).plan)
+    out.mkdir(parents=True)
+    plan["out_dir"] = str(out)
+    pyexec.merge(json.dumps(plan))
+    return load_state_dict(out)
+
+
 @pytest.mark.parametrize(("method", "params"), [
     ("ties", {"density": 0.4}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.02}),
-    ("task_arithmetic", {}), ("linear", {}), ("slerp", {"t": [0.2, 0.9]}), ("model_stock", {})])
-def test_rust_core_matches_torch_executor(related_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          method: str, params: dict[str, Any]) -> None:
+    ("breadcrumbs", {"density": 0.7, "gamma": 0.1}), ("task_arithmetic", {"lambda": 0.8}),
+    ("linear", {}), ("slerp", {"t": [0.2, 0.9]}), ("model_stock", {}), ("passthrough", {}),
+    ("dare_linear", {"density": 1.0})])
+def test_rust_core_matches_torch_executor(related_models: Any, tmp_path: Path, method: str,
+                                          params: dict[str, Any]) -> None:
     """The two executors of one plan agree (bf16 in and out, with many |δ| ties at top-k thresholds)."""
     ms = related_models("llama", "bfloat16")
     models = [("m1", None)] if method == "slerp" else [("m1", {"weight": 1.0}), ("m2", {"weight": 0.6})]
     if method == "model_stock":
         models = [("m1", None), ("m2", None)]
+    if method == "passthrough":
+        models = [("m1", {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]})]
     d = cfg_for(method, ms, models, params or None)
-    outs = {}
-    for be in ("rust", "python"):
-        monkeypatch.setenv("FINRECIPE_MERGE_BACKEND", be)
-        outs[be] = merge(tmp_path, d, be)
+    outs = {"rust": merge(tmp_path, d, "rust"), "python": reference_merge(d, tmp_path / "python")}
+    assert list(outs["rust"]) == list(outs["python"])
     for k, v in outs["python"].items():
         r = outs["rust"][k]
         ulps = (r.view(torch.int16).int() - v.view(torch.int16).int()).abs()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import struct
@@ -20,6 +19,7 @@ from click.testing import CliRunner
 from finrecipe.cli import main
 from finrecipe.errors import FormatError, IoError
 from finrecipe.merge import MergeConfig, read_model, run_merge
+from reference.headers import py_read_model
 
 
 def no_leftovers(parent: Path) -> list[str]:
@@ -68,7 +68,7 @@ def _hostile(path: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["truncated", "huge_header_len", "garbage_json", "overlap", "bad_dtype",
                                   "shape_vs_offsets", "empty"])
-def test_hostile_safetensors_rejected_and_nothing_left(backend: str, related_models: Any, tmp_path: Path,
+def test_hostile_safetensors_rejected_and_nothing_left(related_models: Any, tmp_path: Path,
                                                        kind: str) -> None:
     ms = related_models("llama", "bfloat16")
     bad = tmp_path / "bad"
@@ -77,6 +77,8 @@ def test_hostile_safetensors_rejected_and_nothing_left(backend: str, related_mod
     with pytest.raises(FormatError) as ei:
         read_model(bad)
     assert "model.safetensors" in str(ei.value)
+    with pytest.raises(FormatError):  # the independent pure-Python reader agrees
+        py_read_model(bad)
     with pytest.raises(FormatError):
         run_merge(MergeConfig.from_dict(ta(ms, bad)), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not no_leftovers(tmp_path)
@@ -98,7 +100,7 @@ def test_bad_index_and_missing_shard(related_models: Any, tmp_path: Path) -> Non
         read_model(tmp_path)
 
 
-def test_keyboard_interrupt_leaves_nothing(backend: str, related_models: Any, tmp_path: Path) -> None:
+def test_keyboard_interrupt_leaves_nothing(related_models: Any, tmp_path: Path) -> None:
     ms = related_models("llama", "bfloat16", shard_bytes=60_000)
 
     class Interrupting:
@@ -146,13 +148,12 @@ _KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sigkill_mid_merge_then_rerun_cleans_up(backend: str, related_models: Any, tmp_path: Path) -> None:
+def test_sigkill_mid_merge_then_rerun_cleans_up(related_models: Any, tmp_path: Path) -> None:
     ms = related_models("llama", "bfloat16", shard_bytes=60_000)
     out = tmp_path / "out"
     marker = tmp_path / "marker"
     script = _KILL_SCRIPT.format(cfg=ta(ms), marker=str(marker), out=str(out))
-    env = {**os.environ, "FINRECIPE_MERGE_BACKEND": backend}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
@@ -221,3 +222,12 @@ def test_size_parser() -> None:
     assert parse_size("1234") == 1234
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_reference_reader_agrees_with_core(related_models: Any) -> None:
+    for shard in (None, 60_000):
+        ms = related_models("llama", "bfloat16", shard_bytes=shard)
+        a, b = read_model(ms["m1"]), py_read_model(ms["m1"])
+        assert a.files == b.files
+        assert {k: (t.dtype, t.shape, t.file, t.data_offsets) for k, t in a.tensors.items()} == \
+               {k: (t.dtype, t.shape, t.file, t.data_offsets) for k, t in b.tensors.items()}

@@ -25,3 +25,11 @@ def merge(plan_json: str, progress: Callable[[int, int], None] | None = None) ->
 def analyze(plan_json: str, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Task-vector Gram matrices: {"tensors": {name: {"gram": [[float]], "numel": int}},
     "total": {"gram": [[float]], "numel": int}, "seconds": float}."""
+
+PLAN_VERSION: int
+
+def kernels() -> list[dict[str, Any]]:
+    """The kernels this core implements: [{"name": str, "base": "required" | "none",
+    "min_sources": int, "max_sources": int | None, "source_params": [param], "tensor_params":
+    [param]}] with param = {"name": str, "kind": "number" | "bool", "min": float | None,
+    "max": float | None} (every listed parameter is required in a plan)."""

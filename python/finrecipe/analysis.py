@@ -9,9 +9,6 @@ plan (tensor names and shapes from the headers), then derives:
 - per tensor and per layer (sums of Gram matrices over the layer's tensors): cosines and norms;
 - one heatmap PNG per pair: layers × module types (q_proj, k_proj, ..., down_proj, norms);
 - `analysis.json` with all figures.
-
-Without the Rust function (an older extension) a streaming Python fallback reads one tensor at a time
-with safetensors (f64 accumulation), so results are the same, only slower.
 """
 
 from __future__ import annotations
@@ -54,56 +51,15 @@ def build_plan(base: str | Path, models: Sequence[str | Path], *, threads: int =
             "tensors": tensors}
 
 
-def _python_analyze(plan: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """Same result as `_core.analyze`, one tensor at a time in Python (f64)."""
-    import torch
-    from safetensors import safe_open
-
-    from finrecipe.merge import read_model
-
-    infos = [read_model(p) for p in plan["models"]]
-    handles: dict[tuple[int, str], Any] = {}
-
-    def load(model: int, name: str) -> Any:
-        ti = infos[model].tensors[name]
-        key = (model, ti.file)
-        if key not in handles:
-            handles[key] = safe_open(str(Path(plan["models"][model]) / ti.file), framework="pt")
-        return handles[key].get_tensor(name).to(torch.float64).flatten()
-
-    k = len(plan["tensors"][0]["vectors"]) if plan["tensors"] else 0
-    total = [[0.0] * k for _ in range(k)]
-    numel = 0
-    out: dict[str, Any] = {}
-    with progress.task("analyze", total=len(plan["tensors"]), unit="tensor") as task:
-        for t in plan["tensors"]:
-            b = load(t["base"]["model"], t["base"]["tensor"])
-            ds = torch.stack([load(v["model"], v["tensor"]) - b for v in t["vectors"]])
-            g = (ds @ ds.T).tolist()
-            out[t["name"]] = {"gram": g, "numel": int(b.numel())}
-            for i in range(k):
-                for j in range(k):
-                    total[i][j] += g[i][j]
-            numel += int(b.numel())
-            task.update(advance=1)
-    return {"tensors": out, "total": {"gram": total, "numel": numel}}
-
-
 def run_plan(plan: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
-    progress = progress or NullProgress()
-    try:
-        from finrecipe import _core
+    from finrecipe import _core
 
-        core = getattr(_core, "analyze", None)
-    except ImportError:
-        core = None
-    if core is None:
-        return _python_analyze(plan, progress)
+    progress = progress or NullProgress()
     with progress.task("analyze", total=None, unit="B") as task:
         def cb(done: int, total: int) -> None:
             task.update(completed=done, total=total)
 
-        return dict(core(json.dumps(plan), cb))
+        return dict(_core.analyze(json.dumps(plan), cb))
 
 
 def _cos(g: Sequence[Sequence[float]], i: int, j: int) -> float | None:

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::dtype::is_float;
 use crate::error::{Error, Result};
 use crate::merge::kernels::dot;
-use crate::merge::plan::{Job, Method, Ref, SrcRef};
+use crate::merge::plan::{Job, Kernel, Ref, SrcRef};
 use crate::merge::{open_models, Control, Ctx};
 use crate::safetensors::read::Model;
 
@@ -119,7 +119,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
         let n = sources.len();
         jobs.push(Job {
             name: t.name.clone(),
-            method: Method::TaskArithmetic,
+            kernel: Kernel::TaskArithmetic,
             out_dtype: crate::safetensors::Dtype::F32,
             shape: bshape,
             numel,
@@ -133,7 +133,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
             rescale: false,
             t: 0.0,
             filter_wise: false,
-            scale: None,
+            scale: 1.0,
             copy: false,
         });
     }

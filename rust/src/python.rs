@@ -220,6 +220,12 @@ fn merge(py: Python<'_>, plan_json: &str, progress: Option<PyObject>) -> PyResul
     }
 }
 
+/// The kernels this core implements, with their inputs and parameters (see merge/plan.rs).
+#[pyfunction]
+fn kernels(py: Python<'_>) -> PyResult<PyObject> {
+    Ok(json_to_py(py, &crate::merge::plan::kernels_json())?.unbind())
+}
+
 /// Task-vector statistics (Gram matrices of δ_i = θ_i − θ_base per tensor); see analyze.rs.
 #[pyfunction]
 #[pyo3(signature = (plan_json, progress=None))]
@@ -238,5 +244,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_model, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels, m)?)?;
+    m.add("PLAN_VERSION", crate::merge::plan::PLAN_VERSION)?;
     Ok(())
 }

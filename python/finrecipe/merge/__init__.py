@@ -1,8 +1,10 @@
 """Model merging: mergekit-compatible configs, planning against headers, and the merge run.
 
 The public API: `load_merge_config`, `MergeConfig`, `validate_merge`, `run_merge`, `MergePlanInfo`,
-`MergeResult`, `read_model`. The heavy lifting is done by the Rust core (`finrecipe._core.merge`);
-`finrecipe.merge.pyexec` is a slow plain-torch executor of the same plan (tests, fallback).
+`MergeResult`, `read_model` (the validated safetensors reader every command uses), and `METHODS`
+(the merge-method table of `finrecipe.merge.methods`). The heavy lifting is done by the Rust core
+(`finrecipe._core.merge`); importing this package checks that the core's kernels and the method
+table agree.
 
 Where finrecipe deliberately differs from mergekit:
 - validation is strict and happens before any tensor data is read (unknown keys and parameters,
@@ -15,17 +17,22 @@ Where finrecipe deliberately differs from mergekit:
 - `tokenizer_source: union` and other vocabulary-changing options are refused, not approximated.
 """
 
-from finrecipe.merge.config import METHODS, MergeConfig, load_merge_config
+from finrecipe.merge.config import MergeConfig, load_merge_config
 from finrecipe.merge.headers import ModelInfo, TensorInfo, read_model
+from finrecipe.merge.methods import METHODS, MethodDef, ParamDef, check_kernels
 from finrecipe.merge.plan import MergePlanInfo, build_plan
 from finrecipe.merge.run import MergeResult, run_merge, validate_merge
+
+check_kernels()
 
 __all__ = [
     "METHODS",
     "MergeConfig",
     "MergePlanInfo",
     "MergeResult",
+    "MethodDef",
     "ModelInfo",
+    "ParamDef",
     "TensorInfo",
     "build_plan",
     "load_merge_config",

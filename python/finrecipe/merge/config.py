@@ -11,13 +11,13 @@ a list of `{filter: SUBSTRING, value: scalar|gradient}` rules (first match wins)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, field_validator
 
 from finrecipe.errors import RecipeError
+from finrecipe.merge.methods import METHODS, MethodDef, ParamDef
 from finrecipe.yamlio import KeyPath, Positions, format_path, load_yaml, locate, suggest, validation_error
 
 
@@ -72,60 +72,6 @@ class OutputSlice(_Strict):
 class TokenizerConfig(_Strict):
     source: str | None = None
 
-
-@dataclass(frozen=True)
-class ParamDef:
-    name: str
-    per_model: bool  # True: read per source model (weight, density, gamma); False: once per tensor
-    default: float | bool | None = None  # None: required
-    kind: type = float  # float or bool
-
-
-def _p(name: str, per_model: bool, default: float | bool | None = None, kind: type = float) -> ParamDef:
-    return ParamDef(name, per_model, default, kind)
-
-
-_WEIGHT = _p("weight", True)
-_DENSITY = _p("density", True, 1.0)
-_GAMMA = _p("gamma", True, 0.01)
-_LAMBDA = _p("lambda", False, 1.0)
-_RESCALE = _p("rescale", False, True, bool)
-# mergekit's memory optimisation flag: accepted for compatibility, has no effect here.
-_INT8 = _p("int8_mask", False, False, bool)
-
-
-def _norm(default: bool) -> ParamDef:
-    return _p("normalize", False, default, bool)
-
-
-@dataclass(frozen=True)
-class MethodDef:
-    name: str
-    params: tuple[ParamDef, ...]
-    needs_base: bool  # True: base_model required
-    min_sources: int = 1
-    max_sources: int | None = None
-
-    def param(self, name: str) -> ParamDef | None:
-        for p in self.params:
-            if p.name == name:
-                return p
-        return None
-
-
-METHODS: dict[str, MethodDef] = {m.name: m for m in (
-    MethodDef("linear", (_WEIGHT, _norm(True)), needs_base=False),
-    MethodDef("task_arithmetic", (_WEIGHT, _LAMBDA, _norm(False), _INT8), needs_base=True),
-    MethodDef("ties", (_WEIGHT, _DENSITY, _LAMBDA, _norm(True), _INT8), needs_base=True),
-    MethodDef("dare_linear", (_WEIGHT, _DENSITY, _LAMBDA, _norm(False), _RESCALE, _INT8), needs_base=True),
-    MethodDef("dare_ties", (_WEIGHT, _DENSITY, _LAMBDA, _norm(True), _RESCALE, _INT8), needs_base=True),
-    MethodDef("breadcrumbs", (_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _norm(False), _INT8), needs_base=True),
-    MethodDef("breadcrumbs_ties", (_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _norm(True), _INT8),
-              needs_base=True),
-    MethodDef("slerp", (_p("t", False),), needs_base=True, min_sources=1, max_sources=1),
-    MethodDef("model_stock", (_p("filter_wise", False, False, bool),), needs_base=True, min_sources=2),
-    MethodDef("passthrough", (_p("scale", True, 1.0),), needs_base=False, min_sources=1, max_sources=1),
-)}
 
 DTYPES = {"float32": "F32", "fp32": "F32", "f32": "F32", "float": "F32",
           "bfloat16": "BF16", "bf16": "BF16",
@@ -274,15 +220,9 @@ class MergeConfig(_Strict):
             raise self.error("a gradient needs at least one value", path)
         for x in vals:
             assert not isinstance(x, FilterRule)
-            if pd.kind is bool:
-                if not isinstance(x, bool) and x not in (0, 1):
-                    raise self.error(f"{pd.name!r} is true/false, got {x!r}", path)
-            elif isinstance(x, bool):
-                raise self.error(f"{pd.name!r} is a number, got {x!r}", path)
-            elif pd.name in ("density", "t") and not (0.0 <= float(x) <= 1.0):
-                raise self.error(f"{pd.name!r} must be within [0, 1], got {x!r}", path)
-            elif pd.name == "gamma" and not (0.0 <= float(x) < 1.0):
-                raise self.error(f"'gamma' must be within [0, 1), got {x!r}", path)
+            problem = pd.problem(x)
+            if problem is not None:
+                raise self.error(problem, path)
 
     @property
     def tokenizer_source_name(self) -> str | None:

@@ -1,21 +1,18 @@
 """Reading and validating safetensors headers of a model directory (no tensor data is read).
 
-`read_model(path)` uses the Rust core's `read_model` when the extension provides it, else a
-pure-Python reader with the same checks (header size bounds, JSON, dtype byte sizes, contiguous
-non-overlapping offsets covering the data exactly, file length). Both return the same shape:
-`ModelInfo` with tensors in a deterministic order (shard order, then data offset).
+`read_model(path)` is the one reader every part of finrecipe uses for safetensors checkpoints
+(merge, inspect, analysis, evaluation): the Rust core validates every header (size bounds, JSON,
+dtype byte sizes, contiguous non-overlapping offsets covering the data exactly, file length) and
+the shard index (plain file names inside the model directory only, both ways consistent), and
+raises `FormatError` (exit code 2) naming the file for anything hostile. It returns `ModelInfo`
+with tensors in a deterministic order (shard order, then data offset).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from finrecipe.errors import FormatError, IoError
 
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -58,120 +55,12 @@ class ModelInfo:
         return sum(t.numel for t in self.tensors.values())
 
 
-def _read_file_header(fp: Path) -> tuple[dict[str, Any], int]:
-    try:
-        size = fp.stat().st_size
-        with open(fp, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(f"{fp}: file too short ({size} bytes) to be safetensors")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or n + 8 > size:
-                raise FormatError(f"{fp}: header length {n} is beyond the file ({size} bytes) or the "
-                                  f"{MAX_HEADER}-byte limit; the file is truncated or not safetensors")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise IoError(f"{fp}: file not found") from None
-    except PermissionError:
-        raise IoError(f"{fp}: permission denied") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{fp}: header is not valid JSON ({e}); the file is corrupt") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{fp}: header is not a JSON object")
-    return header, size - 8 - n
-
-
-def _parse_file(fp: Path, fname: str) -> tuple[list[TensorInfo], dict[str, str]]:
-    header, data_len = _read_file_header(fp)
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise FormatError(f"{fp}: __metadata__ must map strings to strings")
-    out = []
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise FormatError(f"{fp}: tensor {name!r}: entry is not an object")
-        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dt not in DTYPE_SIZES:
-            raise FormatError(f"{fp}: tensor {name!r}: unknown dtype {dt!r}")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise FormatError(f"{fp}: tensor {name!r}: bad shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offs) or offs[0] > offs[1]):
-            raise FormatError(f"{fp}: tensor {name!r}: bad data_offsets {offs!r}")
-        expect = math.prod(shape) * DTYPE_SIZES[dt]
-        if offs[1] - offs[0] != expect:
-            raise FormatError(f"{fp}: tensor {name!r}: data_offsets span {offs[1] - offs[0]} bytes but "
-                              f"{dt}{shape} needs {expect}")
-        out.append(TensorInfo(name, dt, tuple(shape), fname, (offs[0], offs[1])))
-    out.sort(key=lambda t: (t.data_offsets[0], t.data_offsets[1]))
-    pos = 0
-    for t in out:
-        if t.data_offsets[0] != pos:
-            raise FormatError(f"{fp}: tensor {t.name!r}: data_offsets {list(t.data_offsets)} leave a gap "
-                              f"or overlap (expected start {pos})")
-        pos = t.data_offsets[1]
-    if pos != data_len:
-        raise FormatError(f"{fp}: tensors cover {pos} data bytes but the file holds {data_len}; "
-                          "the file is truncated or corrupt")
-    return out, meta
-
-
-def _py_read_model(path: Path) -> ModelInfo:
-    if path.is_file():
-        files = [path.name]
-        root = path.parent
-    elif (path / INDEX).is_file():
-        root = path
-        try:
-            idx = json.loads((path / INDEX).read_text(encoding="utf-8"))
-            wmap = idx["weight_map"]
-            if not isinstance(wmap, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{path / INDEX}: not a valid safetensors index ({e})") from None
-        files = sorted(set(wmap.values()))
-        for f in files:
-            if not isinstance(f, str) or "/" in f or f.startswith("."):
-                raise FormatError(f"{path / INDEX}: bad shard file name {f!r}")
-    elif (path / SINGLE).is_file():
-        root, files, wmap = path, [SINGLE], None
-    elif path.is_dir():
-        raise FormatError(f"{path}: no {SINGLE} or {INDEX} in this directory")
-    else:
-        raise IoError(f"{path}: no such file or directory")
-    tensors: dict[str, TensorInfo] = {}
-    meta: dict[str, str] = {}
-    for f in files:
-        infos, m = _parse_file(root / f, f)
-        meta = meta or m
-        for t in infos:
-            if t.name in tensors:
-                raise FormatError(f"{root / f}: tensor {t.name!r} also appears in {tensors[t.name].file}")
-            tensors[t.name] = t
-    if path.is_dir() and (path / INDEX).is_file():
-        for name, f in wmap.items():
-            if name not in tensors or tensors[name].file != f:
-                raise FormatError(f"{path / INDEX}: tensor {name!r} is mapped to {f} but not found there")
-        if len(wmap) != len(tensors):
-            extra = sorted(set(tensors) - set(wmap))[:3]
-            raise FormatError(f"{path / INDEX}: shards hold tensors missing from weight_map: {extra}")
-    return ModelInfo(path=root, files=files, tensors=tensors, metadata=meta)
-
-
 def read_model(path: str | Path) -> ModelInfo:
     """Validate and describe a model directory (single file or shards + index) or one file."""
-    p = Path(path)
-    try:
-        from finrecipe import _core
+    from finrecipe import _core
 
-        core_read = getattr(_core, "read_model", None)
-    except ImportError:  # pragma: no cover - the extension is always built in practice
-        core_read = None
-    if core_read is None:
-        return _py_read_model(p)
-    d = core_read(str(p))
+    p = Path(path)
+    d = _core.read_model(str(p))
     root = p if p.is_dir() else p.parent
     tensors = {}
     raw = d["tensors"]

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from finrecipe.errors import ConfigError, MismatchError
-from finrecipe.merge.config import DTYPES, FilterRule, MergeConfig, ParamDef, Params, ParamSetting
+from finrecipe.merge.config import DTYPES, FilterRule, MergeConfig, Params, ParamSetting
 from finrecipe.merge.headers import DTYPE_SIZES, FLOAT_DTYPES, ModelInfo, TensorInfo, read_model
+from finrecipe.merge.methods import METHODS, ParamDef
 
 log = logging.getLogger("finrecipe.merge")
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # the plan format (docs/merge-plan.md); the core checks it
 DEFAULT_CHUNK_ELEMS = 1 << 20
 LAYER_RE = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _VOCAB_HINTS = ("embed_tokens", "lm_head", "embed_in", "embed_out", "wte", "word_embeddings")
@@ -195,8 +196,8 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             for s in srcs:
                 if s.model == base.model:
                     base.params = s.params
-        if m.name == "linear":
-            base = None  # linear ignores base_model; it merges exactly the models listed
+        if not m.needs_base:
+            base = None  # e.g. linear ignores base_model: it merges exactly the models listed
         elif base is not None:
             srcs = [s for s in srcs if s.model != base.model]
         parts.append(_Part(srcs, base, None, 0, None))
@@ -214,7 +215,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             if length is None:
                 length = _num_layers(infos[sl.sources[0].model]) or 0
             base = None
-            if bname and m.name != "linear" and m.needs_base:
+            if bname and m.needs_base:
                 found = [s for s in ss if s.model == bname]
                 base = found[0] if found else _Src(bname, None, ss[0].layer_offset)
                 ss = [s for s in ss if s.model != bname]
@@ -323,34 +324,35 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             # Integer/bool buffers are copied from the reference model, whatever the method.
             s0 = part.base or part.sources[0]
             tname, info = refs[0]
-            entry: dict[str, Any] = {"name": out_name, "method": "passthrough", "out_dtype": info.dtype,
-                     "base": None,
-                     "sources": [{**ref_of(s0, tname), "params": {}}], "params": {}}
+            entry: dict[str, Any] = {"name": out_name, "kernel": METHODS["passthrough"].kernel,
+                                     "out_dtype": info.dtype, "base": None,
+                                     "sources": [{**ref_of(s0, tname), "params": {"scale": 1.0}}],
+                                     "params": {}}
             if m.name != "passthrough":
                 warnings.append(f"{out_name}: {info.dtype} tensor copied from {s0.model!r} unmerged")
         else:
             gl = [part.params, cfg.parameters]
             tparams: dict[str, Any] = {}
-            for pd in m.params:
-                if not pd.per_model and pd.name != "int8_mask":
-                    tparams[pd.name] = _resolve(pd, gl, out_name, t, cfg, what_part)
+            for pd in m.kernel_params("global"):
+                tparams[pd.name] = _resolve(pd, gl, out_name, t, cfg, what_part)
             sources = []
             for s, (tname, _info) in zip(part.sources, refs[len(refs) - len(part.sources):], strict=True):
                 sp: dict[str, Any] = {}
-                for pd in m.params:
-                    if pd.per_model:
-                        sp[pd.name] = _resolve(pd, [s.params] + gl, out_name, t, cfg, f"model {s.model!r}")
-                if m.name == "passthrough":
-                    scale = sp.pop("scale")
-                    if scale != 1.0:
-                        tparams["scale"] = scale
+                for pd in m.kernel_params("model"):
+                    sp[pd.name] = _resolve(pd, [s.params] + gl, out_name, t, cfg, f"model {s.model!r}")
                 sources.append({**ref_of(s, tname), "params": sp})
+            if m.refuse_zero_weight_sum and tparams.get("normalize"):
+                wsum = sum(float(src["params"]["weight"]) for src in sources)
+                if abs(wsum) < 1e-8:
+                    raise cfg.error(
+                        f"the weights of the models sum to {wsum:g} for tensor {out_name!r} and "
+                        f"{m.name!r} divides by that sum (normalize is on); give weights with a "
+                        "non-zero sum or set normalize: false",
+                        ("models",) if cfg.models is not None else ("slices",))
             odt = out_dt or refs[0][1].dtype
-            entry = {"name": out_name, "method": m.name, "out_dtype": odt,
+            entry = {"name": out_name, "kernel": m.kernel, "out_dtype": odt,
                      "base": ref_of(part.base, refs[0][0]) if part.base else None,
                      "sources": sources, "params": tparams}
-            if m.name == "passthrough" and "scale" not in tparams and out_dt is None:
-                entry["out_dtype"] = first.dtype
         tensors.append(entry)
         shapes.append(first.shape)
         in_bytes += sum(info.nbytes for _, info in refs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finrecipe.errors import ConfigError, FinrecipeError, IoError
+from finrecipe.errors import ConfigError, IoError
 from finrecipe.merge.config import MergeConfig
 from finrecipe.merge.plan import MergePlanInfo, build_plan
 from finrecipe.progress import NullProgress, Progress
@@ -42,7 +41,6 @@ class MergeResult:
     tensors: int
     seconds: float
     method: str
-    backend: str
     info: MergePlanInfo
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -50,24 +48,6 @@ class MergeResult:
 def validate_merge(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = None) -> MergePlanInfo:
     """Check `cfg` against the input models' headers and resolve the plan; reads no tensor data."""
     return build_plan(cfg, model_paths)
-
-
-def _backend() -> tuple[str, Any]:
-    choice = os.environ.get("FINRECIPE_MERGE_BACKEND", "auto")
-    if choice not in ("auto", "rust", "python"):
-        raise ConfigError(f"FINRECIPE_MERGE_BACKEND={choice!r}: use auto, rust or python")
-    if choice != "python":
-        from finrecipe import _core
-
-        fn = getattr(_core, "merge", None)
-        if fn is not None:
-            return "rust", fn
-        if choice == "rust":
-            raise FinrecipeError("FINRECIPE_MERGE_BACKEND=rust but this build of finrecipe._core has no "
-                                 "merge; rebuild the extension (make build)")
-    from finrecipe.merge import pyexec
-
-    return "python", pyexec.merge
 
 
 def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, Path | str] | None = None, *,
@@ -84,7 +64,8 @@ def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, P
     for p in info.model_paths.values():
         if dest == p or p.is_relative_to(dest):
             raise ConfigError(f"output directory {dest} would replace input model {p}")
-    backend, fn = _backend()
+    from finrecipe import _core
+
     t0 = time.monotonic()
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         plan = dict(info.plan)
@@ -98,13 +79,13 @@ def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, P
                 task.update(completed=done, total=total,
                             info=f"{done / 1e6:,.0f}/{total / 1e6:,.0f} MB {rate:,.0f} MB/s")
 
-            res = fn(json.dumps(plan), cb)
+            res = _core.merge(json.dumps(plan), cb)
         _write_side_files(cfg, info, tmp)
     seconds = time.monotonic() - t0
     files = sorted(p.name for p in dest.iterdir())
     return MergeResult(out_dir=dest, files=files, total_bytes=int(res.get("total_bytes", info.out_bytes)),
                        tensors=int(res.get("tensors", info.num_tensors)), seconds=seconds,
-                       method=cfg.merge_method, backend=backend, info=info, extra=dict(res))
+                       method=cfg.merge_method, info=info, extra=dict(res))
 
 
 def _out_dtype(info: MergePlanInfo) -> str | None:

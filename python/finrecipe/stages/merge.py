@@ -26,15 +26,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, model_validator
 
-from finrecipe.stages.base import (
-    DatasetRef,
-    InputKind,
-    ModelRef,
-    StageContext,
-    StageKind,
-    StageResult,
-    register,
-)
+from finrecipe.merge import MergeConfig
+from finrecipe.node import CheckContext
+from finrecipe.stages.base import StageKind, register
+from finrecipe.types import InputKind, InputRef, ModelRef, StageContext, StageResult
 
 OWN_KEYS = ("seed", "out_shard_size", "threads")
 
@@ -42,7 +37,7 @@ OWN_KEYS = ("seed", "out_shard_size", "threads")
 class MergeStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    merge: Any = Field(description="the validated finrecipe.merge.MergeConfig")
+    merge: MergeConfig = Field(description="the validated mergekit config")
     seed: StrictInt = 0
     out_shard_size: StrictInt = Field(default=5_000_000_000, gt=0)
     threads: StrictInt = Field(default=0, ge=0)
@@ -50,8 +45,6 @@ class MergeStageConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _split(cls, data: Any, info: ValidationInfo) -> Any:
-        from finrecipe.merge import MergeConfig
-
         if not isinstance(data, Mapping):
             return data
         if isinstance(data.get("merge"), MergeConfig):
@@ -64,8 +57,7 @@ class MergeStageConfig(BaseModel):
         return {"merge": cfg, **own}
 
 
-def _names(config: BaseModel) -> list[str]:
-    assert isinstance(config, MergeStageConfig)
+def _names(config: MergeStageConfig) -> list[str]:
     cfg = config.merge
     names = list(cfg.model_names())
     tok = cfg.tokenizer_source_name
@@ -74,60 +66,58 @@ def _names(config: BaseModel) -> list[str]:
     return names
 
 
+def _paths(config: MergeStageConfig, inputs: Mapping[str, InputRef]) -> dict[str, Path] | None:
+    """Name -> directory of every input model, or None when one is not a local directory yet."""
+    paths = {}
+    for n in _names(config):
+        ref = inputs.get(n)
+        if not isinstance(ref, ModelRef) or not ref.path.is_dir():
+            return None
+        paths[n] = ref.path
+    return paths
+
+
 @register
-class MergeStage(StageKind):
+class MergeStage(StageKind[MergeStageConfig]):
     type = "merge"
     version = "1"
     Config = MergeStageConfig
-    produces_model = True
+    provides = "model"
 
-    def inputs(self, config: BaseModel) -> Sequence[tuple[str, InputKind]]:
+    def inputs(self, config: MergeStageConfig) -> Sequence[tuple[str, InputKind]]:
         return [(n, "model") for n in _names(config)]
 
-    def cache_config(self, config: BaseModel) -> Any:
-        assert isinstance(config, MergeStageConfig)
+    def cache_config(self, config: MergeStageConfig) -> Any:
         return {"merge": config.merge.model_dump(mode="json", exclude_none=True),
                 "seed": config.seed, "out_shard_size": config.out_shard_size}
 
-    def _paths(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef]) -> dict[str, Path] | None:
-        paths = {}
-        for n in _names(config):
-            ref = inputs.get(n)
-            if not isinstance(ref, ModelRef) or not ref.path.is_dir():
-                return None
-            paths[n] = ref.path
-        return paths
-
-    def check(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef]) -> None:
+    def check(self, config: MergeStageConfig, inputs: Mapping[str, InputRef],
+              cc: CheckContext | None = None) -> str | None:
         from finrecipe.merge import validate_merge
 
-        assert isinstance(config, MergeStageConfig)
-        paths = self._paths(config, inputs)
+        paths = _paths(config, inputs)
         if paths is not None:
             validate_merge(config.merge, paths)
+        return None
 
-    def estimate_output_bytes(self, config: BaseModel,
-                              inputs: Mapping[str, ModelRef | DatasetRef]) -> int | None:
+    def estimate_output_bytes(self, config: MergeStageConfig, inputs: Mapping[str, InputRef]) -> int | None:
         from finrecipe.merge import validate_merge
 
-        assert isinstance(config, MergeStageConfig)
-        paths = self._paths(config, inputs)
+        paths = _paths(config, inputs)
         if paths is None:
             return None
         return int(validate_merge(config.merge, paths).out_bytes)
 
-    def run(self, config: BaseModel, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
+    def run(self, config: MergeStageConfig, inputs: Mapping[str, InputRef], out_dir: Path,
             ctx: StageContext) -> StageResult:
         from finrecipe.merge import run_merge
 
-        assert isinstance(config, MergeStageConfig)
         paths = {n: ref.path for n, ref in inputs.items() if isinstance(ref, ModelRef)}
         res = run_merge(config.merge, out_dir / "model", paths, threads=config.threads,
                         out_shard_size=config.out_shard_size, seed=config.seed, overwrite=True,
                         progress=ctx.progress)
-        ctx.logger.info("merge %s: %d tensors, %d bytes in %.2f s (%s backend)", ctx.node, res.tensors,
-                        res.total_bytes, res.seconds, res.backend)
+        ctx.logger.info("merge %s: %d tensors, %d bytes in %.2f s", ctx.node, res.tensors,
+                        res.total_bytes, res.seconds)
         return StageResult(model_dir=out_dir / "model",
                            metrics={"merge_method": res.method, "tensors": res.tensors,
-                                    "output_bytes": res.total_bytes, "merge_seconds": round(res.seconds, 3),
-                                    "backend": res.backend})
+                                    "output_bytes": res.total_bytes, "merge_seconds": round(res.seconds, 3)})

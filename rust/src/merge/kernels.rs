@@ -1,10 +1,10 @@
-//! The methods: whole-tensor statistics (extra streaming passes) and the per-chunk arithmetic.
-//! Semantics follow mergekit (see ../shared/notes/reference-semantics.md); operation order
-//! mirrors it so that float32 results round the same way.
+//! The kernels of `plan::KERNELS`: whole-tensor statistics (extra streaming passes) and the
+//! per-chunk arithmetic. Semantics follow mergekit's merge methods (docs/merge-plan.md lists what
+//! each kernel computes); operation order mirrors it so that float32 results round the same way.
 
 use std::sync::atomic::Ordering;
 
-use super::plan::{Job, Method};
+use super::plan::{Job, Kernel};
 use super::rng::KeepStream;
 use super::select::{self, Bound, KeepRule, HI_BINS, LO_BINS};
 use super::{store_chunk, with_scratch, Control, Ctx, Scratch};
@@ -36,10 +36,10 @@ fn sparse(job: &Job) -> bool {
 }
 
 pub fn needs_stats(job: &Job) -> bool {
-    match job.method {
-        Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies => sparse(job),
-        Method::DareLinear | Method::DareTies => job.rescale && sparse(job),
-        Method::Slerp | Method::ModelStock => true,
+    match job.kernel {
+        Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies => sparse(job),
+        Kernel::DareLinear | Kernel::DareTies => job.rescale && sparse(job),
+        Kernel::Slerp | Kernel::ModelStock => true,
         _ => false,
     }
 }
@@ -52,8 +52,8 @@ fn keep_ranks(job: &Job, i: usize) -> Option<(u64, u64)> {
         return None;
     }
     let target = (d * n as f64).floor() as u64;
-    match job.method {
-        Method::Ties => Some((0, target.min(n))),
+    match job.kernel {
+        Kernel::Ties => Some((0, target.min(n))),
         _ => {
             let mut top = (job.gammas[i] * n as f64).floor() as u64;
             let bot = n as i64 - target as i64 - top as i64;
@@ -320,11 +320,11 @@ fn dare_streams(job: &Job, seed: u64) -> Vec<KeepStream> {
 pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats> {
     let job = ctx.job;
     let nsrc = job.sources.len();
-    match job.method {
-        Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies => {
+    match job.kernel {
+        Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies => {
             Ok(Stats::Keep(keep_rules(ctx, ctl)?))
         }
-        Method::DareLinear | Method::DareTies => {
+        Kernel::DareLinear | Kernel::DareTies => {
             let streams = dare_streams(job, seed);
             let sums = ctx.fold(
                 ctl,
@@ -352,7 +352,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                     .collect(),
             ))
         }
-        Method::Slerp => {
+        Kernel::Slerp => {
             let v = ctx.fold(
                 ctl,
                 false,
@@ -374,7 +374,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
             )?;
             Ok(slerp_coeffs(job.t, v[0], v[1].sqrt(), v[2].sqrt()))
         }
-        Method::ModelStock => {
+        Kernel::ModelStock => {
             let row_len = if job.filter_wise && job.shape.len() >= 2 {
                 *job.shape.last().unwrap()
             } else {
@@ -552,7 +552,7 @@ pub(crate) fn run_chunk(
     let nsrc = job.sources.len();
     with_scratch(nsrc, ctx.chunk, |s| {
         // task_arithmetic subtracts the base inside its fused loop.
-        let deltas = job.method.is_gta() && job.method != Method::TaskArithmetic;
+        let deltas = job.kernel.is_gta() && job.kernel != Kernel::TaskArithmetic;
         let (_, m) = ctx.load_chunk(c, s, deltas);
         compute(job, stats, seed, c, a, m, s);
         let Scratch { out, bytes, .. } = s;
@@ -597,8 +597,8 @@ fn compute_generic(
     let base = &base[..m];
     let out = &mut out[..m];
     let nsrc = job.sources.len();
-    match job.method {
-        Method::Linear => {
+    match job.kernel {
+        Kernel::Linear => {
             out.fill(0.0);
             for (src, &wi) in srcs.iter().zip(&job.weights).take(nsrc) {
                 for (o, &x) in out.iter_mut().zip(&src[..m]) {
@@ -612,14 +612,16 @@ fn compute_generic(
                 }
             }
         }
-        Method::Passthrough => {
+        Kernel::Passthrough => {
             let x = &srcs[0][..m];
-            match job.scale {
-                Some(k) => out.iter_mut().zip(x).for_each(|(o, &x)| *o = x * k),
-                None => out.copy_from_slice(x),
+            let k = job.scale;
+            if k == 1.0 {
+                out.copy_from_slice(x);
+            } else {
+                out.iter_mut().zip(x).for_each(|(o, &x)| *o = x * k);
             }
         }
-        Method::Slerp => {
+        Kernel::Slerp => {
             let (c0, c1) = match stats {
                 Stats::Slerp { c0, c1 } => (*c0, *c1),
                 _ => unreachable!("slerp without stats"),
@@ -628,7 +630,7 @@ fn compute_generic(
                 *o = c0 * x + c1 * y;
             }
         }
-        Method::ModelStock => {
+        Kernel::ModelStock => {
             let (row_len, t) = match stats {
                 Stats::Stock { row_len, t } => (*row_len, t),
                 _ => unreachable!("model_stock without stats"),
@@ -652,7 +654,7 @@ fn compute_generic(
                 j = end;
             }
         }
-        Method::TaskArithmetic => task_arithmetic(job, m, base, srcs, out),
+        Kernel::TaskArithmetic => task_arithmetic(job, m, base, srcs, out),
         _ => gta(job, stats, seed, c, a, m, base, srcs, out),
     }
 }
@@ -709,11 +711,11 @@ fn gta(
     // Sparsify, then weight.
     for i in 0..nsrc {
         let d = &mut srcs[i][..m];
-        match (job.method, stats) {
-            (Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies, Stats::Keep(rules)) => {
+        match (job.kernel, stats) {
+            (Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies, Stats::Keep(rules)) => {
                 rules[i].apply(c, d);
             }
-            (Method::DareLinear | Method::DareTies, _) if job.densities[i] < 1.0 => {
+            (Kernel::DareLinear | Kernel::DareTies, _) if job.densities[i] < 1.0 => {
                 let k = KeepStream::new(seed, &job.name, i, job.densities[i]);
                 let f = match stats {
                     Stats::Dare(f) => f[i],
@@ -728,7 +730,7 @@ fn gta(
             *x *= wi;
         }
     }
-    if job.method.consensus() {
+    if job.kernel.consensus() {
         // out = Σ Δ_i (the sign election), then mixed and divisor over agreeing entries.
         out.fill(0.0);
         for src in srcs.iter().take(nsrc) {

@@ -1,5 +1,11 @@
 //! The merge plan (see docs/merge-plan.md): parsed strictly, then checked against the opened
 //! models into executable [`Job`]s.
+//!
+//! [`KERNELS`] is the one table of what the core can execute: each kernel's name, whether it takes
+//! a base, how many sources, and the parameters it reads per source and per tensor (kind and
+//! accepted range). Plans are validated against it, and `finrecipe._core.kernels()` exports it so
+//! that the Python method table (`finrecipe.merge.methods`) can check at import that every merge
+//! method it offers is executed by a kernel with exactly the parameters it resolves.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +15,9 @@ use crate::dtype::is_float;
 use crate::error::{Error, Result};
 use crate::safetensors::read::Model;
 use crate::safetensors::{parse_dtype, Dtype};
+
+/// The plan format version this core executes.
+pub const PLAN_VERSION: u32 = 2;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,7 +56,7 @@ pub struct SourcePlan {
 #[serde(deny_unknown_fields)]
 pub struct TensorPlan {
     pub name: String,
-    pub method: String,
+    pub kernel: String,
     pub out_dtype: String,
     #[serde(default)]
     pub base: Option<Ref>,
@@ -57,8 +66,9 @@ pub struct TensorPlan {
     pub params: BTreeMap<String, serde_json::Value>,
 }
 
+/// The arithmetic a job runs (one arm of `kernels::compute`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub enum Kernel {
     Linear,
     TaskArithmetic,
     Ties,
@@ -71,60 +81,235 @@ pub enum Method {
     Passthrough,
 }
 
-impl Method {
-    fn parse(s: &str) -> Option<Method> {
-        Some(match s {
-            "linear" => Method::Linear,
-            "task_arithmetic" => Method::TaskArithmetic,
-            "ties" => Method::Ties,
-            "dare_linear" => Method::DareLinear,
-            "dare_ties" => Method::DareTies,
-            "breadcrumbs" => Method::Breadcrumbs,
-            "breadcrumbs_ties" => Method::BreadcrumbsTies,
-            "slerp" => Method::Slerp,
-            "model_stock" => Method::ModelStock,
-            "passthrough" => Method::Passthrough,
-            _ => return None,
-        })
+impl Kernel {
+    pub fn spec(self) -> &'static KernelSpec {
+        KERNELS
+            .iter()
+            .find(|k| k.kernel == self)
+            .expect("every kernel has a spec")
     }
-    /// (source params, tensor params) the method reads; every one is required.
-    fn params(self) -> (&'static [&'static str], &'static [&'static str]) {
-        match self {
-            Method::Linear => (&["weight"], &["normalize"]),
-            Method::TaskArithmetic => (&["weight"], &["lambda", "normalize"]),
-            Method::Ties => (&["weight", "density"], &["lambda", "normalize"]),
-            Method::DareLinear | Method::DareTies => {
-                (&["weight", "density"], &["lambda", "normalize", "rescale"])
-            }
-            Method::Breadcrumbs | Method::BreadcrumbsTies => {
-                (&["weight", "density", "gamma"], &["lambda", "normalize"])
-            }
-            Method::Slerp => (&[], &["t"]),
-            Method::ModelStock => (&[], &["filter_wise"]),
-            Method::Passthrough => (&[], &[]),
-        }
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+    pub fn parse(s: &str) -> Option<Kernel> {
+        KERNELS.iter().find(|k| k.name == s).map(|k| k.kernel)
     }
     pub fn is_gta(self) -> bool {
         matches!(
             self,
-            Method::TaskArithmetic
-                | Method::Ties
-                | Method::DareLinear
-                | Method::DareTies
-                | Method::Breadcrumbs
-                | Method::BreadcrumbsTies
+            Kernel::TaskArithmetic
+                | Kernel::Ties
+                | Kernel::DareLinear
+                | Kernel::DareTies
+                | Kernel::Breadcrumbs
+                | Kernel::BreadcrumbsTies
         )
     }
     pub fn consensus(self) -> bool {
         matches!(
             self,
-            Method::Ties | Method::DareTies | Method::BreadcrumbsTies
+            Kernel::Ties | Kernel::DareTies | Kernel::BreadcrumbsTies
         )
     }
 }
 
-pub const METHODS: &str = "linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, \
-     breadcrumbs_ties, slerp, model_stock, passthrough";
+/// What a parameter value must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A finite JSON number, within [min, max] when given.
+    Number,
+    /// A JSON boolean.
+    Bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub kind: ParamKind,
+    /// Inclusive bounds for numbers.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+const fn num(name: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind: ParamKind::Number,
+        min: None,
+        max: None,
+    }
+}
+
+const fn unit(name: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind: ParamKind::Number,
+        min: Some(0.0),
+        max: Some(1.0),
+    }
+}
+
+const fn flag(name: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind: ParamKind::Bool,
+        min: None,
+        max: None,
+    }
+}
+
+/// One kernel: its plan name, inputs and parameters (every listed parameter is required).
+#[derive(Debug)]
+pub struct KernelSpec {
+    pub kernel: Kernel,
+    pub name: &'static str,
+    /// true: the plan must give a base; false: it must not.
+    pub base: bool,
+    pub min_sources: usize,
+    pub max_sources: Option<usize>,
+    pub source_params: &'static [ParamSpec],
+    pub tensor_params: &'static [ParamSpec],
+}
+
+const WEIGHT: ParamSpec = num("weight");
+const DENSITY: ParamSpec = unit("density");
+const GAMMA: ParamSpec = unit("gamma");
+const LAMBDA: ParamSpec = num("lambda");
+const NORMALIZE: ParamSpec = flag("normalize");
+const RESCALE: ParamSpec = flag("rescale");
+
+const fn gta(
+    kernel: Kernel,
+    name: &'static str,
+    source_params: &'static [ParamSpec],
+    tensor_params: &'static [ParamSpec],
+) -> KernelSpec {
+    KernelSpec {
+        kernel,
+        name,
+        base: true,
+        min_sources: 1,
+        max_sources: None,
+        source_params,
+        tensor_params,
+    }
+}
+
+/// Every kernel the core implements.
+pub static KERNELS: &[KernelSpec] = &[
+    KernelSpec {
+        kernel: Kernel::Linear,
+        name: "linear",
+        base: false,
+        min_sources: 1,
+        max_sources: None,
+        source_params: &[WEIGHT],
+        tensor_params: &[NORMALIZE],
+    },
+    gta(
+        Kernel::TaskArithmetic,
+        "task_arithmetic",
+        &[WEIGHT],
+        &[LAMBDA, NORMALIZE],
+    ),
+    gta(
+        Kernel::Ties,
+        "ties",
+        &[WEIGHT, DENSITY],
+        &[LAMBDA, NORMALIZE],
+    ),
+    gta(
+        Kernel::DareLinear,
+        "dare_linear",
+        &[WEIGHT, DENSITY],
+        &[LAMBDA, NORMALIZE, RESCALE],
+    ),
+    gta(
+        Kernel::DareTies,
+        "dare_ties",
+        &[WEIGHT, DENSITY],
+        &[LAMBDA, NORMALIZE, RESCALE],
+    ),
+    gta(
+        Kernel::Breadcrumbs,
+        "breadcrumbs",
+        &[WEIGHT, DENSITY, GAMMA],
+        &[LAMBDA, NORMALIZE],
+    ),
+    gta(
+        Kernel::BreadcrumbsTies,
+        "breadcrumbs_ties",
+        &[WEIGHT, DENSITY, GAMMA],
+        &[LAMBDA, NORMALIZE],
+    ),
+    KernelSpec {
+        kernel: Kernel::Slerp,
+        name: "slerp",
+        base: true,
+        min_sources: 1,
+        max_sources: Some(1),
+        source_params: &[],
+        tensor_params: &[unit("t")],
+    },
+    KernelSpec {
+        kernel: Kernel::ModelStock,
+        name: "model_stock",
+        base: true,
+        min_sources: 2,
+        max_sources: None,
+        source_params: &[],
+        tensor_params: &[flag("filter_wise")],
+    },
+    KernelSpec {
+        kernel: Kernel::Passthrough,
+        name: "passthrough",
+        base: false,
+        min_sources: 1,
+        max_sources: Some(1),
+        source_params: &[num("scale")],
+        tensor_params: &[],
+    },
+];
+
+/// The kernel table as JSON (what `finrecipe._core.kernels()` returns).
+pub fn kernels_json() -> serde_json::Value {
+    use serde_json::json;
+    let params = |ps: &[ParamSpec]| -> Vec<serde_json::Value> {
+        ps.iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "kind": match p.kind { ParamKind::Number => "number", ParamKind::Bool => "bool" },
+                    "min": p.min,
+                    "max": p.max,
+                })
+            })
+            .collect()
+    };
+    serde_json::Value::Array(
+        KERNELS
+            .iter()
+            .map(|k| {
+                json!({
+                    "name": k.name,
+                    "base": if k.base { "required" } else { "none" },
+                    "min_sources": k.min_sources,
+                    "max_sources": k.max_sources,
+                    "source_params": params(k.source_params),
+                    "tensor_params": params(k.tensor_params),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn known_kernels() -> String {
+    KERNELS
+        .iter()
+        .map(|k| k.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// A tensor reference resolved to (model index, tensor index in that model).
 #[derive(Debug, Clone, Copy)]
@@ -137,7 +322,7 @@ pub struct SrcRef {
 #[derive(Debug, Clone)]
 pub struct Job {
     pub name: String,
-    pub method: Method,
+    pub kernel: Kernel,
     pub out_dtype: Dtype,
     pub shape: Vec<usize>,
     pub numel: usize,
@@ -151,43 +336,23 @@ pub struct Job {
     pub rescale: bool,
     pub t: f64,
     pub filter_wise: bool,
-    pub scale: Option<f32>,
-    /// Passthrough with identical dtype and no scale: bytes are copied.
+    pub scale: f32,
+    /// Passthrough with identical dtype and scale 1: bytes are copied.
     pub copy: bool,
 }
 
-fn num(v: &serde_json::Value, what: &str) -> Result<f64> {
-    match v {
-        serde_json::Value::Number(n) => n
-            .as_f64()
-            .ok_or_else(|| Error::Config(format!("{what}: not a finite number"))),
-        serde_json::Value::Bool(_) => Err(Error::Config(format!(
-            "{what}: expected a number, got a boolean"
-        ))),
-        other => Err(Error::Config(format!(
-            "{what}: expected a number, got {other}"
-        ))),
-    }
-}
-
-fn flag(v: &serde_json::Value, what: &str) -> Result<bool> {
-    v.as_bool()
-        .ok_or_else(|| Error::Config(format!("{what}: expected true or false, got {v}")))
-}
-
-fn check_keys(
+/// Checks that `params` holds exactly the parameters of `specs`, each of the right kind and range.
+fn check_params(
     params: &BTreeMap<String, serde_json::Value>,
-    allowed: &[&str],
-    optional: &[&str],
+    specs: &[ParamSpec],
     where_: &str,
-    method: &str,
+    kernel: &str,
 ) -> Result<()> {
     for k in params.keys() {
-        if !allowed.contains(&k.as_str()) && !optional.contains(&k.as_str()) {
-            let mut all: Vec<&str> = allowed.to_vec();
-            all.extend_from_slice(optional);
+        if !specs.iter().any(|p| p.name == k) {
+            let all: Vec<&str> = specs.iter().map(|p| p.name).collect();
             return Err(Error::Config(format!(
-                "{where_}: method '{method}' takes no parameter '{k}' (it takes: {})",
+                "{where_}: kernel '{kernel}' takes no parameter '{k}' here (it takes: {})",
                 if all.is_empty() {
                     "none".to_string()
                 } else {
@@ -196,14 +361,50 @@ fn check_keys(
             )));
         }
     }
-    for k in allowed {
-        if !params.contains_key(*k) {
-            return Err(Error::Config(format!(
-                "{where_}: parameter '{k}' is missing (the plan must give every parameter of '{method}')"
-            )));
+    for p in specs {
+        let what = format!("{where_} {}", p.name);
+        let v = params.get(p.name).ok_or_else(|| {
+            Error::Config(format!(
+                "{where_}: parameter '{}' is missing (the plan must give every parameter of '{kernel}')",
+                p.name
+            ))
+        })?;
+        match p.kind {
+            ParamKind::Bool => {
+                if !v.is_boolean() {
+                    return Err(Error::Config(format!(
+                        "{what}: expected true or false, got {v}"
+                    )));
+                }
+            }
+            ParamKind::Number => {
+                let x = match v {
+                    serde_json::Value::Number(n) => n.as_f64().filter(|x| x.is_finite()),
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    Error::Config(format!("{what}: expected a finite number, got {v}"))
+                })?;
+                if p.min.is_some_and(|lo| x < lo) || p.max.is_some_and(|hi| x > hi) {
+                    return Err(Error::Config(format!(
+                        "{what}: {x} is outside [{}, {}]",
+                        p.min.map_or("-inf".to_string(), |v| v.to_string()),
+                        p.max.map_or("inf".to_string(), |v| v.to_string())
+                    )));
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// A validated number parameter (None when the kernel does not take it).
+fn pnum(params: &BTreeMap<String, serde_json::Value>, k: &str) -> Option<f64> {
+    params.get(k).and_then(|v| v.as_f64())
+}
+
+fn pflag(params: &BTreeMap<String, serde_json::Value>, k: &str) -> Option<bool> {
+    params.get(k).and_then(|v| v.as_bool())
 }
 
 /// Parses plan JSON strictly.
@@ -215,9 +416,9 @@ pub fn parse_plan(json: &str) -> Result<Plan> {
             e.column()
         ))
     })?;
-    if plan.version != 1 {
+    if plan.version != PLAN_VERSION {
         return Err(Error::Config(format!(
-            "merge plan version {} is not supported (expected 1)",
+            "merge plan version {} is not supported (expected {PLAN_VERSION})",
             plan.version
         )));
     }
@@ -254,7 +455,7 @@ fn resolve(models: &[Model], r: (usize, &str), where_: &str) -> Result<SrcRef> {
     })
 }
 
-/// Checks each tensor plan against the models and builds its job.
+/// Checks each tensor plan against the kernel table and the models, and builds its job.
 pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
     let mut seen = std::collections::HashSet::new();
     let mut jobs = Vec::with_capacity(plan.tensors.len());
@@ -265,85 +466,70 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
                 "{where_}: output tensor name appears twice in the plan"
             )));
         }
-        let method = Method::parse(&tp.method).ok_or_else(|| {
+        let kernel = Kernel::parse(&tp.kernel).ok_or_else(|| {
             Error::Config(format!(
-                "{where_}: unknown method '{}' (known: {METHODS})",
-                tp.method
+                "{where_}: unknown kernel '{}' (known: {})",
+                tp.kernel,
+                known_kernels()
             ))
         })?;
-        let (sp, tpk) = method.params();
-        let optional: &[&str] = if method == Method::Passthrough {
-            &["scale"]
-        } else {
-            &[]
-        };
-        check_keys(&tp.params, tpk, optional, &where_, &tp.method)?;
+        let spec = kernel.spec();
+        check_params(&tp.params, spec.tensor_params, &where_, spec.name)?;
         let out_dtype = parse_dtype(&tp.out_dtype).ok_or_else(|| {
             Error::Config(format!("{where_}: unknown out_dtype '{}'", tp.out_dtype))
         })?;
         let nsrc = tp.sources.len();
-        let need = match method {
-            Method::Slerp | Method::Passthrough => (1, 1),
-            Method::ModelStock => (2, usize::MAX),
-            _ => (1, usize::MAX),
-        };
-        if nsrc < need.0 || nsrc > need.1 {
-            let want = if need.0 == need.1 {
-                format!("exactly {}", need.0)
-            } else {
-                format!("at least {}", need.0)
+        if nsrc < spec.min_sources || spec.max_sources.is_some_and(|mx| nsrc > mx) {
+            let want = match spec.max_sources {
+                Some(mx) if mx == spec.min_sources => format!("exactly {mx}"),
+                Some(mx) => format!("{} to {mx}", spec.min_sources),
+                None => format!("at least {}", spec.min_sources),
             };
             return Err(Error::Config(format!(
-                "{where_}: method '{}' needs {want} source(s), got {nsrc}",
-                tp.method
+                "{where_}: kernel '{}' needs {want} source(s), got {nsrc}",
+                spec.name
             )));
         }
-        let base_needed = !matches!(method, Method::Linear | Method::Passthrough);
-        if base_needed && tp.base.is_none() {
-            return Err(Error::Config(format!(
-                "{where_}: method '{}' needs a base",
-                tp.method
-            )));
-        }
-        if method == Method::Passthrough && tp.base.is_some() {
-            return Err(Error::Config(format!(
-                "{where_}: passthrough takes no base"
-            )));
-        }
-        let base = match (&tp.base, method) {
-            (Some(b), m) if m != Method::Linear => Some(resolve(
+        let base = match (&tp.base, spec.base) {
+            (Some(b), true) => Some(resolve(
                 models,
                 (b.model, &b.tensor),
                 &format!("{where_} base"),
             )?),
-            _ => None,
+            (None, true) => {
+                return Err(Error::Config(format!(
+                    "{where_}: kernel '{}' needs a base",
+                    spec.name
+                )))
+            }
+            (Some(_), false) => {
+                return Err(Error::Config(format!(
+                    "{where_}: kernel '{}' takes no base",
+                    spec.name
+                )))
+            }
+            (None, false) => None,
         };
         let mut sources = Vec::with_capacity(nsrc);
         let mut weights = Vec::new();
         let mut densities = Vec::new();
         let mut gammas = Vec::new();
+        let mut scale = 1.0f32;
         for (si, s) in tp.sources.iter().enumerate() {
             let sw = format!("{where_} sources[{si}]");
-            check_keys(&s.params, sp, &[], &sw, &tp.method)?;
+            check_params(&s.params, spec.source_params, &sw, spec.name)?;
             sources.push(resolve(models, (s.model, &s.tensor), &sw)?);
-            if let Some(v) = s.params.get("weight") {
-                weights.push(num(v, &format!("{sw} weight"))? as f32);
+            if let Some(w) = pnum(&s.params, "weight") {
+                weights.push(w as f32);
             }
-            if let Some(v) = s.params.get("density") {
-                let d = num(v, &format!("{sw} density"))?;
-                if !(0.0..=1.0).contains(&d) {
-                    return Err(Error::Config(format!(
-                        "{sw} density: {d} is outside [0, 1]"
-                    )));
-                }
+            if let Some(d) = pnum(&s.params, "density") {
                 densities.push(d);
             }
-            if let Some(v) = s.params.get("gamma") {
-                let g = num(v, &format!("{sw} gamma"))?;
-                if !(0.0..=1.0).contains(&g) {
-                    return Err(Error::Config(format!("{sw} gamma: {g} is outside [0, 1]")));
-                }
+            if let Some(g) = pnum(&s.params, "gamma") {
                 gammas.push(g);
+            }
+            if let Some(k) = pnum(&s.params, "scale") {
+                scale = k as f32;
             }
         }
         // Shapes and dtypes.
@@ -367,19 +553,14 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
                 )));
             }
         }
-        let p = |k: &str| tp.params.get(k);
-        let scale = match p("scale") {
-            Some(v) => Some(num(v, &format!("{where_} scale"))? as f32),
-            None => None,
-        };
-        let copy = method == Method::Passthrough && scale.is_none() && first.dtype == out_dtype;
+        let copy = kernel == Kernel::Passthrough && scale == 1.0 && first.dtype == out_dtype;
         if !copy {
             for (role, r) in &all {
                 let info = &models[r.model].tensors[r.tensor];
                 if !is_float(info.dtype) {
                     return Err(Error::Mismatch(format!(
                         "{where_}: {role} tensor '{}' of {} is {}; arithmetic needs BF16, F16 or F32 \
-                         (only passthrough without scale copies other dtypes)",
+                         (only passthrough with scale 1 to the same dtype copies other dtypes)",
                         info.name,
                         models[r.model].path.display(),
                         info.dtype
@@ -392,29 +573,20 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
                 )));
             }
         }
-        let lambda = match p("lambda") {
-            Some(v) => num(v, &format!("{where_} lambda"))? as f32,
-            None => 1.0,
-        };
-        let normalize = match p("normalize") {
-            Some(v) => flag(v, &format!("{where_} normalize"))?,
-            None => false,
-        };
-        let rescale = match p("rescale") {
-            Some(v) => flag(v, &format!("{where_} rescale"))?,
-            None => false,
-        };
-        let filter_wise = match p("filter_wise") {
-            Some(v) => flag(v, &format!("{where_} filter_wise"))?,
-            None => false,
-        };
-        let t = match p("t") {
-            Some(v) => num(v, &format!("{where_} t"))?,
-            None => 0.0,
-        };
+        let normalize = pflag(&tp.params, "normalize").unwrap_or(false);
+        if kernel == Kernel::Linear && normalize {
+            let div: f32 = weights.iter().sum();
+            if div.abs() < 1e-8 {
+                return Err(Error::Config(format!(
+                    "{where_}: the weights of 'linear' sum to {div} and normalize is on, so every \
+                     element would be divided by zero; give weights with a non-zero sum or set \
+                     normalize: false"
+                )));
+            }
+        }
         jobs.push(Job {
             name: tp.name.clone(),
-            method,
+            kernel,
             out_dtype,
             shape: first.shape.clone(),
             numel: first.numel(),
@@ -423,14 +595,39 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             weights,
             densities,
             gammas,
-            lambda,
+            lambda: pnum(&tp.params, "lambda").unwrap_or(1.0) as f32,
             normalize,
-            rescale,
-            t,
-            filter_wise,
+            rescale: pflag(&tp.params, "rescale").unwrap_or(false),
+            t: pnum(&tp.params, "t").unwrap_or(0.0),
+            filter_wise: pflag(&tp.params, "filter_wise").unwrap_or(false),
             scale,
             copy,
         });
     }
     Ok(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_table_is_consistent() {
+        let mut names = std::collections::HashSet::new();
+        for k in KERNELS {
+            assert!(names.insert(k.name), "duplicate kernel {}", k.name);
+            assert_eq!(Kernel::parse(k.name), Some(k.kernel));
+            assert_eq!(k.kernel.name(), k.name);
+            assert!(k.max_sources.is_none_or(|m| m >= k.min_sources));
+            for p in k.source_params.iter().chain(k.tensor_params) {
+                if p.kind == ParamKind::Bool {
+                    assert!(p.min.is_none() && p.max.is_none());
+                }
+            }
+        }
+        let j = kernels_json();
+        assert_eq!(j.as_array().unwrap().len(), KERNELS.len());
+        assert_eq!(j[2]["name"], "ties");
+        assert_eq!(j[2]["source_params"][1]["max"], 1.0);
+    }
 }

@@ -62,7 +62,7 @@ impl Case {
         let models: Vec<String> = (0..self.n)
             .map(|i| self.root.path().join(format!("m{i}")).display().to_string())
             .collect();
-        json!({"version": 1, "models": models, "out_dir": o, "out_shard_size": 1u64 << 30,
+        json!({"version": 2, "models": models, "out_dir": o, "out_shard_size": 1u64 << 30,
                "threads": threads, "seed": 7, "chunk_elems": chunk, "metadata": {}, "tensors": [tensor]})
         .to_string()
     }
@@ -95,7 +95,7 @@ fn close(a: &[f32], b: &[f32]) {
 #[test]
 fn linear_normalized() {
     let c = Case::new(&[vec![1.0, 2.0, 3.0], vec![3.0, 2.0, 1.0]]);
-    let out = c.run(json!({"name": "x", "method": "linear", "out_dtype": "F32",
+    let out = c.run(json!({"name": "x", "kernel": "linear", "out_dtype": "F32",
         "sources": [src(0, json!({"weight": 1.0})), src(1, json!({"weight": 3.0}))],
         "params": {"normalize": true}}));
     assert_eq!(out, vec![2.5, 2.0, 1.5]);
@@ -109,7 +109,7 @@ fn task_arithmetic_weights_and_lambda() {
         vec![1.0, 3.0, 1.0, -1.0],
     ]);
     let out = c.run(
-        json!({"name": "x", "method": "task_arithmetic", "out_dtype": "F32", "base": base(),
+        json!({"name": "x", "kernel": "task_arithmetic", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({"weight": 1.0})), src(2, json!({"weight": 0.5}))],
         "params": {"lambda": 2.0, "normalize": false}}),
     );
@@ -125,7 +125,7 @@ fn ties_trims_elects_and_normalizes() {
     ]);
     let p = json!({"weight": 1.0, "density": 0.75});
     let out = c.run(
-        json!({"name": "x", "method": "ties", "out_dtype": "F32", "base": base(),
+        json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
         "sources": [src(1, p.clone()), src(2, p)], "params": {"lambda": 1.0, "normalize": true}}),
     );
     // a keeps 3, 2, -1; b keeps 4, -2, 1.5; elem 1: (-1 - 2) / 2; elem 2: (2 + 1.5) / 2.
@@ -134,7 +134,7 @@ fn ties_trims_elects_and_normalizes() {
     let c = Case::new(&[vec![0.0], vec![3.0], vec![-1.0]]);
     let p = json!({"weight": 1.0, "density": 1.0});
     let out = c.run(
-        json!({"name": "x", "method": "ties", "out_dtype": "F32", "base": base(),
+        json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
         "sources": [src(1, p.clone()), src(2, p)], "params": {"lambda": 1.0, "normalize": false}}),
     );
     assert_eq!(out, vec![3.0]);
@@ -154,7 +154,7 @@ fn ties_breaks_ties_by_index() {
         let p = json!({"weight": 1.0, "density": 0.5});
         let out = c.run_with(
             &format!("o{k}"),
-            json!({"name": "x", "method": "ties", "out_dtype": "F32",
+            json!({"name": "x", "kernel": "ties", "out_dtype": "F32",
             "base": base(), "sources": [src(1, p)], "params": {"lambda": 1.0, "normalize": true}}),
             *threads,
             *chunk,
@@ -178,7 +178,7 @@ fn ties_breaks_ties_by_index() {
 fn breadcrumbs_drops_outliers_and_small() {
     let c = Case::new(&[vec![0.0; 10], (1..=10).map(|x| x as f32).collect()]);
     let out = c.run(
-        json!({"name": "x", "method": "breadcrumbs", "out_dtype": "F32", "base": base(),
+        json!({"name": "x", "kernel": "breadcrumbs", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({"weight": 1.0, "density": 0.5, "gamma": 0.1}))],
         "params": {"lambda": 1.0, "normalize": true}}),
     );
@@ -196,7 +196,7 @@ fn dare_independent_of_threads_and_chunks() {
         .collect();
     let c = Case::new(&[b.clone(), a.clone()]);
     let t = |rescale: bool| {
-        json!({"name": "x", "method": "dare_ties", "out_dtype": "F32", "base": base(),
+        json!({"name": "x", "kernel": "dare_ties", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({"weight": 1.0, "density": 0.3}))],
         "params": {"lambda": 1.0, "normalize": true, "rescale": rescale}})
     };
@@ -223,7 +223,7 @@ fn dare_independent_of_threads_and_chunks() {
 fn slerp_model_stock_passthrough() {
     let c = Case::new(&[vec![1.0, 0.0], vec![0.0, 1.0]]);
     let out = c.run(
-        json!({"name": "x", "method": "slerp", "out_dtype": "F32", "base": base(),
+        json!({"name": "x", "kernel": "slerp", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({}))], "params": {"t": 0.5}}),
     );
     let h = std::f32::consts::FRAC_1_SQRT_2;
@@ -231,25 +231,25 @@ fn slerp_model_stock_passthrough() {
     // Nearly colinear: linear interpolation.
     let c = Case::new(&[vec![1.0, 0.0], vec![2.0, 0.0]]);
     let out = c.run(
-        json!({"name": "x", "method": "slerp", "out_dtype": "F32", "base": base(),
+        json!({"name": "x", "kernel": "slerp", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({}))], "params": {"t": 0.25}}),
     );
     close(&out, &[1.25, 0.0]);
 
     // Orthogonal task vectors: cos 0 → t 0 → base. Identical: cos 1 → t 1 → the average.
     let c = Case::new(&[vec![0.0, 0.0], vec![1.0, 0.0], vec![0.0, 1.0]]);
-    let p = json!({"name": "x", "method": "model_stock", "out_dtype": "F32", "base": base(),
+    let p = json!({"name": "x", "kernel": "model_stock", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({})), src(2, json!({}))], "params": {"filter_wise": false}});
     close(&c.run(p), &[0.0, 0.0]);
     let c = Case::new(&[vec![1.0, 1.0], vec![3.0, 1.0], vec![3.0, 1.0]]);
-    let p = json!({"name": "x", "method": "model_stock", "out_dtype": "F32", "base": base(),
+    let p = json!({"name": "x", "kernel": "model_stock", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({})), src(2, json!({}))], "params": {"filter_wise": false}});
     close(&c.run(p), &[3.0, 1.0]);
 
     let c = Case::new(&[vec![1.5, -2.0]]);
     let out = c.run(
-        json!({"name": "x", "method": "passthrough", "out_dtype": "BF16",
-        "sources": [src(0, json!({}))], "params": {"scale": 2.0}}),
+        json!({"name": "x", "kernel": "passthrough", "out_dtype": "BF16",
+        "sources": [src(0, json!({"scale": 2.0}))], "params": {}}),
     );
     assert_eq!(out, vec![3.0, -4.0]);
 }
@@ -257,17 +257,60 @@ fn slerp_model_stock_passthrough() {
 #[test]
 fn bad_plans_are_config_or_mismatch_errors() {
     let c = Case::new(&[vec![1.0, 2.0], vec![1.0, 2.0, 3.0]]);
-    let plan = c.plan("o", json!({"name": "x", "method": "task_arithmetic", "out_dtype": "F32", "base": base(),
+    let plan = c.plan("o", json!({"name": "x", "kernel": "task_arithmetic", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({"weight": 1.0}))], "params": {"lambda": 1.0, "normalize": false}}), 1, 10);
     match run_merge(&plan, &Control::default()) {
         Err(Error::Mismatch(m)) => assert!(m.contains("shape"), "{m}"),
         other => panic!("{other:?}"),
     }
-    let plan = c.plan("o", json!({"name": "x", "method": "ties", "out_dtype": "F32", "base": base(),
+    let plan = c.plan("o", json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
         "sources": [src(0, json!({"weight": 1.0, "densty": 0.5}))], "params": {"lambda": 1.0, "normalize": false}}), 1, 10);
     match run_merge(&plan, &Control::default()) {
         Err(Error::Config(m)) => assert!(m.contains("densty"), "{m}"),
         other => panic!("{other:?}"),
+    }
+    // linear with normalize and weights summing to zero: refused before anything is written.
+    let plan = c.plan(
+        "o",
+        json!({"name": "x", "kernel": "linear", "out_dtype": "F32",
+        "sources": [src(0, json!({"weight": 1.0})), src(0, json!({"weight": -1.0}))],
+        "params": {"normalize": true}}),
+        1,
+        10,
+    );
+    match run_merge(&plan, &Control::default()) {
+        Err(Error::Config(m)) => assert!(m.contains("sum to 0") && m.contains("'x'"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Out-of-range and non-numeric parameters, a base where the kernel takes none.
+    for (t, words) in [
+        (
+            json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
+            "sources": [src(0, json!({"weight": 1.0, "density": 1.5}))],
+            "params": {"lambda": 1.0, "normalize": false}}),
+            "outside [0, 1]",
+        ),
+        (
+            json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
+            "sources": [src(0, json!({"weight": "1", "density": 0.5}))],
+            "params": {"lambda": 1.0, "normalize": false}}),
+            "finite number",
+        ),
+        (
+            json!({"name": "x", "kernel": "linear", "out_dtype": "F32", "base": base(),
+            "sources": [src(0, json!({"weight": 1.0}))], "params": {"normalize": false}}),
+            "takes no base",
+        ),
+        (
+            json!({"name": "x", "kernel": "tiez", "out_dtype": "F32",
+            "sources": [src(0, json!({}))], "params": {}}),
+            "unknown kernel 'tiez'",
+        ),
+    ] {
+        match run_merge(&c.plan("o", t, 1, 10), &Control::default()) {
+            Err(Error::Config(m)) => assert!(m.contains(words), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
     match run_merge("{\"version\": 1}", &Control::default()) {
         Err(Error::Config(m)) => assert!(m.contains("missing field"), "{m}"),
@@ -281,7 +324,7 @@ fn bad_plans_are_config_or_mismatch_errors() {
     // Cancellation leaves no files either.
     let plan = c.plan(
         "o",
-        json!({"name": "x", "method": "linear", "out_dtype": "F32",
+        json!({"name": "x", "kernel": "linear", "out_dtype": "F32",
         "sources": [src(0, json!({"weight": 1.0}))], "params": {"normalize": false}}),
         1,
         10,
@@ -327,7 +370,7 @@ fn ties_split_with_many_values_per_bucket() {
         let p = json!({"weight": 1.0, "density": 0.45});
         let out = c.run_with(
             &format!("o{k}"),
-            json!({"name": "x", "method": "ties", "out_dtype": "F32", "base": base(),
+            json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
                 "sources": [src(1, p)], "params": {"lambda": 1.0, "normalize": true}}),
             2,
             *chunk,

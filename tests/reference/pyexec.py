@@ -1,10 +1,9 @@
-"""A plain-torch executor of merge plans (docs/merge-plan.md): the slow reference path.
+"""A plain-torch executor of merge plans (docs/merge-plan.md): the tests' second opinion.
 
 The Rust core (`finrecipe._core.merge`) is the real executor: streaming, parallel, bounded memory.
 This module runs the same plan tensor by tensor with torch in float32, holding one output shard in
-memory at a time. It is used when the extension has no `merge` (e.g. a build without the core) or
-when `FINRECIPE_MERGE_BACKEND=python`, and as a second opinion in tests. DARE masks here come from
-torch generators seeded per (seed, tensor name), so they differ from the Rust core's masks.
+memory at a time, reading headers with the pure-Python reader of `reference.headers`. DARE masks
+here come from torch generators seeded per (seed, tensor name), so they differ from the core's.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from finrecipe.errors import ConfigError, FormatError, IoError
-from finrecipe.merge.headers import DTYPE_SIZES, INDEX, read_model
+from finrecipe.merge.headers import INDEX
+from reference.headers import DTYPE_SIZES, py_read_model
 
 _TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
                  "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -32,7 +32,7 @@ def _tdtype(name: str) -> Any:
 
 class _Reader:
     def __init__(self, models: list[str]) -> None:
-        self.infos = [read_model(m) for m in models]
+        self.infos = [py_read_model(m) for m in models]
         self._open: dict[tuple[int, str], Any] = {}
 
     def get(self, model: int, tensor: str) -> Any:
@@ -112,13 +112,14 @@ def merge_tensor(entry: dict[str, Any], get: Callable[[dict[str, Any]], Any], se
     """The merged tensor (float32, or the input dtype for a byte copy) for one plan entry."""
     import torch
 
-    method = entry["method"]
+    method = entry["kernel"]
     p = entry["params"]
     srcs = entry["sources"]
     if method == "passthrough":
         x = get(srcs[0])
-        if "scale" in p:
-            return x.float() * float(p["scale"])
+        scale = float(srcs[0]["params"]["scale"])
+        if scale != 1.0:
+            return x.float() * scale
         return x
     base = get(entry["base"]).float() if entry.get("base") else None
     xs = [get(s).float() for s in srcs]
@@ -127,7 +128,9 @@ def merge_tensor(entry: dict[str, Any], get: Callable[[dict[str, Any]], Any], se
         acc = sum(w * x for w, x in zip(ws, xs, strict=True))
         if p["normalize"]:
             tw = sum(ws)
-            acc = acc / (tw if abs(tw) > 1e-8 else 1.0)
+            if abs(tw) < 1e-8:
+                raise ConfigError(f"plan: the weights of tensor {entry['name']!r} sum to zero")
+            acc = acc / tw
         return acc
     assert base is not None
     if method == "slerp":

@@ -1,0 +1,203 @@
+"""The merge-method table: the one place that says what each merge method is.
+
+Per method: its mergekit name, its parameters (scope "model": set per input model, e.g. `weight`;
+scope "global": one value per tensor, e.g. `lambda`), their defaults (None: required) and valid
+ranges, whether a base model is required, how many models it merges, and the Rust kernel that
+executes it (`finrecipe._core.kernels()`). Config validation (`config.py`), the planner
+(`plan.py`), the docs and the agreement check below read this table; nothing else names a method.
+
+Adding a method is one `MethodDef` here, plus a kernel in `rust/src/merge/` when none of the
+existing ones computes it. `check_kernels` runs at import of `finrecipe.merge`: a method whose
+kernel is missing from the compiled core, or whose parameters differ from what the kernel reads,
+is an error (rebuild the extension), as is a kernel no method uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from finrecipe.errors import FinrecipeError
+
+Scope = Literal["model", "global"]
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    """One parameter of a merge method."""
+
+    name: str
+    scope: Scope
+    default: float | bool | None = None  # None: required
+    kind: type = float  # float or bool
+    lo: float | None = None  # inclusive lower bound
+    hi: float | None = None  # upper bound (exclusive when hi_open)
+    hi_open: bool = False
+    kernel: bool = True  # False: accepted for mergekit compatibility, not passed to the kernel
+    doc: str = ""
+
+    @property
+    def per_model(self) -> bool:
+        return self.scope == "model"
+
+    @property
+    def range_text(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"[{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` (one scalar of a setting) is not valid for this parameter, or None."""
+        if self.kind is bool:
+            if isinstance(value, bool) or value in (0, 1):
+                return None
+            return f"{self.name!r} is true/false, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{self.name!r} is a number, got {value!r}"
+        x = float(value)
+        if not math.isfinite(x):
+            return f"{self.name!r} must be a finite number, got {value!r}"
+        if self.lo is not None and x < self.lo:
+            return f"{self.name!r} must be within {self.range_text}, got {value!r}"
+        if self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi):
+            return f"{self.name!r} must be within {self.range_text}, got {value!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    """One merge method (mergekit's name and semantics)."""
+
+    name: str
+    kernel: str  # the Rust kernel that executes it
+    params: tuple[ParamDef, ...]
+    needs_base: bool  # True: `base_model` required; False: a base model is ignored
+    min_sources: int = 1  # models besides the base
+    max_sources: int | None = None
+    # With normalize on, a zero sum of weights is an error (the kernel divides by it unguarded;
+    # task-arithmetic kernels replace a zero divisor by 1, as mergekit does).
+    refuse_zero_weight_sum: bool = False
+    doc: str = ""
+
+    def param(self, name: str) -> ParamDef | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def kernel_params(self, scope: Scope) -> tuple[ParamDef, ...]:
+        return tuple(p for p in self.params if p.kernel and p.scope == scope)
+
+
+def _p(name: str, scope: Scope, default: float | bool | None = None, kind: type = float, *,
+       lo: float | None = None, hi: float | None = None, hi_open: bool = False, kernel: bool = True,
+       doc: str = "") -> ParamDef:
+    return ParamDef(name, scope, default, kind, lo, hi, hi_open, kernel, doc)
+
+
+WEIGHT = _p("weight", "model", doc="the model's weight")
+DENSITY = _p("density", "model", 1.0, lo=0.0, hi=1.0, doc="fraction of the task vector kept")
+GAMMA = _p("gamma", "model", 0.01, lo=0.0, hi=1.0, hi_open=True,
+           doc="fraction of the largest |delta| dropped as outliers")
+LAMBDA = _p("lambda", "global", 1.0, doc="scale of the merged task vector")
+RESCALE = _p("rescale", "global", True, bool, doc="rescale kept DARE deltas to the original L1 norm")
+# mergekit's memory optimisation flag: accepted for compatibility, has no effect here.
+INT8_MASK = _p("int8_mask", "global", False, bool, kernel=False, doc="accepted, no effect")
+
+
+def normalize(default: bool) -> ParamDef:
+    return _p("normalize", "global", default, bool, doc="divide by the sum of the weights")
+
+
+METHODS: dict[str, MethodDef] = {m.name: m for m in (
+    MethodDef("linear", "linear", (WEIGHT, normalize(True)), needs_base=False, refuse_zero_weight_sum=True,
+              doc="weighted average of the models"),
+    MethodDef("task_arithmetic", "task_arithmetic", (WEIGHT, LAMBDA, normalize(False), INT8_MASK),
+              needs_base=True, doc="base + lambda * sum of weighted task vectors"),
+    MethodDef("ties", "ties", (WEIGHT, DENSITY, LAMBDA, normalize(True), INT8_MASK), needs_base=True,
+              doc="top-k task vectors, sign election, disjoint mean"),
+    MethodDef("dare_linear", "dare_linear", (WEIGHT, DENSITY, LAMBDA, normalize(False), RESCALE, INT8_MASK),
+              needs_base=True, doc="random drop and rescale, then task arithmetic"),
+    MethodDef("dare_ties", "dare_ties", (WEIGHT, DENSITY, LAMBDA, normalize(True), RESCALE, INT8_MASK),
+              needs_base=True, doc="random drop and rescale, then TIES sign election"),
+    MethodDef("breadcrumbs", "breadcrumbs", (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), INT8_MASK),
+              needs_base=True, doc="drop the largest and the smallest |delta|, then task arithmetic"),
+    MethodDef("breadcrumbs_ties", "breadcrumbs_ties",
+              (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(True), INT8_MASK), needs_base=True,
+              doc="breadcrumbs sparsification with TIES sign election"),
+    MethodDef("slerp", "slerp", (_p("t", "global", lo=0.0, hi=1.0, doc="0: the base, 1: the other model"),),
+              needs_base=True, min_sources=1, max_sources=1, doc="spherical interpolation of two models"),
+    MethodDef("model_stock", "model_stock", (_p("filter_wise", "global", False, bool,
+                                                 doc="one factor per row instead of per tensor"),),
+              needs_base=True, min_sources=2, doc="interpolation by the task vectors' mean cosine"),
+    MethodDef("passthrough", "passthrough", (_p("scale", "model", 1.0, doc="multiply the tensor"),),
+              needs_base=False, min_sources=1, max_sources=1, doc="copy one model (optionally scaled)"),
+)}
+
+
+def get_method(name: str) -> MethodDef | None:
+    return METHODS.get(name)
+
+
+# ------------------------------------------------------------------------ agreement with the core
+
+def kernel_mismatches(kernels: Sequence[Mapping[str, Any]],
+                      methods: Mapping[str, MethodDef] | None = None) -> list[str]:
+    """Every disagreement between the method table and the core's kernel table (empty: agree)."""
+    methods = METHODS if methods is None else methods
+    by_name = {str(k["name"]): k for k in kernels}
+    problems: list[str] = []
+    used: set[str] = set()
+    for m in methods.values():
+        k = by_name.get(m.kernel)
+        if k is None:
+            problems.append(f"method {m.name!r}: kernel {m.kernel!r} is not in the compiled core")
+            continue
+        used.add(m.kernel)
+        want_base = "required" if m.needs_base else "none"
+        if k["base"] != want_base:
+            problems.append(f"method {m.name!r}: kernel {m.kernel!r} base is {k['base']}, the method's "
+                            f"is {want_base}")
+        if k["min_sources"] != m.min_sources or k["max_sources"] != m.max_sources:
+            problems.append(f"method {m.name!r}: kernel {m.kernel!r} takes {k['min_sources']}.."
+                            f"{k['max_sources']} sources, the method {m.min_sources}..{m.max_sources}")
+        for scope, key in (("model", "source_params"), ("global", "tensor_params")):
+            kp = {str(p["name"]): p for p in k[key]}
+            mp = {p.name: p for p in m.kernel_params(scope)}  # type: ignore[arg-type]
+            if set(kp) != set(mp):
+                problems.append(f"method {m.name!r}: {scope} parameters {sorted(mp)} but kernel "
+                                f"{m.kernel!r} reads {sorted(kp)} ({key})")
+                continue
+            for name, p in mp.items():
+                q = kp[name]
+                kind = "bool" if p.kind is bool else "number"
+                if q["kind"] != kind:
+                    problems.append(f"method {m.name!r}: parameter {name!r} is a {kind}, kernel "
+                                    f"{m.kernel!r} reads a {q['kind']}")
+                    continue
+                if kind == "number":
+                    lo_ok = q["min"] is None or (p.lo is not None and p.lo >= q["min"])
+                    hi_ok = q["max"] is None or (p.hi is not None and p.hi <= q["max"])
+                    if not (lo_ok and hi_ok):
+                        problems.append(f"method {m.name!r}: parameter {name!r} range {p.range_text} "
+                                        f"exceeds kernel {m.kernel!r}'s [{q['min']}, {q['max']}]")
+    for name in by_name:
+        if name not in used:
+            problems.append(f"kernel {name!r} of the compiled core is used by no merge method")
+    return problems
+
+
+def check_kernels() -> None:
+    """Raise if the compiled core and the method table disagree (called at import)."""
+    from finrecipe import _core
+    from finrecipe.merge.plan import PLAN_VERSION
+
+    problems = kernel_mismatches(_core.kernels())
+    if getattr(_core, "PLAN_VERSION", None) != PLAN_VERSION:
+        problems.append(f"the core executes plan version {getattr(_core, 'PLAN_VERSION', None)}, "
+                        f"the planner writes {PLAN_VERSION}")
+    if problems:
+        raise FinrecipeError("finrecipe._core does not match finrecipe.merge.methods ("
+                             + "; ".join(problems) + "); rebuild the extension: make build")
