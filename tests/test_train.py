@@ -165,7 +165,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(
     assert not (out / "model").exists()
     ckpts = sorted(p.name for p in (out / "work" / "ckpt").iterdir())
     assert ckpts == ["step-3", "step-5"]  # periodic at 3, on SIGTERM at 5; the newest two kept
-    assert json.loads((out / "work" / "ckpt" / "step-5" / "meta.json").read_text())["data_position"] == 20
+    assert json.loads((out / "work" / "ckpt" / "step-5" / "manifest.json").read_text())["data_position"] == 20
     res = _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache")
     got, want = _metrics(out), _metrics(ref_out)
     key = ("step", "loss", "grad_norm", "lr", "val_loss", "tokens")
@@ -174,6 +174,73 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(
 
     a, b = _tensors(res.model_dir), _tensors(ref.model_dir)  # type: ignore[arg-type]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_hold_no_pickle_and_a_damaged_newest_falls_back(
+        reference_run: tuple[Path, StageResult], tiny_model: Callable[..., Path], corpus: Path,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """safetensors + JSON only; a truncated newest checkpoint and a planted pickle checkpoint are
+    passed over (moved aside) and training resumes from the previous one, bit-identically."""
+    ref_out, ref = reference_run
+    cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 8, "validation": {"fraction": 0.05, "every_steps": 4}}
+    out = tmp_path / "out"
+    with pytest.raises(StageError, match="SIGTERM after step 5"):
+        _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache",
+             progress=_SigtermAt(5))
+    ckpt = out / "work" / "ckpt"
+    names = sorted(p.name for p in (ckpt / "step-5").iterdir())
+    assert names == ["manifest.json", "model-rank0.safetensors", "optim-rank0.safetensors", "rank-0.json",
+                     "rng-rank0.safetensors"]
+    man = json.loads((ckpt / "step-5" / "manifest.json").read_text())
+    assert man["format"] == "finrecipe.checkpoint/1" and man["step"] == 5
+    assert set(man["files"]) == set(names) - {"manifest.json"}
+    # The newest checkpoint is cut short (a full disk, a kill during a copy)...
+    f = ckpt / "step-5" / "optim-rank0.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    # ...and someone planted a newer one in the old pickle format, which must never be unpickled.
+    import pickle
+
+    class Boom:
+        def __reduce__(self) -> Any:
+            return (Path.touch, (tmp_path / "PWNED",))
+
+    (ckpt / "step-7").mkdir()
+    (ckpt / "step-7" / "meta.json").write_text(json.dumps({"step": 7}))
+    (ckpt / "step-7" / "rng-rank0.pt").write_bytes(pickle.dumps(Boom()))
+    with caplog.at_level("WARNING", logger="finrecipe.train"):
+        res = _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache")
+    assert not (tmp_path / "PWNED").exists()
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "step-7: not resumable (no manifest.json" in msgs
+    assert "step-5: not resumable (optim-rank0.safetensors: missing or truncated)" in msgs
+    assert {"bad-step-5", "bad-step-7"} <= {p.name for p in ckpt.iterdir()}
+    got, want = _metrics(out), _metrics(ref_out)
+    key = ("step", "loss", "grad_norm", "lr", "val_loss", "tokens")
+    assert [{k: r.get(k) for k in key} for r in got] == [{k: r.get(k) for k in key} for r in want]
+    import torch
+
+    a, b = _tensors(res.model_dir), _tensors(ref.model_dir)  # type: ignore[arg-type]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_content_must_match_its_manifest(tiny_model: Callable[..., Path], corpus: Path,
+                                                    tmp_path: Path) -> None:
+    """Same size, different bytes: the sha256 in the manifest catches it."""
+    cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 4, "checkpoint_every_steps": 1}
+    out = tmp_path / "out"
+    with pytest.raises(StageError, match="SIGTERM after step 2"):
+        _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache",
+             progress=_SigtermAt(2))
+    f = out / "work" / "ckpt" / "step-2" / "model-rank0.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    from finrecipe.train.checkpoint import BadCheckpoint, Checkpointer
+    from finrecipe.train.distributed import Dist
+
+    with pytest.raises(BadCheckpoint, match="does not match its sha256"):
+        Checkpointer(out / "work", Dist())._verify(out / "work" / "ckpt" / "step-2")
+    Checkpointer(out / "work", Dist())._verify(out / "work" / "ckpt" / "step-1")
 
 
 def test_sigkill_mid_run_resumes_without_replay_or_skip(

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from finrecipe.errors import ConfigError, DataError
-from finrecipe.stages.base import DatasetRef
 from finrecipe.train.data import (
     SequenceSet,
     build_order,
@@ -20,6 +19,7 @@ from finrecipe.train.data import (
     tokenize_pretraining,
 )
 from finrecipe.train.schedule import ScheduleConfig, lr_factor
+from finrecipe.types import DatasetRef
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,27 @@ def test_pretraining_tokens_eos_and_cache(tmp_path: Path, tok) -> None:
     _jsonl(p, [{"text": "w3 w4"}])
     other = tokenize_pretraining(_ref(p), tok, tmp_path / "cache")
     assert other.dir != sh.dir and list(other.tokens()) == [3, 4, eos]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "index"])
+def test_damaged_token_cache_is_rebuilt(tmp_path: Path, tok, damage: str) -> None:
+    """A cut-short tokens.bin (or changed bytes, or a broken index) is detected and rebuilt, not
+    memory-mapped past its end forever."""
+    p = _jsonl(tmp_path / "c.jsonl", [{"text": "w3 w4 w5 w6 w7"}, {"text": "w8 w9"}])
+    sh = tokenize_pretraining(_ref(p), tok, tmp_path / "cache")
+    want = list(sh.tokens())
+    f = sh.dir / "tokens.bin"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:-6])
+    elif damage == "flip":
+        b = bytearray(f.read_bytes())
+        b[0] ^= 1
+        f.write_bytes(bytes(b))
+    else:
+        (sh.dir / "index.json").write_text('{"n_tokens": ')
+    again = tokenize_pretraining(_ref(p), tok, tmp_path / "cache")
+    assert again.dir == sh.dir and list(again.tokens()) == want
+    assert "sha256" in json.loads((sh.dir / "index.json").read_text())
 
 
 def test_finetune_masks_prompt(tmp_path: Path, tok) -> None:

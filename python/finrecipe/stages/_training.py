@@ -95,7 +95,7 @@ class TrainingStage(StageKind[TC]):
         spec = RunSpec(config=train_cfg, model_dir=str(model.path), out_dir=str(out_dir),
                        train_shards=train_shards, val_shards=val_shards,
                        seed=config.seed if config.seed is not None else 0,
-                       title=f"{ctx.node}: {self.label}")
+                       title=f"{ctx.node}: {self.label}", trust_remote_code=model.trust_remote_code)
         from finrecipe.train.runner import execute
 
         metrics = execute(spec, ctx.progress, ctx.logger)

@@ -102,3 +102,6 @@ class RunSpec(BaseModel):
     val_shards: list[dict[str, Any]] = Field(default_factory=list)
     seed: int = 0
     title: str = "training"
+    # Whether the model directory's own code may run; only ever from the input's ModelRef, which
+    # the engine sets when the person running `apply` allowed it.
+    trust_remote_code: bool = False

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,9 @@ import numpy as np
 from finrecipe.errors import ConfigError, DataError
 from finrecipe.progress import NullProgress, Progress
 from finrecipe.types import DatasetRef
-from finrecipe.util.fs import atomic_dir
+from finrecipe.util.fs import atomic_dir, write_json_atomic
+
+log = logging.getLogger("finrecipe.train")
 
 DATA_VERSION = "1"
 TOKENIZE_BATCH = 512
@@ -168,12 +172,30 @@ class TokenShard:
 
 
 def _load_shard(d: Path, name: str, weight: float) -> TokenShard | None:
+    """The cached shard in ``d`` when its index and files check out (sizes and sha256 as recorded
+    in index.json); None when it is missing or damaged (it is then rebuilt)."""
     idx = d / "index.json"
-    if not idx.is_file():
+    if not d.is_dir():
         return None
-    meta = json.loads(idx.read_text())
-    return TokenShard(name=name, dir=d, n_tokens=int(meta["n_tokens"]), weight=weight,
-                      seq_len=meta.get("seq_len"), has_mask=bool(meta.get("has_mask", False)))
+    try:
+        meta = json.loads(idx.read_text())
+        n = int(meta["n_tokens"])
+        has_mask = bool(meta.get("has_mask", False))
+        want = {"tokens.bin": 4 * n, **({"mask.bin": n} if has_mask else {})}
+        for fname, size in want.items():
+            f = d / fname
+            if f.stat().st_size != size:
+                raise ValueError(f"{fname} has {f.stat().st_size} bytes, the index says {size}")
+            digest = (meta.get("sha256") or {}).get(fname)
+            if digest is None:
+                raise ValueError(f"index.json has no sha256 of {fname}")
+            if _file_sha256(f) != digest:
+                raise ValueError(f"{fname} does not match its sha256 in index.json")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: token cache is damaged (%s); tokenizing %s again", d, e, name)
+        return None
+    return TokenShard(name=name, dir=d, n_tokens=n, weight=weight,
+                      seq_len=meta.get("seq_len"), has_mask=has_mask)
 
 
 def _encode_batch(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
@@ -223,9 +245,11 @@ def tokenize_pretraining(ref: DatasetRef, tokenizer: Any, cache_dir: Path,
         if batch:
             flush()
         out.flush()
-        (tmp / "index.json").write_text(json.dumps(
-            {**key_src, "n_tokens": n_tokens, "n_docs": n_docs, "has_mask": False,
-             "files": [str(f) for f in ref.files]}, indent=1))
+        os.fsync(out.fileno())
+        write_json_atomic(tmp / "index.json", {
+            **key_src, "n_tokens": n_tokens, "n_docs": n_docs, "has_mask": False,
+            "sha256": {"tokens.bin": _file_sha256(tmp / "tokens.bin")},
+            "files": [str(f) for f in ref.files]}, indent=1)
     return TokenShard(name=ref.name, dir=dest, n_tokens=n_tokens, weight=w)
 
 
@@ -276,9 +300,10 @@ def tokenize_instructions(ref: DatasetRef, tokenizer: Any, cache_dir: Path, *, t
     with atomic_dir(dest, overwrite=True) as tmp:
         np.asarray(tokens, dtype=np.uint32).tofile(tmp / "tokens.bin")
         np.asarray(mask, dtype=np.uint8).tofile(tmp / "mask.bin")
-        (tmp / "index.json").write_text(json.dumps(
-            {**key_src, "n_tokens": len(tokens), "n_docs": n_docs, "has_mask": True,
-             "files": [str(f) for f in ref.files]}, indent=1))
+        write_json_atomic(tmp / "index.json", {
+            **key_src, "n_tokens": len(tokens), "n_docs": n_docs, "has_mask": True,
+            "sha256": {f: _file_sha256(tmp / f) for f in ("tokens.bin", "mask.bin")},
+            "files": [str(f) for f in ref.files]}, indent=1)
     return TokenShard(name=ref.name, dir=dest, n_tokens=len(tokens), weight=w, seq_len=seq_len,
                       has_mask=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from finrecipe.errors import FinrecipeError
     from finrecipe.train.config import RunSpec
+    from finrecipe.train.runner import io_errors
     from finrecipe.train.trainer import train
 
     args = sys.argv[1:] if argv is None else argv
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(name)s rank{rank}: %(message)s")
     try:
-        spec = RunSpec.model_validate_json(Path(args[0]).read_text())
-        train(spec)
+        with io_errors():
+            spec = RunSpec.model_validate_json(Path(args[0]).read_text())
+            train(spec)
     except FinrecipeError as e:
         sys.stderr.write(f"error: {e}\n")
         return e.exit_code

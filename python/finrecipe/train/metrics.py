@@ -82,13 +82,13 @@ class MetricsLog:
         """Drop records of steps after ``step`` (they were computed after the last checkpoint)."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [json.dumps(finite_or_null(r), allow_nan=False) for r in read_metrics(self.path)
+                if r.get("step", 0) <= step]
         write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, rec: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(finite_or_null(rec), allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -99,10 +99,24 @@ class MetricsLog:
             self._tb.close()
 
 
+def finite_or_null(rec: dict[str, Any]) -> dict[str, Any]:
+    """The record with NaN and infinities replaced by null (they are not JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line cut short by a kill (the last one) is skipped."""
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 def plot_loss_curve(records: list[dict[str, Any]], dest: Path, title: str = "loss") -> None:

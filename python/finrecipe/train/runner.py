@@ -5,6 +5,8 @@ Importing this module is light; torch is imported when a run starts.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -12,10 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finrecipe.errors import StageError
+from finrecipe.errors import IoError, StageError
 from finrecipe.progress import NullProgress, Progress
 from finrecipe.train.config import LaunchConfig, RunSpec, TrainConfig
 from finrecipe.util.fs import write_text_atomic
@@ -23,17 +26,44 @@ from finrecipe.util.fs import write_text_atomic
 log = logging.getLogger("finrecipe.train")
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line: the path, what went wrong, what to do."""
+    where = e.filename or "training output"
+    reason = e.strerror or str(e)
+    if e.errno in _FULL:
+        hint = "free disk space (or raise the quota) and run again to resume"
+    elif e.errno in _NOT_WRITABLE:
+        hint = "make it writable or choose a writable workdir"
+    else:
+        hint = "check the path and run again"
+    return f"{where}: {reason}; {hint}"
+
+
+@contextlib.contextmanager
+def io_errors() -> Iterator[None]:
+    """Turn an OSError from file I/O (disk full, read-only destination...) into a one-line IoError."""
+    try:
+        yield
+    except OSError as e:
+        raise IoError(describe_os_error(e)) from None
+
+
 def execute(spec: RunSpec, progress: Progress | None = None,
             logger: logging.Logger | None = None) -> dict[str, Any]:
     """Train (or resume) what `spec` describes; returns the run's final metrics."""
     progress = progress or NullProgress()
     cfg = TrainConfig.model_validate(spec.config)
-    (Path(spec.out_dir) / "work").mkdir(parents=True, exist_ok=True)
-    if cfg.launch is None:
-        from finrecipe.train.trainer import train
+    with io_errors():
+        (Path(spec.out_dir) / "work").mkdir(parents=True, exist_ok=True)
+        if cfg.launch is None:
+            from finrecipe.train.trainer import train
 
-        return train(spec, progress)
-    return _torchrun(cfg.launch, spec, progress, logger or log)
+            return train(spec, progress)
+        return _torchrun(cfg.launch, spec, progress, logger or log)
 
 
 def torchrun_command(la: LaunchConfig, spec_path: Path) -> list[str]:

@@ -145,7 +145,8 @@ class Trainer:
         self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda")
         try:
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
-                                                         attn_implementation="sdpa")
+                                                         attn_implementation="sdpa",
+                                                         trust_remote_code=self.spec.trust_remote_code)
         except (OSError, ValueError) as e:
             raise StageError(f"{self.model_dir}: cannot load the model for training: {e}") from None
         model.config.use_cache = False
@@ -209,10 +210,17 @@ class Trainer:
         gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or math.inf)
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
+        loss = float(d.all_reduce_sum(total.reshape(1)).item()) / denom
+        grad_norm = float(gn)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            raise StageError(
+                f"step {step + 1} of {self.total_steps}: the training {what} (not finite); training "
+                f"stopped without applying it and without saving a model; the last good checkpoint "
+                f"stays in {self.work / 'ckpt'}. Lower optimizer.lr (or check the data) and run again")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(d.all_reduce_sum(total.reshape(1)).item()) / denom
-        return loss, float(gn), int(n_targets)
+        return loss, grad_norm, int(n_targets)
 
     @torch.no_grad()
     def _validate(self, d: tdist.Dist) -> float | None:
@@ -290,7 +298,8 @@ class Trainer:
                 gen = GenerationConfig.from_model_config(config)
             gen.save_pretrained(tmp)
             try:
-                AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
+                AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.spec.trust_remote_code
+                                              ).save_pretrained(tmp)
             except (OSError, ValueError) as e:
                 log.warning("%s: no tokenizer copied to the output: %s", self.model_dir, e)
         return dest
@@ -317,14 +326,13 @@ class Trainer:
         ckpt = Checkpointer(self.work, d, cfg.keep_checkpoints)
         ckpt.clean_partial()
         start, tokens_seen, elapsed0 = 0, 0, 0.0
-        latest = ckpt.latest()
-        if latest is not None:
-            meta = ckpt.load(latest, self.model, self.optimizer)
+        meta = ckpt.load_latest(self.model, self.optimizer)
+        if meta is not None:
             if int(meta["batch_seqs"]) != self.batch_seqs or int(meta["total_steps"]) != self.total_steps:
-                raise StageError(f"{latest}: checkpoint was made with a different batch or data plan; "
-                                 f"delete {self.work} to start over")
+                raise StageError(f"{ckpt.root}: checkpoint of step {meta['step']} was made with a different "
+                                 f"batch or data plan; delete {self.work} to start over")
             start, tokens_seen, elapsed0 = int(meta["step"]), int(meta["tokens"]), float(meta["elapsed"])
-            log.info("resuming from %s (step %d of %d)", latest, start, self.total_steps)
+            log.info("resuming from step %d of %d", start, self.total_steps)
         if metrics is not None:
             metrics.truncate_after(start)
         device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None
@@ -363,7 +371,7 @@ class Trainer:
                 if metrics is not None and (done % cfg.log_every == 0 or done == self.total_steps
                                             or "val_loss" in rec):
                     metrics.write(rec)
-                task.update(completed=done, info=f"loss {loss:.4f} lr {lr:.2e}")
+                task.update(completed=done, info=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
                 if self.on_step is not None:
                     self.on_step(rec)
                 stopping = d.any_true(stop.set)
