@@ -64,13 +64,13 @@ json.dump(out, open(out_path, "w"))
 _FINRECIPE_DRIVER = r'''
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[5]))
+from finrecipe.eval.lm import HFLM
+from finrecipe.eval.mc import MCItem, mc_metrics, score_items
 from finrecipe.eval.model import load_model
-from finrecipe.eval.runner import MCItem, mc_metrics, score_items
-from finrecipe.eval.scoring import Scorer
 model_dir, items_path, out_path, reps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 device = sys.argv[6]
 model, tok = load_model(model_dir, device=device, dtype="float32" if device == "cpu" else "bfloat16")
-scorer = Scorer(model, tok)
+lm = HFLM(model, tok)
 data = json.load(open(items_path))
 times, result = [], None
 for i in range(reps + 1):
@@ -78,7 +78,7 @@ for i in range(reps + 1):
     result = {}
     for t, rows in data.items():
         items = [MCItem(r["description"] + r["text"], r["choices"], r["gold"], "") for r in rows]
-        lls = score_items(scorer, items)
+        lls = score_items(lm, items)
         m = mc_metrics(items, lls)
         result[t] = {"acc": m["acc"], "acc_norm": m["acc_norm"], "lls": lls}
     if device != "cpu":

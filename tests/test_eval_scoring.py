@@ -116,7 +116,7 @@ def test_chabsa_f1_like_sklearn_times_1_5() -> None:
 
 
 def test_mc_metrics_on_hand_made_predictions() -> None:
-    from finrecipe.eval.runner import MCItem, mc_metrics
+    from finrecipe.eval.mc import MCItem, mc_metrics
 
     items = [MCItem("q", ["A", "B"], 0), MCItem("q", ["A", "BBBB"], 1), MCItem("q", ["x", "y"], -100)]
     lls = [[-1.0, -2.0], [-1.0, -2.0], [-1.0, -3.0]]

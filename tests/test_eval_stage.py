@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 torch = pytest.importorskip("torch")
 
-from finrecipe.stages.base import ModelRef, StageContext, get_kind  # noqa: E402
+from finrecipe.stages.base import get_kind  # noqa: E402
+from finrecipe.types import ModelRef, StageContext  # noqa: E402
 
 DATA = Path("/work/shared/data/japanese-lm-fin-harness")
 
@@ -97,7 +98,7 @@ def test_config_errors() -> None:
 
 def test_custom_mc_render_and_errors(tmp_path: Path) -> None:
     from finrecipe.errors import DataError
-    from finrecipe.eval.tasks.custom import evaluate_multiple_choice, render_mc
+    from finrecipe.eval.suites.custom import evaluate_multiple_choice, render_mc
 
     text, choices, gold = render_mc({"question": "Q", "choices": ["x", "y"], "answer": "y", "context": "C"})
     assert text == "C\nQ\nA. x\nB. y\n答え:" and choices == ["x", "y"] and gold == 1
@@ -111,23 +112,23 @@ def test_custom_mc_render_and_errors(tmp_path: Path) -> None:
 
 
 def test_perplexity_bits_per_byte_matches_manual(models: dict[str, Path], tmp_path: Path) -> None:
-    from finrecipe.eval.model import load_model
-    from finrecipe.eval.perplexity import bits_per_byte, rolling_windows
+    from finrecipe.eval.lm import HFLM, rolling_windows
+    from finrecipe.eval.suites.perplexity import bits_per_byte
 
     assert rolling_windows([5, 6, 7, 8, 9], 1, 2) == [([1, 5], [5, 6]), ([6, 7], [7, 8]), ([7, 8], [9])]
-    model, tok = load_model(models["base"], device="cpu", dtype="float32")
+    lm = HFLM.load(models["base"], device="cpu", dtype="float32")
+    model, tok = lm.model, lm.tokenizer
     text = "abc 金融 def"
-    f = tmp_path / "t.txt"
-    f.write_text(text, encoding="utf-8")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     inp = torch.tensor([[tok.bos_token_id] + ids[:-1]])
     with torch.no_grad():
         lp = torch.log_softmax(model(inp).logits[0].float(), -1)
     nll = -sum(lp[i, ids[i]].item() for i in range(len(ids)))
-    r = bits_per_byte(model, tok, [f])
-    assert r["value"] == pytest.approx(nll / (math.log(2) * len(text.encode())), rel=1e-5)
-    r2 = bits_per_byte(model, tok, [f], max_length=3)  # several windows: still finite and positive
-    assert r2["value"] > 0 and r2["metrics"]["tokens"] == len(ids)
+    r = bits_per_byte(lm, [text])
+    assert r.value == pytest.approx(nll / (math.log(2) * len(text.encode())), rel=1e-5)
+    assert r.higher_is_better is False and r.metric == "bits_per_byte"
+    r2 = bits_per_byte(lm, [text], max_length=3)  # several windows: still finite and positive
+    assert r2.value is not None and r2.value > 0 and r2.metrics and r2.metrics["tokens"] == len(ids)
 
 
 class _Judge(BaseHTTPRequestHandler):
@@ -149,27 +150,27 @@ class _Judge(BaseHTTPRequestHandler):
 
 
 def test_generation_with_local_judge(models: dict[str, Path], tmp_path: Path) -> None:
-    from finrecipe.eval.generate import parse_score, run_generation
-    from finrecipe.eval.model import load_model
+    from finrecipe.eval.lm import HFLM
+    from finrecipe.eval.suites.generate import JudgeSpec, parse_score, run_generation
 
     assert parse_score("評価: [[10]]") == 10 and parse_score("score: 3") == 3 and parse_score("none") is None
-    model, tok = load_model(models["base"], device="cpu", dtype="float32")
+    lm = HFLM.load(models["base"], device="cpu", dtype="float32")
     prompts = tmp_path / "p.txt"
     prompts.write_text("金利とは?\n株式とは?\n", encoding="utf-8")
     srv = HTTPServer(("127.0.0.1", 0), _Judge)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
     try:
-        r = run_generation(model, tok, prompts, out_file=tmp_path / "g.jsonl", max_new_tokens=3,
-                           judge={"url": f"http://127.0.0.1:{srv.server_port}/v1", "model": "stub"})
+        r = run_generation(lm, prompts, out_file=tmp_path / "g.jsonl", max_new_tokens=3,
+                           judge=JudgeSpec(url=f"http://127.0.0.1:{srv.server_port}/v1", model="stub"))
     finally:
         srv.shutdown()
-    assert r["value"] == 7 and r["n"] == 2 and r["note"] is None
+    assert r.value == 7 and r.n == 2 and r.extra["note"] is None
     assert _Judge.seen[0]["model"] == "stub" and "金利とは?" in _Judge.seen[0]["messages"][0]["content"]
     rows = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [x["score"] for x in rows] == [7, 7]
-    r0 = run_generation(model, tok, prompts, out_file=tmp_path / "g0.jsonl", max_new_tokens=2)
-    assert r0["value"] is None and "no judge" in r0["note"]
+    r0 = run_generation(lm, prompts, out_file=tmp_path / "g0.jsonl", max_new_tokens=2)
+    assert r0.value is None and "no judge" in r0.extra["note"]
 
 
 def test_evaluate_stage_in_a_recipe_and_report(tmp_path: Path) -> None:
@@ -218,11 +219,12 @@ def test_evaluate_stage_in_a_recipe_and_report(tmp_path: Path) -> None:
 
 
 def test_batched_greedy_generation_equals_one_at_a_time(models: dict[str, Path]) -> None:
-    from finrecipe.eval.generate import greedy_generate
-    from finrecipe.eval.model import load_model
+    from finrecipe.eval.lm import HFLM
+    from finrecipe.eval.requests import GenerationRequest
 
-    model, tok = load_model(models["instruct"], device="cpu", dtype="float32")
+    lm = HFLM.load(models["instruct"], device="cpu", dtype="float32")
     prompts = ["質問: 金利とは?", "A?", "金融商品取引業者等は、有価証券の売買の勧誘を行う者について", "x y z"]
-    one = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=1)
-    many = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=16)
+    reqs = [GenerationRequest(p, max_new_tokens=6) for p in prompts]
+    one = lm.generate_until(reqs, batch_size=1)
+    many = lm.generate_until(reqs, batch_size=16)
     assert one == many and all(isinstance(o, str) for o in one)

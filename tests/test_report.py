@@ -142,9 +142,10 @@ def test_bar_series_has_average_group_only_when_there_is_one() -> None:
     def metrics(avg: float | None) -> dict:
         return {"task_order": ["a", "ppl:x"],
                 "models": {"m": {"average": avg, "tasks": {"a": {"metric": "acc", "value": 0.5},
-                                                           "ppl:x": {"metric": "bpb", "value": 1.2}}}}}
+                                                           "ppl:x": {"metric": "bits_per_byte", "value": 1.2,
+                                                                     "higher_is_better": False}}}}}
 
-    labels, series = bar_series(metrics(None))
+    labels, series = bar_series(metrics(None))  # lower-is-better results get no bars beside scores
     assert labels == ["a"] and series == {"m": [50.0]}
     labels, series = bar_series(metrics(40.0))
     assert labels == ["a", "Ave."] and series == {"m": [50.0, 40.0]}

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from finrecipe.eval.suite import Summary
 
 _VERSIONS_HELP = "prompt versions: comma list (default, 0.1, 0.1.2, 0.2, 0.2.1, 0.3, 0.4, 0.5, 0.6) or 'all'"
 
@@ -26,25 +30,34 @@ def eval_cmd(models: tuple[str, ...], suite: str, data_dir: str, versions: str, 
              batch_size: int | None, device: str, dtype: str, limit: int | None, json_out: str | None) -> None:
     """Score MODELS on a benchmark suite and print a leaderboard-style table."""
     from finrecipe.cli.ui import RichProgress, console
-    from finrecipe.eval.api import evaluate_models, parse_versions
+    from finrecipe.eval.loop import evaluate_models
+    from finrecipe.eval.suites.jfin import JfinSpec, detail_json, parse_versions
+    from finrecipe.types import ModelRef
+    from finrecipe.util.fs import write_text_atomic
 
     vs = parse_versions(versions)
     ts = [t.strip() for t in tasks.split(",")] if tasks else None
+    spec = JfinSpec(suite="jfin", versions=vs, tasks=ts, data_dir=str(Path(data_dir).resolve()), limit=limit)
+    refs = [ModelRef(Path(m).name, Path(m)) for m in models]
     with RichProgress() as progress:
-        result = evaluate_models(list(models), data_dir=data_dir, versions=vs, tasks=ts, batch_size=batch_size,
-                                 device=device, dtype=dtype, limit=limit, progress=progress)
-    console().print(_table(result))
+        run = evaluate_models(refs, [spec], out_dir=Path.cwd(), device=device, dtype=dtype, batch_size=batch_size,
+                              progress=progress)
+    summaries = {name: entries[0].summary for name, entries in run.runs.items()}
+    console().print(_table(summaries))
     if len(vs) > 1:
-        console().print(_versions_table(result, vs))
+        console().print(_versions_table(summaries, vs))
     if json_out:
-        out = Path(json_out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(out)
+        result = {"suite": suite, "versions": vs, "limit": limit, "models": {
+            ref.name: {"path": str(ref.path),
+                       "jfin": {"best_version": s.best_version, "average": s.average, "complete": s.average_complete,
+                                "by_version": s.version_averages, "tasks": {r.task: detail_json(r) for r in s.tasks}},
+                       "jfin_versions": s.detail}
+            for ref, s in ((ref, summaries[ref.name]) for ref in refs)}}
+        write_text_atomic(json_out, json.dumps(result, indent=2, ensure_ascii=False))
         console().print(f"results written to {json_out}")
 
 
-def _table(result: dict) -> object:
+def _table(summaries: dict[str, Summary]) -> object:
     from rich.table import Table
 
     from finrecipe.eval.tasks.jfin import METRIC, TASKS
@@ -55,31 +68,31 @@ def _table(result: dict) -> object:
     t.add_column("Ave.", justify="right")
     for task in TASKS:
         t.add_column(f"{task} ({METRIC[task]})", justify="right")
-    for name, m in result["models"].items():
-        s = m["jfin"]
+    for name, s in summaries.items():
+        shown = {r.task: r for r in s.tasks}
         cells = []
         for task in TASKS:
-            r = s["tasks"].get(task)
-            if r is None or "missing" in r:
+            r = shown.get(task)
+            if r is None or r.value is None:
                 cells.append("missing")
             else:
-                se = f" ±{100 * r['stderr']:.1f}" if r.get("stderr") is not None else ""
-                cells.append(f"{100 * r['value']:.2f}{se}")
-        ave = "—" if s["average"] is None else f"{s['average']:.2f}" + ("" if s["complete"] else "†")
-        t.add_row(name, str(s["best_version"]), ave, *cells)
+                se = f" ±{100 * r.stderr:.1f}" if r.stderr is not None else ""
+                cells.append(f"{100 * r.value:.2f}{se}")
+        ave = "—" if s.average is None else f"{s.average:.2f}" + ("" if s.average_complete else "†")
+        t.add_row(name, str(s.best_version), ave, *cells)
     t.caption = "† average over the tasks with data only; a missing task is not scored as zero"
     return t
 
 
-def _versions_table(result: dict, versions: list[str]) -> object:
+def _versions_table(summaries: dict[str, Summary], versions: list[str]) -> object:
     from rich.table import Table
 
     t = Table(title="average per prompt version (100 × metric)")
     t.add_column("model")
     for v in versions:
         t.add_column(v, justify="right")
-    for name, m in result["models"].items():
-        by = m["jfin"]["by_version"]
+    for name, s in summaries.items():
+        by = s.version_averages or {}
         t.add_row(name, *["—" if by.get(v) is None else f"{by[v]:.2f}" for v in versions])
     return t
 

@@ -26,13 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finrecipe.eval.requests import Request
 from finrecipe.progress import NullProgress, Progress
-
-
-@dataclass(frozen=True)
-class Request:
-    context: str
-    continuation: str
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, *, add_bos: bool = False
@@ -107,16 +102,20 @@ def _hoist_common_prefix(g: _Group) -> None:
         g.shared = k
 
 
-def _sum_by_request(batch: Sequence[_Group], owners: Sequence[int], values: Sequence[float]
-                    ) -> list[tuple[int, float]]:
-    """Per-request sums; owner -(r + 1) marks the shared (hoisted) tokens of batch row r."""
+def _sum_by_request(batch: Sequence[_Group], owners: Sequence[int], values: Sequence[float],
+                    greedy: Sequence[bool]) -> list[tuple[int, float, bool]]:
+    """Per-request sums and whether every token was the argmax; owner -(r + 1) marks the shared
+    (hoisted) tokens of batch row r."""
     sums: dict[int, float] = {}
-    for o, v in zip(owners, values, strict=True):
+    all_greedy: dict[int, bool] = {}
+    for o, v, g in zip(owners, values, greedy, strict=True):
         sums[o] = sums.get(o, 0.0) + v
-    out: list[tuple[int, float]] = []
-    for r, g in enumerate(batch):
+        all_greedy[o] = all_greedy.get(o, True) and g
+    out: list[tuple[int, float, bool]] = []
+    for r, grp in enumerate(batch):
         extra = sums.get(-(r + 1), 0.0)
-        out.extend((rid, sums[rid] + extra) for rid in g.req_ids)
+        extra_greedy = all_greedy.get(-(r + 1), True)
+        out.extend((rid, sums[rid] + extra, all_greedy[rid] and extra_greedy) for rid in grp.req_ids)
     return out
 
 
@@ -186,10 +185,16 @@ class Scorer:
     def loglikelihoods(self, requests: Sequence[Request], progress: Progress | None = None,
                        description: str = "scoring") -> list[float]:
         """Sum of continuation log-probabilities per request, in request order."""
+        return [ll for ll, _ in self.score(requests, progress, description)]
+
+    def score(self, requests: Sequence[Request], progress: Progress | None = None,
+              description: str = "scoring") -> list[tuple[float, bool]]:
+        """Per request (in order): the sum of the continuation's log-probabilities and whether each
+        continuation token is the model's argmax (lm-eval's ``(loglikelihood, is_greedy)``)."""
         import torch
 
         progress = progress or NullProgress()
-        out = [math.nan] * len(requests)
+        out: list[tuple[float, bool]] = [(math.nan, False)] * len(requests)
         groups = self._groups(requests)
         if self.mode == "prefix":
             batches = [[g] for g in sorted(groups, key=lambda g: -g.length)]
@@ -198,12 +203,12 @@ class Scorer:
         with progress.task(description, total=len(requests), unit="req") as task, torch.inference_mode():
             for batch in batches:
                 run = self._run_prefix if self.mode == "prefix" else self._run_batch
-                for rid, ll in run(batch):
-                    out[rid] = ll
+                for rid, ll, greedy in run(batch):
+                    out[rid] = (ll, greedy)
                 task.update(advance=sum(len(g.req_ids) for g in batch))
         return out
 
-    def _run_batch(self, batch: list[_Group]) -> list[tuple[int, float]]:
+    def _run_batch(self, batch: list[_Group]) -> list[tuple[int, float, bool]]:
         import torch
 
         model = self.model
@@ -257,10 +262,12 @@ class Scorer:
         sel = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
         logits = self._project(sel).float()
         logp = torch.log_softmax(logits, dim=-1)
-        tok_lp = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu()
-        return _sum_by_request(batch, owners, tok_lp.tolist())
+        tgt = torch.tensor(targets, device=device)
+        tok_lp = logp.gather(1, tgt.unsqueeze(1)).squeeze(1).double().cpu()
+        greedy = (logits.argmax(dim=-1) == tgt).cpu()
+        return _sum_by_request(batch, owners, tok_lp.tolist(), greedy.tolist())
 
-    def _run_prefix(self, batch: list[_Group]) -> list[tuple[int, float]]:
+    def _run_prefix(self, batch: list[_Group]) -> list[tuple[int, float, bool]]:
         """One group: the context causally (no mask, KV cache kept), then every choice's input tokens
         as one sequence attending to the cache and to its own earlier tokens."""
         import torch
@@ -312,8 +319,10 @@ class Scorer:
         sel = allh[torch.tensor(idx, device=device)]
         logits = sel.float() if full else self.model.get_output_embeddings()(sel).float()
         logp = torch.log_softmax(logits, dim=-1)
-        tok_lp = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu()
-        return _sum_by_request(batch, owners, tok_lp.tolist())
+        tgt = torch.tensor(targets, device=device)
+        tok_lp = logp.gather(1, tgt.unsqueeze(1)).squeeze(1).double().cpu()
+        greedy = (logits.argmax(dim=-1) == tgt).cpu()
+        return _sum_by_request(batch, owners, tok_lp.tolist(), greedy.tolist())
 
     def _hidden(self, ids: Any, pos: Any, mask: Any) -> Any:
         base = self.model.base_model

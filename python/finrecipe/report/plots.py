@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from finrecipe.eval.results import EvalMetrics
 
 
 def _plt() -> Any:
@@ -26,29 +29,36 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def bar_series(metrics: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
-    """Group labels and one list of bar heights per model for `scores_bar_png`: 100 × value per
-    higher-is-better task (judge scores as they are), then the leaderboard average ("Ave.") when
-    some model has one; NaN where a model has no value."""
-    models = list(metrics.get("models", {}))
-    cols = [t for t in metrics.get("task_order", []) if not t.startswith("ppl:")]
-    has_avg = any(isinstance(metrics["models"][m].get("average"), (int, float)) for m in models)
+def bar_series(metrics: Mapping[str, Any] | EvalMetrics) -> tuple[list[str], dict[str, list[float]]]:
+    """Group labels and one list of bar heights per model for `scores_bar_png`: one group per task
+    whose results are higher-is-better (×100, or as they are for metrics shown as is, e.g. judge
+    scores), then the leaderboard average ("Ave.") when some model has one; NaN where a model has
+    no value."""
+    from finrecipe.eval.suite import metric_info
+
+    em = metrics if isinstance(metrics, EvalMetrics) else EvalMetrics.from_json(metrics)
+    models = list(em.models)
+    lower = {t for e in em.models.values() for t, r in e.tasks.items() if r.missing is None and not r.higher_is_better}
+    cols = [t for t in em.task_order if t not in lower]
+    has_avg = any(e.average is not None for e in em.models.values())
     series: dict[str, list[float]] = {}
     for m in models:
-        e = metrics["models"][m]
+        e = em.models[m]
         vals = []
         for t in cols:
-            r = e["tasks"].get(t) or {}
-            v = r.get("value")
-            vals.append(100.0 * v if isinstance(v, (int, float)) and r.get("metric") != "judge_score"
-                        else (v if isinstance(v, (int, float)) else float("nan")))
+            r = e.tasks.get(t)
+            v = r.value if r is not None and r.missing is None else None
+            if v is None:
+                vals.append(float("nan"))
+            else:
+                vals.append(100.0 * v if metric_info(r.metric if r else None).percent else v)
         if has_avg:
-            vals.append(e.get("average") if isinstance(e.get("average"), (int, float)) else float("nan"))
+            vals.append(e.average if e.average is not None else float("nan"))
         series[m] = vals
     return cols + (["Ave."] if has_avg else []), series
 
 
-def scores_bar_png(metrics: dict[str, Any]) -> bytes | None:
+def scores_bar_png(metrics: Mapping[str, Any] | EvalMetrics) -> bytes | None:
     """Grouped bars: one group per task, one bar per model (see `bar_series`). None when there is
     nothing to draw."""
     plt = _plt()

@@ -1,0 +1,1 @@
+"""The built-in evaluation suites, one module each (registered in `finrecipe.eval.suite.BUILTIN`)."""
