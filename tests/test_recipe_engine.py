@@ -115,7 +115,7 @@ def test_run_record_and_basic_report(rdir: Path) -> None:
     assert by["corpus"]["type"] == "dataset"
     # the report (finrecipe.report when present, else the basic one) is written from run.json
     assert (r.workdir / "report.md").is_file() and (r.workdir / "report.json").is_file()
-    from finrecipe.recipe.report_basic import build_report
+    from finrecipe.report import build_basic_report as build_report
 
     assert build_report(r.workdir) == r.workdir / "report.md"
     md = (r.workdir / "report.md").read_text()
@@ -373,18 +373,21 @@ def test_hub_sources_with_a_fake_downloader(rdir: Path, monkeypatch: pytest.Monk
         calls["resolve"].append((repo, revision, repo_type))
         return commit if revision == "main" else "b" * 40
 
-    def download(repo: str, c: str, dest: Path, *, allow_patterns: list[str], repo_type: str = "model") -> None:
+    def snapshot(repo: str, c: str, *, allow_patterns: list[str], repo_type: str = "model") -> Path:
         calls["download"].append((repo, c, tuple(allow_patterns), repo_type))
+        dest = rdir / "hf-cache" / f"{repo_type}s--{repo.replace('/', '--')}" / "snapshots" / c
+        dest.mkdir(parents=True, exist_ok=True)
         if repo_type == "dataset":
             (dest / "train.jsonl").write_text('{"text": "hub"}\n')
-            return
+            return dest
         (dest / "config.json").write_text("{}")
         (dest / "weights.txt").write_text(f"hub {repo}")
         if repo != "org/pickles":
             (dest / "model.safetensors").write_bytes(b"x")
+        return dest
 
     monkeypatch.setattr(sources, "hub_resolve_commit", resolve)
-    monkeypatch.setattr(sources, "hub_download", download)
+    monkeypatch.setattr(sources, "hub_snapshot", snapshot)
     text = (rdir / "r.yaml").read_text().replace("  base: {path: models/base}",
                                                  "  base: {hub: org/base, revision: main}")
     text = text.replace('  corpus: {files: "data/*.jsonl"}', "  corpus: {hub: org/corpus, revision: main}")
@@ -411,7 +414,11 @@ def test_hub_sources_with_a_fake_downloader(rdir: Path, monkeypatch: pytest.Monk
     with pytest.raises(FormatError, match="allow_pickle: true"):
         load_recipe(rdir / "p.yaml").apply()
     keydirs = list((rdir / "runs" / "t" / "base").iterdir())
-    assert len(keydirs) == 3 and all((d / "model").is_dir() == (d / "DONE.json").is_file() for d in keydirs)
+    assert sorted((d / "DONE.json").is_file() for d in keydirs) == [False, True, True]
+    # the workdir refers to the Hugging Face cache's snapshot instead of holding a second copy
+    assert not any((d / "model").exists() for d in keydirs)
+    done = [json.loads((d / "DONE.json").read_text()) for d in keydirs if (d / "DONE.json").is_file()]
+    assert all(Path(m["result"]["model_dir"]).parent.name == "snapshots" for m in done)
 
 
 def test_dataset_format_inference_and_refs(rdir: Path) -> None:

@@ -13,7 +13,7 @@ import click
 from finrecipe import __version__
 
 # Each module defines click commands and lists them in `COMMANDS`.
-_COMMAND_MODULES = ("merge", "recipe", "evaluate")
+_COMMAND_MODULES = ("merge", "recipe", "evaluate", "convert")
 
 
 class _Group(click.Group):

@@ -130,13 +130,8 @@ def build_report(workdir: Path) -> Path | None:
         return Path(out) if isinstance(out, (str, Path)) else workdir / "report.md"
     except Exception:  # a report must never hide the outcome of the build
         log.exception("finrecipe.report.build_report failed; writing the basic report instead")
-    basic = getattr(rep, "build_basic_report", None)
-    if basic is None:  # TODO(restructure): until the basic report moves into finrecipe.report
-        import importlib
-
-        basic = importlib.import_module("finrecipe.recipe.report_basic").build_report
     try:
-        return Path(basic(workdir))
+        return Path(rep.build_basic_report(workdir))
     except Exception:
         log.exception("writing the basic report failed")
         return None

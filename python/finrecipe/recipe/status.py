@@ -146,12 +146,17 @@ def node_state(recipe: RecipeGraph, node: Node, r: Resolved, last: Mapping[str, 
         return st
     m = read_marker(r)
     if m is not None and not force:
-        st.status = "cached"
-        st.result = result_from_marker(r, m)
-        st.model_dir = st.result.model_dir
-        st.seconds = m.get("seconds")
-        st.output = output_ref(recipe, node, r, st.result, allowed_code)
-        return st
+        result = result_from_marker(r, m)
+        out = output_ref(recipe, node, r, result, allowed_code)
+        gone = output_gone(out)
+        if gone is None:
+            st.status = "cached"
+            st.result = result
+            st.model_dir = result.model_dir
+            st.seconds = m.get("seconds")
+            st.output = out
+            return st
+        log.warning("%s: marker present but %s is gone; rebuilding", r.out_dir, gone)
     old = last.get(node.name)
     if isinstance(old, dict) and old.get("key") != r.key:
         st.status = "stale"
@@ -160,6 +165,17 @@ def node_state(recipe: RecipeGraph, node: Node, r: Resolved, last: Mapping[str, 
     if node.kind.produces_model and r.out_dir is not None:
         st.model_dir = r.out_dir / "model"
     return st
+
+
+def output_gone(out: InputRef | None) -> str | None:
+    """A path of a finished node's output that no longer exists (e.g. deleted from the Hugging Face
+    cache), or None."""
+    if isinstance(out, ModelRef):
+        return None if out.path.is_dir() else str(out.path)
+    for f in getattr(out, "files", ()):
+        if not Path(f).is_file():
+            return str(f)
+    return None
 
 
 def output_ref(recipe: RecipeGraph, node: Node, r: Resolved, result: StageResult,

@@ -3,7 +3,7 @@
 The source node kinds are the modules of this package (`model_path`, `model_hub`, `model_init`,
 `dataset_files`, `dataset_hub`); this module holds what they share.
 
-Network access happens only in `hub_resolve_commit` and `hub_download` (both go through
+Network access happens only in `hub_resolve_commit` and `hub_snapshot` (both go through
 huggingface_hub, which honours HF_HUB_OFFLINE); tests replace those two functions. torch and
 transformers are imported only inside `build_init_model`.
 """
@@ -65,38 +65,57 @@ def hub_resolve_commit(repo_id: str, revision: str | None, repo_type: str = "mod
     return str(sha)
 
 
-def hub_download(repo_id: str, commit: str, dest: Path, *, allow_patterns: Sequence[str],
-                 repo_type: str = "model") -> None:
-    """Download the files of `repo_id` at `commit` matching `allow_patterns` into `dest`."""
+def hub_snapshot(repo_id: str, commit: str, *, allow_patterns: Sequence[str], repo_type: str = "model") -> Path:
+    """The files of `repo_id` at `commit` matching `allow_patterns`, in the Hugging Face cache
+    (`HF_HUB_CACHE` / `HF_HOME`, huggingface_hub's snapshot layout): downloaded once and shared with
+    every other recipe and tool that uses the cache; with `HF_HUB_OFFLINE=1` only the cache is read.
+    Returns the snapshot directory."""
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(repo_id=repo_id, revision=commit, repo_type=repo_type,
-                          allow_patterns=list(allow_patterns), local_dir=str(dest))
+        path = snapshot_download(repo_id=repo_id, revision=commit, repo_type=repo_type,
+                                 allow_patterns=list(allow_patterns))
     except FinrecipeError:
         raise
     except Exception as e:
-        raise IoError(f"downloading {repo_type} {repo_id}@{commit[:12]} failed: {type(e).__name__}: {e}"
-                      ) from None
-    shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's local_dir bookkeeping
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = (" (HF_HUB_OFFLINE is set and the Hugging Face cache has no snapshot of that commit: "
+                "download it once with network access)" if offline else "")
+        raise IoError(f"fetching {repo_type} {repo_id}@{commit[:12]} failed: {type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}{hint}") from None
+    return Path(str(path))
 
 
-def fetch_hub_model(name: str, repo_id: str, commit: str, dest: Path, *, allow_pickle: bool) -> Path:
-    """Download a model repo into `dest` (atomically); refuses pickle-only repos."""
-    patterns = list(MODEL_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
-    with atomic_dir(dest, overwrite=True) as tmp:
-        hub_download(repo_id, commit, tmp, allow_patterns=patterns)
-        has_st = any(tmp.glob("*.safetensors"))
-        has_pickle = any(p for pat in PICKLE_PATTERNS for p in tmp.glob(pat))
-        if not has_st and not has_pickle:
-            msg = f"model {name!r} ({repo_id}@{commit[:12]}) has no .safetensors weights"
+def model_files_problem(name: str, where: str, model_dir: Path, *, allow_pickle: bool) -> str | None:
+    """Why `model_dir` is not a usable model (no config.json, no weights, pickle-only weights
+    without `allow_pickle`), or None."""
+    from finrecipe.sources.convert import has_safetensors, pickle_weights
+
+    if not has_safetensors(model_dir):
+        if pickle_weights(model_dir):
             if not allow_pickle:
-                msg += ("; if it only ships pickle .bin weights and you trust it, set "
-                        f"'allow_pickle: true' on models.{name}")
-            raise FormatError(msg)
-        if not (tmp / "config.json").is_file():
-            raise FormatError(f"model {name!r} ({repo_id}@{commit[:12]}) has no config.json")
-    return dest
+                return (f"model {name!r} ({where}) ships only pickle weights (pytorch_model.bin), which "
+                        f"can run code when loaded; if you trust it, set 'allow_pickle: true' on "
+                        f"models.{name} (finrecipe converts them once to safetensors with "
+                        "torch.load(weights_only=True)), or convert them yourself with `finrecipe convert`")
+            return None
+        return (f"model {name!r} ({where}) has no .safetensors weights"
+                + ("" if allow_pickle else "; if it only ships pickle .bin weights and you trust it, set "
+                   f"'allow_pickle: true' on models.{name}"))
+    if not (model_dir / "config.json").is_file():
+        return f"model {name!r} ({where}) has no config.json"
+    return None
+
+
+def fetch_hub_model(name: str, repo_id: str, commit: str, *, allow_pickle: bool) -> Path:
+    """The snapshot of a model repository in the Hugging Face cache (no pickles fetched unless
+    `allow_pickle`). Raises FormatError when it is not a usable model."""
+    patterns = list(MODEL_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    snap = hub_snapshot(repo_id, commit, allow_patterns=patterns)
+    problem = model_files_problem(name, f"{repo_id}@{commit[:12]}", snap, allow_pickle=allow_pickle)
+    if problem:
+        raise FormatError(problem)
+    return snap
 
 
 # ---------------------------------------------------------------- init: fresh random models
@@ -168,10 +187,11 @@ def expand_globs(patterns: Sequence[str], base: Path) -> list[Path]:
     return [out[k] for k in sorted(out)]
 
 
-def fetch_hub_dataset(repo_id: str, commit: str, dest: Path, patterns: Sequence[str]) -> list[Path]:
-    with atomic_dir(dest, overwrite=True) as tmp:
-        hub_download(repo_id, commit, tmp, allow_patterns=list(patterns) or list(DATASET_PATTERNS_DEFAULT),
-                     repo_type="dataset")
-        if not any(p.is_file() for p in tmp.rglob("*")):
-            raise DataError(f"dataset {repo_id}@{commit[:12]}: no files match {list(patterns)}")
-    return sorted(p for p in dest.rglob("*") if p.is_file() and ".cache" not in p.parts)
+def fetch_hub_dataset(repo_id: str, commit: str, patterns: Sequence[str]) -> tuple[Path, list[Path]]:
+    """The snapshot of a dataset repository in the Hugging Face cache, and its files (sorted)."""
+    snap = hub_snapshot(repo_id, commit, allow_patterns=list(patterns) or list(DATASET_PATTERNS_DEFAULT),
+                        repo_type="dataset")
+    files = sorted(p for p in snap.rglob("*") if p.is_file() and ".cache" not in p.relative_to(snap).parts)
+    if not files:
+        raise DataError(f"dataset {repo_id}@{commit[:12]}: no files match {list(patterns)}")
+    return snap, files

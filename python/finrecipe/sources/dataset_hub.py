@@ -1,6 +1,6 @@
 """`datasets: {NAME: {hub: ORG/NAME, revision: REV, files: [GLOBS]}}`: a dataset repository on the
-Hugging Face hub, keyed by the commit the revision resolves to; the files it downloaded (with their
-sha256) go into the marker and the lockfile."""
+Hugging Face hub, keyed by the commit the revision resolves to; the files live in the Hugging Face
+cache's snapshot, and their list (with sha256) goes into the marker and the lockfile."""
 
 from __future__ import annotations
 
@@ -38,19 +38,20 @@ class HubDataset(NodeKind[DatasetSpec]):
         from finrecipe import sources
 
         assert config.hub is not None
-        data = out_dir / "data"
-        files = sources.fetch_hub_dataset(config.hub, str(ctx.material["commit"]), data, config.patterns)
+        snap, files = sources.fetch_hub_dataset(config.hub, str(ctx.material["commit"]), config.patterns)
         shas = ShaCache(None)
         listed = []
         for f in files:
             sha, size = shas.sha256(f)
-            listed.append({"path": Path(os.path.relpath(f, data)).as_posix(), "size": size, "sha256": sha})
-        return StageResult(extra={"dataset_files": listed})
+            listed.append({"path": Path(os.path.relpath(f, snap)).as_posix(), "size": size, "sha256": sha})
+        return StageResult(extra={"dataset_files": listed, "snapshot": str(snap)})
 
     def output(self, name: str, config: DatasetSpec, out_dir: Path, result: StageResult,
                trust_remote_code: bool) -> InputRef | None:
         files = result.extra.get("dataset_files") or []
-        paths = tuple(out_dir / "data" / f["path"] for f in files)
+        # the Hugging Face cache's snapshot (older workdirs: a copy under out_dir/data)
+        root = Path(result.extra["snapshot"]) if result.extra.get("snapshot") else out_dir / "data"
+        paths = tuple(root / f["path"] for f in files)
 
         def err(msg: str) -> Exception:
             from finrecipe.errors import RecipeError
@@ -67,3 +68,4 @@ class HubDataset(NodeKind[DatasetSpec]):
         if result is not None and result.extra.get("dataset_files"):
             entry["files"] = [dict(f) for f in result.extra["dataset_files"]]
         return entry
+

@@ -1,5 +1,10 @@
 """`models: {NAME: {hub: ORG/NAME, revision: REV}}`: a model repository on the Hugging Face hub,
-keyed by the commit the revision resolves to (pinned by the lockfile)."""
+keyed by the commit the revision resolves to (pinned by the lockfile).
+
+The files live in the standard Hugging Face cache (HF_HOME / HF_HUB_CACHE): a model already
+downloaded is not downloaded again, recipes share one copy, and the node's output is the cache's
+snapshot directory itself. With `allow_pickle: true`, a repository that ships only pickle weights
+is converted once to safetensors into the node's directory (torch.load(weights_only=True))."""
 
 from __future__ import annotations
 
@@ -41,12 +46,17 @@ class HubModel(NodeKind[ModelSource]):
     def run(self, config: ModelSource, inputs: Mapping[str, InputRef], out_dir: Path,
             ctx: StageContext) -> StageResult:
         from finrecipe import sources
+        from finrecipe.sources.convert import convert_pickle_model, has_safetensors
 
         assert config.hub is not None
         commit = str(ctx.material["commit"])
-        dest = out_dir / "model"
-        sources.fetch_hub_model(ctx.node, config.hub, commit, dest, allow_pickle=config.allow_pickle)
-        return StageResult(model_dir=dest)
+        snap = sources.fetch_hub_model(ctx.node, config.hub, commit, allow_pickle=config.allow_pickle)
+        if has_safetensors(snap):
+            # the model stays in the Hugging Face cache (shared, not copied); the marker points at it
+            return StageResult(model_dir=snap, extra={"snapshot": str(snap)})
+        with ctx.progress.task(f"{ctx.node}: pickle → safetensors", total=None):
+            convert_pickle_model(snap, out_dir / "model", overwrite=True)
+        return StageResult(model_dir=out_dir / "model", extra={"snapshot": str(snap), "converted": True})
 
     def trusts_remote_code(self, config: ModelSource) -> bool:
         return config.trust_remote_code

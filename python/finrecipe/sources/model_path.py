@@ -1,4 +1,7 @@
-"""`models: {NAME: {path: DIR}}`: a local Hugging Face model directory, keyed by its content."""
+"""`models: {NAME: {path: DIR}}`: a local Hugging Face model directory, keyed by its content.
+
+A directory with only pickle weights is refused unless `allow_pickle: true`; then it is converted
+once to safetensors into the node's directory (`torch.load(weights_only=True)`: no code runs)."""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from finrecipe.node import CheckContext, NodeKind, Resolution, ResolveContext, register
+from finrecipe.sources.convert import CONVERT_VERSION, convert_pickle_model, has_safetensors, pickle_weights
 from finrecipe.sources.specs import ModelSource
-from finrecipe.types import InputRef, ModelRef
+from finrecipe.types import InputRef, ModelRef, StageContext, StageResult
 from finrecipe.util.content import digest, tree_digest
 
 
@@ -38,6 +42,14 @@ class PathModel(NodeKind[ModelSource]):
         if not files:
             raise rc.error(f"{p} holds no model files (*.safetensors, config.json, ...)", ("path",))
         material: dict[str, Any] = {"source": "path", "content": d}
+        problem = sources.model_files_problem(rc.node, str(p), p, allow_pickle=config.allow_pickle) \
+            if not has_safetensors(p) and pickle_weights(p) else None
+        if problem:
+            raise rc.error(problem, ("path",))
+        if not has_safetensors(p) and pickle_weights(p):  # allow_pickle: converted once into the workdir
+            material["convert"] = CONVERT_VERSION
+            return Resolution(digest(material), material, lock_entry={"path": _rel(p, rc.recipe_dir), "content": d},
+                              size=sum(f["size"] for f in files), facts={"path": str(p)})
         return Resolution(digest(material), material,
                           local_output=ModelRef(rc.node, p, trust_remote_code=config.trust_remote_code),
                           lock_entry={"path": _rel(p, rc.recipe_dir), "content": d},
@@ -50,6 +62,12 @@ class PathModel(NodeKind[ModelSource]):
         if not p.is_dir():
             raise cc.error(f"model directory not found: {p}", ("path",))
         return None
+
+    def run(self, config: ModelSource, inputs: Mapping[str, InputRef], out_dir: Path,
+            ctx: StageContext) -> StageResult:
+        with ctx.progress.task(f"{ctx.node}: pickle → safetensors", total=None):
+            convert_pickle_model(Path(ctx.facts["path"]), out_dir / "model", overwrite=True)
+        return StageResult(model_dir=out_dir / "model")
 
     def offline_output(self, name: str, config: ModelSource, cc: CheckContext) -> InputRef | None:
         return ModelRef(name, model_dir(config, cc.base_dir(("path",))))

@@ -62,8 +62,8 @@ class ModelSource(_Strict):
                              + (f" (got {', '.join(given)})" if given else ""))
         if self.revision is not None and self.hub is None:
             raise ValueError("'revision' is only meaningful with 'hub'")
-        if self.allow_pickle and self.hub is None:
-            raise ValueError("'allow_pickle' is only meaningful with 'hub'")
+        if self.allow_pickle and self.init is not None:
+            raise ValueError("'allow_pickle' is only meaningful with 'hub' or 'path'")
         if self.hub is not None and not re.match(r"^[\w.-]+(/[\w.-]+)?$", self.hub):
             raise ValueError(f"'hub' must look like 'org/name' (got {self.hub!r})")
         return self

@@ -45,6 +45,31 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def hf_blob_link(p: Path) -> bool:
+    """Whether `p` is a link of a Hugging Face cache snapshot into its own repository's blobs
+    (`<repo>/snapshots/<rev>/.../name` → `<repo>/blobs/<hash>`, a regular file): the one kind of
+    link a model or dataset directory may hold."""
+    try:
+        if not p.is_symlink():
+            return False
+        target = p.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    parts = p.absolute().parts
+    if "snapshots" not in parts:
+        return False
+    repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+    return target.parent == (repo / "blobs").resolve() and stat.S_ISREG(os.stat(target).st_mode)
+
+
+def _refuse_irregular(p: Path, st: os.stat_result) -> None:
+    if stat.S_ISREG(st.st_mode) or (stat.S_ISLNK(st.st_mode) and hf_blob_link(p)):
+        return
+    what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+    raise FormatError(f"{p}: {what}; a model or dataset directory must hold regular files only (copy "
+                      "the real file in place of the link)")
+
+
 class ShaCache:
     """sha256 of files, remembered by (absolute path, size, mtime_ns) in a JSON file."""
 
@@ -64,9 +89,9 @@ class ShaCache:
             st = os.lstat(ap)
         except OSError as e:
             raise IoError(f"{ap}: cannot read: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-            raise FormatError(f"{ap}: {what}; finrecipe hashes and reads regular files only")
+        _refuse_irregular(Path(ap), st)
+        if stat.S_ISLNK(st.st_mode):
+            st = os.stat(ap)  # a Hugging Face cache blob: key the hash by the blob
         hit = self._data.get(ap)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return str(hit[2]), st.st_size
@@ -86,8 +111,8 @@ class ShaCache:
 
 def tree_files(root: Path, patterns: Iterable[str] | None = None) -> list[Path]:
     """Files under `root` (recursively, sorted, hidden entries skipped), filtered by fnmatch
-    patterns. Links and special files (FIFOs, devices, sockets) that match are refused by name:
-    a model or dataset directory holds regular files."""
+    patterns. Links (but a Hugging Face cache snapshot's links into its blobs) and special files
+    (FIFOs, devices, sockets) that match are refused by name: they could point anywhere, or hang."""
     import fnmatch
 
     pats = list(patterns) if patterns is not None else None
@@ -104,10 +129,7 @@ def tree_files(root: Path, patterns: Iterable[str] | None = None) -> list[Path]:
                     st = os.lstat(p)
                 except OSError as e:
                     raise IoError(f"{p}: cannot read: {e.strerror}") from None
-                if not stat.S_ISREG(st.st_mode):
-                    what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-                    raise FormatError(f"{p}: {what}; a model or dataset directory must hold regular "
-                                      "files only (copy the real file in place of the link)")
+                _refuse_irregular(p, st)
                 out.append(p)
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
