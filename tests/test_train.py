@@ -101,6 +101,7 @@ def test_loss_drops_and_outputs(reference_run: tuple[Path, StageResult], tiny_mo
     assert m["final_train_loss"] == train[-1]["loss"] and m["final_val_loss"] == val[-1]["val_loss"]
     assert m["tokens"] == 1024 and m["steps"] == 8
     assert (out / res.artifacts["loss_curve"]).stat().st_size > 1000
+    assert not (out / "work" / "ckpt").exists()  # checkpoints go once the model is written
     # The exported model: loads with from_pretrained, has the source dtype, and was trained.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -292,10 +293,13 @@ def test_torchrun_fsdp2_two_processes_match_single(tiny_model: Callable[..., Pat
     base = {**BASE_CFG, "max_tokens": 32 * 4 * 6, "validation": {"fraction": 0.05}}
     single = _run("continual_pretraining", {**base, "grad_accum": 2}, tiny_model("llama"), corpus,
                   tmp_path / "single", tmp_path / "cache")
+    # The same recipe: the global batch (4 sequences) does not grow with the processes; each of
+    # the two runs one micro-batch of 2 where the single process accumulates two.
     dist = _run("continual_pretraining",
-                {**base, "grad_accum": 1, "launch": {"nproc_per_node": 2, "master_port": _free_port()}},
+                {**base, "grad_accum": 2, "launch": {"nproc_per_node": 2, "master_port": _free_port()}},
                 tiny_model("llama"), corpus, tmp_path / "fsdp", tmp_path / "cache")
     assert dist.metrics["world_size"] == 2 and single.metrics["world_size"] == 1
+    assert dist.metrics["global_batch_tokens"] == single.metrics["global_batch_tokens"] == 4 * 32
     a = [r for r in _metrics(tmp_path / "single") if "loss" in r]
     b = [r for r in _metrics(tmp_path / "fsdp") if "loss" in r]
     assert len(a) == len(b) == 6
@@ -365,7 +369,7 @@ def test_config_errors(tiny_model: Callable[..., Path], corpus: Path, tmp_path: 
         k.Config.model_validate({**BASE_CFG, "learning_rate": 1.0})
     with pytest.raises(ValidationError, match="not both"):
         k.Config.model_validate({**BASE_CFG, "epochs": 1, "max_tokens": 100})
-    with pytest.raises(ConfigError, match="global_batch_tokens=100 must be a multiple"):
+    with pytest.raises(ConfigError, match="global_batch_tokens=100 must be a multiple of seq_len=32"):
         _run("continual_pretraining", {**BASE_CFG, "grad_accum": None, "global_batch_tokens": 100},
              tiny_model("llama"), corpus, tmp_path / "o", tmp_path / "cache")
     assert list(k.inputs(k.Config.model_validate(

@@ -12,20 +12,22 @@ Importing this module is light; torch and transformers are imported when a run s
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from finrecipe.errors import ConfigError, StageError
 from finrecipe.stages.base import StageKind
-from finrecipe.train.config import RunSpec, TrainConfig
+from finrecipe.train.config import RUNTIME_ENV, RunSpec, TrainConfig
 from finrecipe.types import DatasetRef, InputKind, InputRef, ModelRef, StageContext, StageResult
 
 TC = TypeVar("TC", bound=TrainConfig)
 
 # Settings that change how often things are logged or saved, never the trained weights: they stay
 # out of the cache key, so changing them does not retrain.
-NOT_IN_KEY = ("log_every", "checkpoint_every_steps", "keep_checkpoints")
+NOT_IN_KEY = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "keep_checkpoints_after_done")
 
 ARTIFACTS = {"loss_curve": "loss_curve.png", "metrics": "metrics.jsonl"}
 
@@ -50,6 +52,9 @@ class TrainingStage(StageKind[TC]):
         d = config.model_dump(mode="json")
         for k in NOT_IN_KEY:
             d.pop(k, None)
+        if d.get("launch"):  # per-node runtime settings: every node of a run resolves the same key
+            for k in RUNTIME_ENV:
+                d["launch"].pop(k, None)
         return d
 
     def estimate_output_bytes(self, config: TC, inputs: Mapping[str, InputRef]) -> int | None:
@@ -69,6 +74,7 @@ class TrainingStage(StageKind[TC]):
             ctx: StageContext) -> StageResult:
         done = _finished(out_dir)
         if done is not None:  # finished before the engine could write its marker
+            _drop_checkpoints(config, out_dir)
             return done
         model = inputs[config.model]
         if not isinstance(model, ModelRef):
@@ -92,6 +98,8 @@ class TrainingStage(StageKind[TC]):
         train_shards = shards(config.dataset_weights())
         val_shards = shards({n: None for n in config.validation.datasets}) if config.validation else []
         train_cfg = config.model_dump(mode="json", include=set(TrainConfig.model_fields))
+        if config.launch is not None:
+            train_cfg["launch"] = config.launch.with_runtime(os.environ).model_dump(mode="json")
         spec = RunSpec(config=train_cfg, model_dir=str(model.path), out_dir=str(out_dir),
                        train_shards=train_shards, val_shards=val_shards,
                        seed=config.seed if config.seed is not None else 0,
@@ -99,6 +107,7 @@ class TrainingStage(StageKind[TC]):
         from finrecipe.train.runner import execute
 
         metrics = execute(spec, ctx.progress, ctx.logger)
+        _drop_checkpoints(config, out_dir)
         return StageResult(model_dir=out_dir / "model", metrics=metrics, artifacts=dict(ARTIFACTS))
 
 
@@ -108,3 +117,11 @@ def _finished(out_dir: Path) -> StageResult | None:
         return StageResult(model_dir=out_dir / "model", metrics=json.loads(res.read_text()),
                            artifacts=dict(ARTIFACTS))
     return None
+
+
+def _drop_checkpoints(config: TrainConfig, out_dir: Path) -> None:
+    """A finished node keeps its model, not its training checkpoints (12 bytes per parameter
+    each), unless `keep_checkpoints_after_done`."""
+    ckpt = out_dir / "work" / "ckpt"
+    if not config.keep_checkpoints_after_done and ckpt.is_dir():
+        shutil.rmtree(ckpt, ignore_errors=True)

@@ -261,9 +261,3 @@ class Checkpointer:
                 if p.name.startswith("tmp-step-"):
                     shutil.rmtree(p, ignore_errors=True)
         self.d.barrier()
-
-    def remove_all(self) -> None:
-        """Drop every checkpoint (the node is done; its model is the output)."""
-        if self.d.is_main and self.root.is_dir():
-            shutil.rmtree(self.root, ignore_errors=True)
-        self.d.barrier()

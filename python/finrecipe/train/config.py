@@ -5,10 +5,12 @@ Pure pydantic: importing this module does not import torch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from finrecipe.errors import ConfigError
 from finrecipe.train.schedule import ScheduleConfig
 
 
@@ -32,6 +34,10 @@ class ValidationConfig(BaseModel):
 
 
 class LaunchConfig(BaseModel):
+    """torchrun settings. ``node_rank``, ``master_addr`` and ``master_port`` differ between the
+    nodes of one run: they are runtime settings, outside the cache key, and the environment
+    (FINRECIPE_NODE_RANK, FINRECIPE_MASTER_ADDR, FINRECIPE_MASTER_PORT) overrides them."""
+
     model_config = ConfigDict(extra="forbid")
 
     nproc_per_node: int = Field(default=1, ge=1)
@@ -41,13 +47,31 @@ class LaunchConfig(BaseModel):
     master_port: int = Field(default=29500, ge=1, le=65535)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
+    def with_runtime(self, env: Mapping[str, str]) -> LaunchConfig:
+        """These settings with the per-node ones taken from `env` where it sets them."""
+        upd: dict[str, Any] = {}
+        for key, var in RUNTIME_ENV.items():
+            if env.get(var):
+                upd[key] = env[var]
+        try:
+            return LaunchConfig.model_validate({**self.model_dump(), **upd})
+        except ValueError as e:
+            raise ConfigError(f"launch settings from the environment ({', '.join(RUNTIME_ENV.values())}) "
+                              f"are not valid: {e}") from None
+
+
+# Per-node launch settings: runtime, not part of what a node produces.
+RUNTIME_ENV = {"node_rank": "FINRECIPE_NODE_RANK", "master_addr": "FINRECIPE_MASTER_ADDR",
+               "master_port": "FINRECIPE_MASTER_PORT"}
+
 
 class TrainConfig(BaseModel):
     """Settings of one training run. Either ``epochs`` or ``max_tokens`` (default: 1 epoch).
 
-    Global batch: ``micro_batch_size`` sequences per device and forward, accumulated
-    ``grad_accum`` times on each of the ``world`` devices; or give ``global_batch_tokens`` and
-    the accumulation is derived (it must divide evenly)."""
+    Global batch (a property of the recipe, the same on any number of processes):
+    ``global_batch_tokens``, or by default ``micro_batch_size × grad_accum`` sequences. Each
+    process runs micro-batches of at most ``micro_batch_size`` sequences and accumulates the rest
+    of its share (see finrecipe.train.trainer.batch_plan)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +93,7 @@ class TrainConfig(BaseModel):
     validation: ValidationConfig | None = None
     checkpoint_every_steps: int | None = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
+    keep_checkpoints_after_done: bool = False  # default: removed once the model is written
     log_every: int = Field(default=1, ge=1)
     launch: LaunchConfig | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

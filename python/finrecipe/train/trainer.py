@@ -59,18 +59,28 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _batch_plan(cfg: TrainConfig, world: int) -> tuple[int, int]:
-    """(grad_accum, global batch in sequences)."""
-    mb = cfg.micro_batch_size
+def batch_plan(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
+    """(micro-batch per device, accumulation steps, global batch in sequences).
+
+    The global batch is a property of the recipe: ``global_batch_tokens``, or by default
+    ``micro_batch_size × grad_accum`` sequences (what one device would run). It is the same on any
+    number of processes: each takes ``global / world`` sequences per step, in micro-batches of at
+    most ``micro_batch_size`` (the largest size that divides its share) and accumulates the rest."""
     if cfg.global_batch_tokens is not None:
-        seqs = cfg.global_batch_tokens // cfg.seq_len
-        if seqs == 0 or seqs * cfg.seq_len != cfg.global_batch_tokens or seqs % (mb * world):
-            raise ConfigError(
-                f"global_batch_tokens={cfg.global_batch_tokens} must be a multiple of seq_len × "
-                f"micro_batch_size × processes = {cfg.seq_len} × {mb} × {world}")
-        return seqs // (mb * world), seqs
-    accum = cfg.grad_accum or 1
-    return accum, accum * mb * world
+        seqs, rem = divmod(cfg.global_batch_tokens, cfg.seq_len)
+        if seqs == 0 or rem:
+            raise ConfigError(f"global_batch_tokens={cfg.global_batch_tokens} must be a multiple of "
+                              f"seq_len={cfg.seq_len}")
+    else:
+        seqs = cfg.micro_batch_size * (cfg.grad_accum or 1)
+    if seqs % world:
+        raise ConfigError(
+            f"the global batch of {seqs} sequences ({seqs * cfg.seq_len} tokens) cannot be split evenly "
+            f"over {world} processes; set global_batch_tokens to a multiple of seq_len × processes = "
+            f"{cfg.seq_len} × {world} (e.g. {(seqs // world + 1) * world * cfg.seq_len})")
+    per = seqs // world
+    mb = max(m for m in range(1, min(cfg.micro_batch_size, per) + 1) if per % m == 0)
+    return mb, per // mb, seqs
 
 
 def _source_dtype(model_dir: Path) -> torch.dtype:
@@ -116,7 +126,7 @@ class Trainer:
         self.train_set = SequenceSet(shards, cfg.seq_len)
         frac = cfg.validation.fraction if cfg.validation else 0.0
         train_ids, held = split_heldout(self.train_set.counts, frac, seed)
-        self.grad_accum, self.batch_seqs = _batch_plan(cfg, world)
+        self.micro, self.grad_accum, self.batch_seqs = batch_plan(cfg, world)
         total = cfg.max_tokens // cfg.seq_len if cfg.max_tokens is not None else None
         epochs = cfg.epochs if cfg.epochs is not None else (None if total is not None else 1.0)
         self.order = build_order(train_ids, self.train_set.offsets, [s.weight for s in shards], seed,
@@ -189,7 +199,7 @@ class Trainer:
                                ignore_index=-100, reduction="sum")
 
     def _train_step(self, d: tdist.Dist, step: int) -> tuple[float, float, int]:
-        mb, world, accum = self.cfg.micro_batch_size, d.world, self.grad_accum
+        mb, world, accum = self.micro, d.world, self.grad_accum
         base = step * self.batch_seqs
         micro = []
         for m in range(accum):
@@ -227,7 +237,7 @@ class Trainer:
         if not self.val_items:
             return None
         self.model.eval()
-        mb, world = self.cfg.micro_batch_size, d.world
+        mb, world = self.micro, d.world
         n = len(self.val_items)
         rounds = math.ceil(n / (mb * world))
         tot = torch.zeros(2, device=d.device)
