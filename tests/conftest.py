@@ -23,6 +23,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test recipes live in temporary directories and name models and data in other temporary
+# directories: the person running the tests allows reading and writing there (see docs/security.md;
+# tests of the trust boundary itself clear this).
+os.environ.setdefault("FINRECIPE_ALLOW_PATHS", __import__("tempfile").gettempdir())
 
 ARCHS = ("llama", "qwen2", "gpt_neox")
 VOCAB = 128

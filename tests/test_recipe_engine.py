@@ -543,7 +543,13 @@ def test_cli_plan_apply_lock(rdir: Path) -> None:
 
 
 def test_trust_remote_code_is_per_source_and_inherited(rdir: Path) -> None:
-    res = load_recipe(rdir / "r.yaml", overrides=["models.base.trust_remote_code=true"]).apply()
+    from finrecipe.errors import PermissionDenied
+    from finrecipe.types import Grants
+
+    with pytest.raises(PermissionDenied, match="--allow-remote-code base"):  # the recipe alone: refused
+        load_recipe(rdir / "r.yaml", overrides=["models.base.trust_remote_code=true"]).apply()
+    res = load_recipe(rdir / "r.yaml", overrides=["models.base.trust_remote_code=true"]).apply(
+        grants=Grants(remote_code=frozenset({"base"})))
     m = {n.name: n.metrics for n in res.nodes}
     assert m["cpt"]["trust"] is True and m["merged"]["trust"] is True  # merged gets it through cpt
     res = load_recipe(rdir / "r.yaml", overrides=["models.inst.trust_remote_code=false"]).apply()

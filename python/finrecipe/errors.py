@@ -43,6 +43,11 @@ class StageError(FinrecipeError):
     """A recipe stage failed while running."""
 
 
+class PermissionDenied(BadInput):
+    """A recipe asks for something (running a model's code, a network host, a path outside its
+    directories) that the person running it has not allowed."""
+
+
 class LockMismatchError(FinrecipeError):
     """`apply --locked`: something resolves differently from the lockfile."""
 
@@ -87,6 +92,7 @@ __all__ = [
     "IoError",
     "LockMismatchError",
     "MismatchError",
+    "PermissionDenied",
     "RecipeError",
     "StageError",
 ]

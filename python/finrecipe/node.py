@@ -42,6 +42,7 @@ from finrecipe.types import (
     InputRef,
     ModelRef,
     Provides,
+    Request,
     StageContext,
     StageResult,
 )
@@ -165,6 +166,12 @@ class NodeKind(Generic[ConfigT]):
         network (so that stages can be checked against it); None otherwise."""
         return None
 
+    def requests(self, config: ConfigT, cc: CheckContext) -> Sequence[Request]:
+        """What this node asks for that a recipe alone cannot allow (running a model directory's
+        code, a network host, paths outside the recipe's directories); `apply` runs nothing until
+        the user grants every request, and `plan` lists them."""
+        return ()
+
     def estimate_output_bytes(self, config: ConfigT, inputs: Mapping[str, InputRef]) -> int | None:
         """Best-effort size of the output, for `finrecipe plan`; None when unknown."""
         return None
@@ -195,9 +202,32 @@ class CheckContext:
     base_dir: Callable[[KeyPath], Path]
     error: Callable[[str, KeyPath], RecipeError]
     node_names: frozenset[str] = frozenset()
+    section: str = "stages"
+    # The directories a recipe may read from without a grant: those of the recipe file and of the
+    # files it extends, and the Hugging Face cache.
+    roots: tuple[Path, ...] = ()
 
     def is_node(self, name: str) -> bool:
         return name in self.node_names
+
+    def outside(self, path: Path) -> bool:
+        """Whether `path` lies outside every root (links resolved)."""
+        rp = Path(path).resolve()
+        for root in self.roots:
+            try:
+                rp.relative_to(root.resolve())
+                return False
+            except ValueError:
+                continue
+        return True
+
+    def path_request(self, path: Path, sub: KeyPath, verb: str = "reads") -> list[Request]:
+        """A request to use `path` when it lies outside the recipe's directories."""
+        if not self.outside(path):
+            return []
+        where = ".".join([self.section, self.node, *map(str, sub)])
+        return [Request("path", str(Path(path).absolute()), f"{where} {verb} {path}, outside the recipe's "
+                        "directories", f"--allow-path {Path(path).absolute()}")]
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -273,5 +303,5 @@ def get_kind(section: Section, type_name: str) -> NodeKind[Any]:
 
 
 __all__ = ["BUILTIN", "REGISTRY", "SECTIONS", "CheckContext", "ConfigT", "DatasetRef", "InputKind", "InputRef",
-           "ModelRef", "NodeKind", "Resolution", "ResolveContext", "Section", "StageContext",
+           "ModelRef", "NodeKind", "Request", "Resolution", "ResolveContext", "Section", "StageContext",
            "StageResult", "get_kind", "known_types", "register"]

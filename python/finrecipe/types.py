@@ -46,6 +46,66 @@ class DatasetRef:
 InputRef = ModelRef | DatasetRef
 
 
+@dataclass(frozen=True)
+class Request:
+    """Something a recipe asks for that a recipe alone cannot allow: running code from a model
+    directory, reaching a network host, reading or writing outside the recipe's directories. It
+    takes effect only when the person running `apply` grants it (`Grants`)."""
+
+    kind: Literal["remote_code", "host", "path"]
+    what: str  # the source's name, the host, the path
+    why: str  # "models.x: trust_remote_code: true"
+    option: str  # how to grant it: "--allow-remote-code x"
+
+    def describe(self) -> str:
+        return f"{self.why} (grant with {self.option})"
+
+
+@dataclass(frozen=True)
+class Grants:
+    """What the person running a command allows (command-line options, or their own environment:
+    FINRECIPE_ALLOW_REMOTE_CODE, FINRECIPE_ALLOW_HOSTS — comma-separated — and
+    FINRECIPE_ALLOW_PATHS, os.pathsep-separated). `judge_key_env` names the environment variable a
+    judge's API key is read from: the user's choice, never the recipe's."""
+
+    remote_code: frozenset[str] = frozenset()
+    hosts: frozenset[str] = frozenset()
+    paths: tuple[Path, ...] = ()
+    judge_key_env: str | None = None
+
+    @classmethod
+    def from_env(cls, *, remote_code: tuple[str, ...] | list[str] = (), hosts: tuple[str, ...] | list[str] = (),
+                 paths: tuple[str | Path, ...] | list[str | Path] = (), judge_key_env: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> Grants:
+        import os
+
+        env = os.environ if environ is None else environ
+
+        def split(v: str | None, sep: str) -> list[str]:
+            return [x.strip() for x in (v or "").split(sep) if x.strip()]
+
+        return cls(frozenset([*remote_code, *split(env.get("FINRECIPE_ALLOW_REMOTE_CODE"), ",")]),
+                   frozenset(h.lower() for h in [*hosts, *split(env.get("FINRECIPE_ALLOW_HOSTS"), ",")]),
+                   tuple(Path(p).expanduser().absolute()
+                         for p in [*paths, *split(env.get("FINRECIPE_ALLOW_PATHS"), os.pathsep)]),
+                   judge_key_env or env.get("FINRECIPE_JUDGE_KEY_ENV") or None)
+
+    def allows(self, r: Request) -> bool:
+        if r.kind == "remote_code":
+            return r.what in self.remote_code or "*" in self.remote_code
+        if r.kind == "host":
+            return r.what.lower() in self.hosts
+        return any(_within(Path(r.what), root) for root in self.paths)
+
+
+def _within(p: Path, root: Path) -> bool:
+    try:
+        Path(p).resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 @dataclass
 class StageContext:
     """What the engine gives a running node besides its config and inputs."""
@@ -64,6 +124,8 @@ class StageContext:
     material: Mapping[str, Any] = field(default_factory=dict)
     # Facts found while resolving that are not part of the key (absolute paths, ...).
     facts: Mapping[str, Any] = field(default_factory=dict)
+    # What the person running the command allowed (see `Grants`).
+    grants: Grants = field(default_factory=Grants)
 
 
 @dataclass
@@ -92,5 +154,5 @@ class StageResult:
                    artifacts=dict(d.get("artifacts", {})))
 
 
-__all__ = ["DatasetFormat", "DatasetRef", "InputKind", "InputRef", "ModelRef", "Provides",
+__all__ = ["DatasetFormat", "DatasetRef", "Grants", "InputKind", "InputRef", "ModelRef", "Provides", "Request",
            "StageContext", "StageResult"]

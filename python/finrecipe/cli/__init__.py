@@ -26,7 +26,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FinrecipeError as e:
-            console_err().print(f"[bold red]error:[/] {_escape(str(e))}")
+            console_err().print(f"[bold red]error:[/] {_escape(str(e))}", soft_wrap=True)  # one line: greppable
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             console_err().print("[yellow]interrupted[/]: nothing half-written was left behind; "

@@ -18,6 +18,32 @@ _set_option = click.option(
 _recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 
 
+def _grant_options(f: Any) -> Any:
+    """--allow-remote-code / --allow-judge / --allow-path / --judge-key-env: what the person running
+    the command allows a (possibly shared) recipe to do."""
+    f = click.option("--judge-key-env", metavar="VAR", default=None,
+                     help="Read a judge endpoint's API key from environment variable VAR (a recipe "
+                          "cannot choose which variable is sent).")(f)
+    f = click.option("--allow-path", "allow_paths", multiple=True, metavar="DIR",
+                     help="Let the recipe read or write under DIR, outside its own directories "
+                          "(absolute model paths, data elsewhere, a workdir elsewhere). Repeatable.")(f)
+    f = click.option("--allow-judge", "allow_hosts", multiple=True, metavar="HOST",
+                     help="Let the recipe send prompts and answers to the judge endpoint on HOST. "
+                          "Repeatable.")(f)
+    f = click.option("--allow-remote-code", "allow_code", multiple=True, metavar="NAME",
+                     help="Let source NAME load with its own Python code (trust_remote_code: true in "
+                          "the recipe alone has no effect). Repeatable; '*' allows every source.")(f)
+    return f
+
+
+def _grants(allow_code: tuple[str, ...], allow_hosts: tuple[str, ...], allow_paths: tuple[str, ...],
+            judge_key_env: str | None) -> Any:
+    from finrecipe.types import Grants
+
+    return Grants.from_env(remote_code=allow_code, hosts=allow_hosts, paths=allow_paths,
+                           judge_key_env=judge_key_env)
+
+
 def _lock_file_option(help: str) -> Any:
     return click.option("--lock-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                         metavar="PATH", help=help)
@@ -75,7 +101,10 @@ _STATUS_STYLE = {"cached": "green", "local": "green", "stale": "yellow", "to run
 @_set_option
 @_lock_file_option("Lockfile to read pinned hub commits from, instead of RECIPE.lock beside the recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, as_json: bool) -> None:
+@_grant_options
+def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, as_json: bool,
+             allow_code: tuple[str, ...], allow_hosts: tuple[str, ...], allow_paths: tuple[str, ...],
+             judge_key_env: str | None) -> None:
     """Show the nodes of RECIPE in execution order with each one's status (local, cached, stale and
     why, or to run), its cache key, inputs and output size (measured when cached, else estimated).
 
@@ -84,7 +113,7 @@ def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, a
     from finrecipe.recipe import load_recipe
 
     r = load_recipe(recipe, overrides=list(overrides), lock_file=lock_file)
-    plan = r.plan()
+    plan = r.plan(grants=_grants(allow_code, allow_hosts, allow_paths, judge_key_env))
     if as_json:
         click.echo(json.dumps(plan.to_json(), indent=2))
         return
@@ -107,6 +136,13 @@ def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, a
     console().print(t)
     todo = plan.to_run
     console().print(f"{len(todo)} to run" + (f": {', '.join(todo)}" if todo else " (nothing to do)"))
+    if plan.requests:
+        from rich.markup import escape
+
+        console().print("the recipe asks for (a recipe alone cannot allow these):")
+        for req, ok in plan.requests:
+            mark = "[green]granted[/]" if ok else f"[yellow]not granted[/]: {escape(req.option)}"
+            console().print(f"  - {escape(req.why)} — {mark}")
 
 
 @click.command("apply")
@@ -126,8 +162,11 @@ def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, a
               help="Do not write the lockfile (it is still read for pinned hub commits and --locked).")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress bars (a line still says when each node starts).")
+@_grant_options
 def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], force: tuple[str, ...],
-              dry_run: bool, locked: bool, lock_file: Path | None, no_lock: bool, quiet: bool) -> None:
+              dry_run: bool, locked: bool, lock_file: Path | None, no_lock: bool, quiet: bool,
+              allow_code: tuple[str, ...], allow_hosts: tuple[str, ...], allow_paths: tuple[str, ...],
+              judge_key_env: str | None) -> None:
     """Build what RECIPE describes: run every node that is not cached, in dependency order.
 
     Outputs go to <workdir>/<node>/<key>/ (workdir defaults to runs/<name> beside the recipe); a
@@ -140,16 +179,17 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
     from finrecipe.recipe import load_recipe
 
     r = load_recipe(recipe, overrides=list(overrides), lock_file=lock_file)
+    grants = _grants(allow_code, allow_hosts, allow_paths, judge_key_env)
     if dry_run:
         res = r.apply(only=list(only), force=list(force), dry_run=True, locked=locked,
-                      write_lock=not no_lock)
+                      write_lock=not no_lock, grants=grants)
         todo = res.would_run
         console().print(f"dry run: {len(todo)} would run" + (f": {', '.join(todo)}" if todo else "")
                         + f"; {len(res.cached)} cached")
         return
     with RichProgress(quiet=quiet) as progress:
         res = r.apply(only=list(only), force=list(force), locked=locked, progress=progress,
-                      write_lock=not no_lock)
+                      write_lock=not no_lock, grants=grants)
     if res.noop:
         console().print(f"[green]nothing to do[/]: all {len(res.nodes)} nodes of {r.name} are cached "
                         f"({res.seconds:.2f}s)")

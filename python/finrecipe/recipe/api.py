@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from finrecipe.errors import FinrecipeError, RecipeError
-from finrecipe.node import CheckContext
+from finrecipe.errors import FinrecipeError, PermissionDenied, RecipeError
 from finrecipe.progress import NullProgress, Progress
 from finrecipe.recipe import execute, lockfile
 from finrecipe.recipe.graph import RecipeGraph, entry_fields
@@ -20,7 +19,7 @@ from finrecipe.recipe.records import ApplyResult, Plan
 from finrecipe.recipe.resolve import resolve
 from finrecipe.recipe.schema import RecipeSchema
 from finrecipe.recipe.status import NodeState, node_state
-from finrecipe.types import ModelRef
+from finrecipe.types import Grants, ModelRef
 from finrecipe.util.content import ShaCache
 
 
@@ -33,19 +32,20 @@ class Recipe(RecipeGraph):
         headers). Returns notes (what was checked)."""
         return validate(self)
 
-    def plan(self, *, progress: Progress | None = None) -> Plan:
-        """Each node's status (local, cached, stale and why, to run), key, inputs and size. Reads
-        the workdir; writes nothing."""
-        return plan(self)
+    def plan(self, *, progress: Progress | None = None, grants: Grants | None = None) -> Plan:
+        """Each node's status (local, cached, stale and why, to run), key, inputs and size, and what
+        the recipe asks the user to allow. Reads the workdir; writes nothing."""
+        return plan(self, grants=grants)
 
     def apply(self, *, only: Sequence[str] | None = None, force: Sequence[str] | None = None,
               dry_run: bool = False, locked: bool = False, progress: Progress | None = None,
-              write_lock: bool = True) -> ApplyResult:
+              write_lock: bool = True, grants: Grants | None = None) -> ApplyResult:
         """Run every node that is not cached. The lockfile (`self.lock_path`) is read for pinned hub
         commits and for `locked`; it is rewritten when something resolves differently, unless
-        `write_lock` is false."""
+        `write_lock` is false. Nothing runs unless `grants` (default: `Grants.from_env()`, the
+        FINRECIPE_ALLOW_* variables) allows everything the recipe requests (`plan().requests`)."""
         return apply(self, only=only, force=force, dry_run=dry_run, locked=locked, progress=progress,
-                     write_lock=write_lock)
+                     write_lock=write_lock, grants=grants)
 
     def lock(self, *, refresh: bool = True) -> Path:
         """Resolve everything (hub commits, dataset hashes) and write RECIPE.lock."""
@@ -72,9 +72,7 @@ def validate(recipe: RecipeGraph) -> list[str]:
     notes: list[str] = []
     local: dict[str, ModelRef] = {}
     for node in recipe:
-        cc = CheckContext(node.name, base_dir=lambda sub, n=node.name: recipe.base_dir(n, sub),  # type: ignore[misc]
-                          error=lambda msg, sub, kp=node.key_path: recipe.error(msg, kp + tuple(sub)),  # type: ignore[misc]
-                          node_names=frozenset(recipe.nodes))
+        cc = recipe.check_context(node)
         avail = {d: local[d] for d in node.deps if d in local}
         if len(avail) < len(node.deps):
             continue  # checked against what exists only: an input is built by the recipe
@@ -94,7 +92,18 @@ def validate(recipe: RecipeGraph) -> list[str]:
     return notes
 
 
-def plan(recipe: RecipeGraph) -> Plan:
+def check_grants(recipe: RecipeGraph, grants: Grants) -> None:
+    """Refuse (before anything runs) a recipe that asks for what the user did not allow."""
+    missing = [r for r in recipe.requests() if not grants.allows(r)]
+    if missing:
+        raise PermissionDenied(
+            f"{recipe.file.name} asks for what a recipe alone cannot allow: "
+            + "; ".join(r.describe() for r in missing)
+            + ". Read the recipe, then grant what you trust (or set the FINRECIPE_ALLOW_* variables; "
+            "docs/security.md)")
+
+
+def plan(recipe: RecipeGraph, grants: Grants | None = None) -> Plan:
     from finrecipe.recipe.status import estimate, last_state
 
     shas = ShaCache(None)  # plan writes nothing; hashing unchanged files again is cheap enough
@@ -105,19 +114,23 @@ def plan(recipe: RecipeGraph) -> Plan:
         st = node_state(recipe, node, res[node.name], last, states)
         st.estimated_bytes = estimate(recipe, node, st, states)
         states[node.name] = st
-    return Plan(recipe.name, recipe.file, recipe.workdir, [states[n] for n in recipe.order])
+    g = grants if grants is not None else Grants.from_env()
+    requests = [(r, g.allows(r)) for r in recipe.requests()]
+    return Plan(recipe.name, recipe.file, recipe.workdir, [states[n] for n in recipe.order], requests)
 
 
 def apply(recipe: RecipeGraph, *, only: Sequence[str] | None = None, force: Sequence[str] | None = None,
           dry_run: bool = False, locked: bool = False, progress: Progress | None = None,
-          write_lock: bool = True) -> ApplyResult:
+          write_lock: bool = True, grants: Grants | None = None) -> ApplyResult:
     only_l, force_l = list(only or []), list(force or [])
     recipe.check_names(only_l, "--only")
     recipe.check_names(force_l, "--force")
+    g = grants if grants is not None else Grants.from_env()
+    check_grants(recipe, g)
     if dry_run:
-        return execute.dry_run(recipe, only=only_l, force=force_l, locked=locked)
+        return execute.dry_run(recipe, only=only_l, force=force_l, locked=locked, grants=g)
     return execute.apply(recipe, only=only_l, force=force_l, locked=locked,
-                         progress=progress or NullProgress(), write_lock=write_lock)
+                         progress=progress or NullProgress(), write_lock=write_lock, grants=g)
 
 
 def lock(recipe: RecipeGraph, *, refresh: bool = True) -> Path:

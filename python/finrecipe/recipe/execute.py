@@ -41,7 +41,7 @@ from finrecipe.recipe.status import (
     node_state,
     output_ref,
 )
-from finrecipe.types import StageContext, StageResult
+from finrecipe.types import Grants, StageContext, StageResult
 from finrecipe.util.content import ShaCache
 from finrecipe.util.fs import clean_stale_temps, write_json_atomic
 
@@ -114,7 +114,8 @@ def selection(recipe: RecipeGraph, only: list[str]) -> set[str]:
 
 
 def dry_run(recipe: RecipeGraph, *, only: list[str], force: list[str], locked: bool,
-            allowed_code: frozenset[str] | None = None) -> ApplyResult:
+            grants: Grants | None = None) -> ApplyResult:
+    allowed_code = grants.remote_code if grants is not None else None
     t0, started = time.monotonic(), now()
     shas = ShaCache(None)  # a dry run writes nothing, not even the hash cache
     lock = lockfile.load_lock(recipe)
@@ -144,16 +145,19 @@ def lock_entries(recipe: RecipeGraph, res: dict[str, Resolved], states: dict[str
 
 
 def apply(recipe: RecipeGraph, *, only: list[str], force: list[str], locked: bool,
-          progress: Progress | None = None, write_lock: bool = True,
-          allowed_code: frozenset[str] | None = None) -> ApplyResult:
+          progress: Progress | None = None, write_lock: bool = True, grants: Grants | None = None
+          ) -> ApplyResult:
+    """Run what is not cached. The caller has checked `grants` against the recipe's requests."""
     progress = progress or NullProgress()
+    grants = grants or Grants()
     with workdir_lock(recipe.workdir), log_to(recipe.workdir) as logfile:
         log.info("apply %s (%s), finrecipe %s", recipe.name, recipe.file, __version__)
-        return _apply_locked(recipe, only, force, locked, progress, logfile, write_lock, allowed_code)
+        return _apply_locked(recipe, only, force, locked, progress, logfile, write_lock, grants)
 
 
 def _apply_locked(recipe: RecipeGraph, only: list[str], force: list[str], locked: bool, progress: Progress,
-                  logfile: Path, write_lock: bool, allowed_code: frozenset[str] | None) -> ApplyResult:
+                  logfile: Path, write_lock: bool, grants: Grants) -> ApplyResult:
+    allowed_code = grants.remote_code
     t0, started = time.monotonic(), now()
     shas = ShaCache(recipe.workdir / SHA_CACHE)
     lock = lockfile.load_lock(recipe)
@@ -198,7 +202,8 @@ def _apply_locked(recipe: RecipeGraph, only: list[str], force: list[str], locked
                 log.info("node %s (%s) key %s: running in %s", name, node.type, r.key, r.out_dir)
                 t1 = time.monotonic()
                 try:
-                    result = run_node(recipe, node, r, states, force=name in force, progress=progress)
+                    result = run_node(recipe, node, r, states, force=name in force, progress=progress,
+                                      grants=grants)
                 except BaseException as e:
                     st.status = "failed"
                     st.seconds = time.monotonic() - t1
@@ -240,7 +245,7 @@ def _apply_locked(recipe: RecipeGraph, only: list[str], force: list[str], locked
 
 
 def run_node(recipe: RecipeGraph, node: Node, r: Resolved, states: dict[str, NodeState], *, force: bool,
-             progress: Progress) -> StageResult:
+             progress: Progress, grants: Grants | None = None) -> StageResult:
     """Run one node into its directory and write its marker (last)."""
     assert r.out_dir is not None
     if force and r.out_dir.exists():
@@ -253,7 +258,8 @@ def run_node(recipe: RecipeGraph, node: Node, r: Resolved, states: dict[str, Nod
     t1 = time.monotonic()
     ctx = StageContext(node=node.name, workdir=recipe.workdir, cache_dir=recipe.workdir / ".cache",
                        progress=progress, logger=logging.getLogger(f"finrecipe.stages.{node.kind.type}"),
-                       recipe_dir=recipe.base_dir(node.name), material=r.material, facts=r.facts)
+                       recipe_dir=recipe.base_dir(node.name), material=r.material, facts=r.facts,
+                       grants=grants or Grants())
     try:
         sr = node.kind.run(node.config, input_refs(node, states), r.out_dir, ctx)
     except (FinrecipeError, KeyboardInterrupt):

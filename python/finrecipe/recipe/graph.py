@@ -13,10 +13,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from finrecipe.errors import ConfigError, RecipeError
-from finrecipe.node import SECTIONS, NodeKind, Section, get_kind, known_types
+from finrecipe.node import SECTIONS, CheckContext, NodeKind, Section, get_kind, known_types
 from finrecipe.recipe.loader import Loaded
 from finrecipe.recipe.schema import NODE_NAME_RE, RecipeSchema
-from finrecipe.types import InputKind, Provides
+from finrecipe.types import InputKind, Provides, Request
 from finrecipe.yamlio import KeyPath, format_path, suggest, validation_error
 
 
@@ -287,6 +287,34 @@ class RecipeGraph:
 
     def entry_fields(self) -> dict[str, list[str]]:
         return entry_fields()
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Directories the recipe may use without a grant: those of the recipe and of every file
+        it extends, and the Hugging Face cache."""
+        import os
+
+        dirs = [self.recipe_dir, *(Path(p).parent for p in self.loaded.parents)]
+        hf = os.environ.get("HF_HUB_CACHE") or (
+            Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
+        return tuple(dict.fromkeys([*(d.absolute() for d in dirs), Path(hf).absolute()]))
+
+    def check_context(self, node: Node) -> CheckContext:
+        return CheckContext(node.name, base_dir=lambda sub: self.base_dir(node.name, sub),
+                            error=lambda msg, sub: self.error(msg, node.key_path + tuple(sub)),
+                            node_names=frozenset(self.nodes), section=node.section, roots=self.roots)
+
+    def requests(self) -> list[Request]:
+        """Everything the recipe asks for that only the person running it can allow."""
+        out: list[Request] = []
+        if self.schema.workdir:
+            cc = CheckContext("", base_dir=lambda sub: self.recipe_dir, error=self.error, roots=self.roots)
+            if cc.outside(self.workdir):
+                out.append(Request("path", str(self.workdir), f"workdir: writes every output to {self.workdir}, "
+                                   "outside the recipe's directories", f"--allow-path {self.workdir}"))
+        for node in self:
+            out.extend(node.kind.requests(node.config, self.check_context(node)))
+        return out
 
     def __iter__(self) -> Iterator[Node]:
         return (self.nodes[n] for n in self.order)

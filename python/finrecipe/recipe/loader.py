@@ -8,6 +8,7 @@ recipe or came from the command line (then the "file" is the `--set` expression)
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import yaml
 
 from finrecipe.errors import RecipeError
 from finrecipe.yamlio import KeyPath, Positions, format_path, load_yaml, locate, locate_file, suggest
+
+MAX_EXTENDS_DEPTH = 32
 
 
 @dataclass
@@ -101,13 +104,15 @@ def _read_one(path: Path, stack: tuple[Path, ...]) -> Loaded:
     merged = Loaded(file=path, data={}, lines={}, files={})
     for i, e in enumerate(exts):
         kp: KeyPath = ("extends",) if isinstance(ext, str) else ("extends", i)
-        parent = (path.parent / e).absolute()
-        if parent in stack or parent == path:
+        parent = Path(os.path.normpath(path.parent / e))
+        if parent.resolve() in {p.resolve() for p in (*stack, path)}:
             chain = " -> ".join(p.name for p in (*stack, path, parent))
             raise RecipeError(f"'extends' forms a cycle: {chain}", **here.where(kp))
         if not parent.is_file():
             raise RecipeError(f"extended recipe not found: {parent}; paths in 'extends' are relative to "
                               "the file that writes them", **here.where(kp))
+        if len(stack) >= MAX_EXTENDS_DEPTH:
+            raise RecipeError(f"'extends' chains more than {MAX_EXTENDS_DEPTH} files", **here.where(kp))
         loaded = _read_one(parent, (*stack, path))
         _merge_into(merged, loaded)
         merged.parents.extend([parent, *loaded.parents])
@@ -120,7 +125,7 @@ def _read_one(path: Path, stack: tuple[Path, ...]) -> Loaded:
 
 
 def read_recipe(path: str | Path) -> Loaded:
-    p = Path(path).absolute()
+    p = Path(os.path.normpath(Path(path).absolute()))
     if not p.is_file():
         raise RecipeError("recipe file not found", file=str(p))
     return _read_one(p, ())

@@ -12,6 +12,7 @@ from typing import Any
 from finrecipe import __version__
 from finrecipe.recipe.graph import RecipeGraph
 from finrecipe.recipe.status import STATE_FILE, NodeState
+from finrecipe.types import Request
 from finrecipe.util.content import read_json, sha256_file
 from finrecipe.util.fs import write_json_atomic
 
@@ -34,10 +35,14 @@ class Plan:
     file: Path
     workdir: Path
     nodes: list[NodeState]
+    # what the recipe asks the user to allow, and whether the current grants allow it
+    requests: list[tuple[Request, bool]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "file": str(self.file), "workdir": str(self.workdir),
-                "nodes": [n.plan_json() for n in self.nodes]}
+                "nodes": [n.plan_json() for n in self.nodes],
+                "requests": [{"kind": r.kind, "what": r.what, "why": r.why, "grant": r.option,
+                              "granted": ok} for r, ok in self.requests]}
 
     @property
     def to_run(self) -> list[str]:

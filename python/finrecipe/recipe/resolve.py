@@ -98,5 +98,5 @@ def trusts_remote_code(recipe: RecipeGraph, name: str, allowed: frozenset[str] |
     node = recipe.nodes[name]
     own = node.kind.trusts_remote_code(node.config)
     if own is not None:
-        return bool(own) and (allowed is None or name in allowed)
+        return bool(own) and (allowed is None or name in allowed or "*" in allowed)
     return any(trusts_remote_code(recipe, d, allowed) for d in node.deps if recipe.nodes[d].provides == "model")

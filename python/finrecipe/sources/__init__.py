@@ -36,6 +36,7 @@ TOKENIZER_PATTERNS: tuple[str, ...] = (
 DATASET_PATTERNS_DEFAULT: tuple[str, ...] = ("*.jsonl", "*.jsonl.gz", "*.parquet", "*.txt", "*.json")
 
 INIT_VERSION = "1"
+MAX_INIT_PARAMS = 2_000_000_000
 
 
 def is_commit(revision: str | None) -> bool:
@@ -142,16 +143,28 @@ def build_init_model(config: Mapping[str, Any], *, seed: int, dtype: str, dest: 
                 raise ConfigError(f"init: unknown architecture {archs!r}; give 'model_type' instead")
             model_type = cls.config_class.model_type
         cfg = AutoConfig.for_model(model_type, **cfg_d)
-    except ValueError as e:
-        raise ConfigError(f"init: bad transformers config: {e}") from None
-    with progress.task(f"init {model_type}", total=1), atomic_dir(dest, overwrite=True) as tmp:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(cfg)
-        model = model.to(getattr(torch, dtype))
-        model.save_pretrained(tmp)
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp)
+        with torch.device("meta"):  # count the parameters before allocating anything
+            n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    except ConfigError:
+        raise
+    except Exception as e:  # transformers validates configs with many exception types
+        raise ConfigError(f"init: bad transformers config for {model_type or archs!r}: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    if n_params > MAX_INIT_PARAMS:
+        raise ConfigError(f"init: the config makes a model of {n_params:,} parameters; init: models are for "
+                          f"tests and demos (at most {MAX_INIT_PARAMS:,}); start from a real checkpoint "
+                          "(path: or hub:) instead")
+    try:
+        with progress.task(f"init {model_type}", total=1), atomic_dir(dest, overwrite=True) as tmp:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(cfg)
+            model = model.to(getattr(torch, dtype))
+            model.save_pretrained(tmp)
+            if tokenizer_dir is not None:
+                copy_tokenizer(tokenizer_dir, tmp)
+    except OSError as e:
+        raise IoError(f"{dest}: cannot write the model: {e.strerror or e}") from None
     return dest
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from finrecipe.errors import DataError, RecipeError
 from finrecipe.node import CheckContext, KeyPath, NodeKind, Resolution, ResolveContext, register
 from finrecipe.sources.specs import DatasetFormat, DatasetSpec, infer_format
-from finrecipe.types import DatasetRef, InputRef
+from finrecipe.types import DatasetRef, InputRef, Request
 from finrecipe.util.content import digest
 
 _FILES: KeyPath = ("files",)
@@ -80,6 +80,19 @@ class FilesDataset(NodeKind[DatasetSpec]):
                            for f, sha, size in hashed]}
         return Resolution(digest(material), material, local_output=ref, lock_entry=entry,
                           size=sum(s for _, _, s in hashed))
+
+    def requests(self, config: DatasetSpec, cc: CheckContext) -> list[Request]:
+        import glob
+
+        base = cc.base_dir(_FILES)
+        out: list[Request] = []
+        for pat in config.patterns:
+            full = Path(pat) if os.path.isabs(pat) else base / pat
+            # the fixed part of the pattern (up to its first wildcard) must lie inside the roots
+            fixed = Path(*[part for part in full.parts[: next((i for i, q in enumerate(full.parts)
+                                                                 if glob.has_magic(q)), len(full.parts))]])
+            out.extend(r for r in cc.path_request(fixed, _FILES) if r.what not in {x.what for x in out})
+        return out
 
     def check(self, config: DatasetSpec, inputs: Mapping[str, InputRef], cc: CheckContext | None = None
               ) -> str | None:

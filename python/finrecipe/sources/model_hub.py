@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from finrecipe.node import NodeKind, Resolution, ResolveContext, register
+from finrecipe.node import CheckContext, NodeKind, Resolution, ResolveContext, register
+from finrecipe.sources.model_path import remote_code_request
 from finrecipe.sources.specs import ModelSource
-from finrecipe.types import InputRef, StageContext, StageResult
+from finrecipe.types import InputRef, Request, StageContext, StageResult
 from finrecipe.util.content import digest
 
 
@@ -57,6 +58,9 @@ class HubModel(NodeKind[ModelSource]):
         with ctx.progress.task(f"{ctx.node}: pickle → safetensors", total=None):
             convert_pickle_model(snap, out_dir / "model", overwrite=True)
         return StageResult(model_dir=out_dir / "model", extra={"snapshot": str(snap), "converted": True})
+
+    def requests(self, config: ModelSource, cc: CheckContext) -> list[Request]:
+        return [*remote_code_request(cc.node, config)]
 
     def trusts_remote_code(self, config: ModelSource) -> bool:
         return config.trust_remote_code

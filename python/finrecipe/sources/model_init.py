@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from finrecipe.node import CheckContext, NodeKind, Resolution, ResolveContext, register
+from finrecipe.sources.model_path import remote_code_request
 from finrecipe.sources.specs import ModelSource
-from finrecipe.types import InputKind, InputRef, ModelRef, StageContext, StageResult
+from finrecipe.types import InputKind, InputRef, ModelRef, Request, StageContext, StageResult
 from finrecipe.util.content import digest, tree_digest
 
 _TOK: tuple[str, ...] = ("init", "tokenizer")
@@ -45,6 +46,12 @@ class InitModel(NodeKind[ModelSource]):
                     "tokenizer": tok, "version": sources.INIT_VERSION}
         return Resolution(digest(material), material, facts=facts)
 
+    def _tokenizer_request(self, config: ModelSource, cc: CheckContext) -> list[Request]:
+        tok = config.init.tokenizer if config.init else None
+        if tok is None or cc.is_node(tok):
+            return []
+        return cc.path_request((cc.base_dir(_TOK) / tok).absolute(), _TOK)
+
     def check(self, config: ModelSource, inputs: Mapping[str, InputRef], cc: CheckContext | None = None
               ) -> str | None:
         assert cc is not None and config.init is not None
@@ -69,6 +76,9 @@ class InitModel(NodeKind[ModelSource]):
         sources.build_init_model(init.config, seed=init.seed, dtype=init.dtype, dest=dest,
                                  tokenizer_dir=tok_dir, progress=ctx.progress)
         return StageResult(model_dir=dest)
+
+    def requests(self, config: ModelSource, cc: CheckContext) -> list[Request]:
+        return [*remote_code_request(cc.node, config), *self._tokenizer_request(config, cc)]
 
     def trusts_remote_code(self, config: ModelSource) -> bool:
         return config.trust_remote_code

@@ -13,12 +13,19 @@ from typing import Any
 from finrecipe.node import CheckContext, NodeKind, Resolution, ResolveContext, register
 from finrecipe.sources.convert import CONVERT_VERSION, convert_pickle_model, has_safetensors, pickle_weights
 from finrecipe.sources.specs import ModelSource
-from finrecipe.types import InputRef, ModelRef, StageContext, StageResult
+from finrecipe.types import InputRef, ModelRef, Request, StageContext, StageResult
 from finrecipe.util.content import digest, tree_digest
 
 
 def _rel(p: Path, base: Path) -> str:
     return Path(os.path.relpath(p, base)).as_posix()
+
+
+def remote_code_request(name: str, config: ModelSource) -> list[Request]:
+    if not config.trust_remote_code:
+        return []
+    return [Request("remote_code", name, f"models.{name}: trust_remote_code: true runs the model "
+                    "directory's own Python code", f"--allow-remote-code {name}")]
 
 
 def model_dir(config: ModelSource, base_dir: Path) -> Path:
@@ -71,6 +78,10 @@ class PathModel(NodeKind[ModelSource]):
 
     def offline_output(self, name: str, config: ModelSource, cc: CheckContext) -> InputRef | None:
         return ModelRef(name, model_dir(config, cc.base_dir(("path",))))
+
+    def requests(self, config: ModelSource, cc: CheckContext) -> list[Request]:
+        return [*cc.path_request(model_dir(config, cc.base_dir(("path",))), ("path",)),
+                *remote_code_request(cc.node, config)]
 
     def trusts_remote_code(self, config: ModelSource) -> bool:
         return config.trust_remote_code

@@ -23,7 +23,7 @@ def infer_format(filename: str) -> DatasetFormat | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class InitSpec(_Strict):
