@@ -115,3 +115,114 @@ def test_checkpoints_kept_after_done_only_when_asked(tiny_model: Callable[..., P
          tmp_path / "keep", tmp_path / "cache")
     assert not (tmp_path / "keep" / "work" / "ckpt").exists()
     assert (tmp_path / "keep" / "model" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------- launcher
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _procs_with(text: str) -> list[int]:
+    """Pids whose command line mentions `text` (our run's spec path)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                out.append(int(p.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkill_of_apply_leaves_no_workers_and_reapply_has_no_duplicate_steps(
+        tiny_model: Callable[..., Path], corpus: Path, tmp_path: Path) -> None:
+    """`apply` (here: a process running the stage) launches 2 gloo workers under torchrun and is
+    SIGKILLed mid-run: torchrun and both workers go with it; running again resumes from the last
+    checkpoint and every step appears once in metrics.jsonl."""
+    import os
+    import signal
+    import subprocess
+    import textwrap
+    import time
+
+    cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 60, "checkpoint_every_steps": 2,
+           "launch": {"nproc_per_node": 2, "master_port": _free_port()}}
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from pathlib import Path
+        from test_train import _run
+        from finrecipe.progress import NullProgress
+
+        class Kill(NullProgress):
+            def task(self, description, total=None, unit="it"):
+                class T:
+                    def update(self, *, completed=None, **kw):
+                        if unit == "step" and completed is not None and completed >= 5:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                    def __enter__(self): return self
+                    def __exit__(self, *a): return None
+                return T()
+
+        _run("continual_pretraining", json.loads({json.dumps(cfg)!r}), Path({str(tiny_model('llama'))!r}),
+             Path({str(corpus)!r}), Path({str(out)!r}), Path({str(tmp_path / 'cache')!r}), progress=Kill())
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    spec = str(out / "work" / "launch.json")
+    deadline = time.monotonic() + 10
+    while _procs_with(spec) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _procs_with(spec)
+    for pid in left:  # do not leave them running if the assertion fails
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "torchrun or its workers outlived the launcher"
+    steps_before = [r["step"] for r in _metrics(out) if "loss" in r]
+    assert 5 <= len(steps_before) < 60
+    res = _run("continual_pretraining", {**cfg, "launch": {**cfg["launch"], "master_port": _free_port()}},
+               tiny_model("llama"), corpus, out, tmp_path / "cache")
+    steps = [r["step"] for r in _metrics(out) if "loss" in r]
+    assert steps == list(range(1, 61))
+    assert res.metrics["steps"] == 60 and res.metrics["world_size"] == 2
+    assert "resuming from step" in (out / "work" / "torchrun.log").read_text()
+
+
+def test_a_new_launch_waits_for_surviving_workers(tmp_path: Path) -> None:
+    """A worker of an earlier launch still holding the run's worker lock blocks a new launch,
+    which says so instead of training a second copy into the same directory."""
+    import subprocess
+
+    from finrecipe.errors import StageError
+    from finrecipe.train import runner
+    from finrecipe.train.config import RunSpec
+
+    work = tmp_path / "out" / "work"
+    work.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from pathlib import Path; from finrecipe.train.runner import "
+                               f"hold_worker_lock; hold_worker_lock(Path({str(work)!r})); print('ok', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        spec = RunSpec(config={**BASE_CFG, "launch": {"nproc_per_node": 2}}, model_dir="m",
+                       out_dir=str(tmp_path / "out"), train_shards=[])
+        old = runner.ORPHAN_WAIT_S
+        runner.ORPHAN_WAIT_S = 0.5
+        try:
+            with pytest.raises(StageError, match="workers of an earlier launch are still running"):
+                runner.execute(spec)
+        finally:
+            runner.ORPHAN_WAIT_S = old
+        assert not (work / "launch.json").exists()  # nothing was launched
+    finally:
+        holder.kill()
+        holder.wait()

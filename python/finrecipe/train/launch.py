@@ -15,13 +15,17 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from finrecipe.errors import FinrecipeError
     from finrecipe.train.config import RunSpec
-    from finrecipe.train.runner import io_errors
+    from finrecipe.train.runner import die_with_parent, hold_worker_lock, io_errors
     from finrecipe.train.trainer import train
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         sys.stderr.write("usage: python -m finrecipe.train.launch RUN_SPEC.json\n")
         return 2
+    # torchrun starts workers in sessions of their own: tie each to torchrun's life, and hold the
+    # run's worker lock until exit so that a new launch waits for any survivor.
+    die_with_parent()
+    hold_worker_lock(Path(args[0]).parent)
     rank = int(os.environ.get("RANK", "0"))
     # Only rank 0 logs progress; the others report warnings and errors.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

@@ -73,19 +73,88 @@ def torchrun_command(la: LaunchConfig, spec_path: Path) -> list[str]:
             "-m", "finrecipe.train.launch", str(spec_path)]
 
 
+# How long a new launch waits for the workers of an earlier one (killed with their launcher) to go.
+ORPHAN_WAIT_S = 60.0
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_parent: int | None = None) -> None:
+    """Linux: this process gets SIGKILL when its parent exits (prctl PR_SET_PDEATHSIG). If the
+    parent is already gone (or is not `expected_parent`), exit at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent or parent == 1 or (expected_parent is not None and parent != expected_parent):
+        os._exit(1)
+
+
+def hold_worker_lock(work: Path) -> int:
+    """Called by every worker: a shared lock on ``work/workers.lock``, held until the worker exits."""
+    import fcntl
+
+    fd = os.open(work / "workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _wait_for_orphans(work: Path, logger: logging.Logger) -> None:
+    """Wait until no worker of an earlier launch holds ``work/workers.lock``."""
+    import fcntl
+
+    fd = os.open(work / "workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        warned = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StageError(
+                        f"{work}: training workers of an earlier launch are still running (they hold "
+                        f"{work / 'workers.lock'}); stop them (e.g. `fuser -k {work / 'workers.lock'}`) "
+                        "and run again") from None
+                if not warned:
+                    logger.warning("%s: waiting for the workers of an earlier launch to exit", work)
+                    warned = True
+                time.sleep(0.2)
+    finally:
+        os.close(fd)
+
+
 def _torchrun(la: LaunchConfig, spec: RunSpec, progress: Progress, logger: logging.Logger) -> dict[str, Any]:
+    """torchrun as a child that dies with this process (and whose workers die with it): a SIGKILL
+    of `finrecipe apply` leaves nothing training. SIGTERM and Ctrl-C are forwarded as SIGTERM
+    (the workers checkpoint and stop)."""
     out_dir = Path(spec.out_dir)
     work = out_dir / "work"
+    _wait_for_orphans(work, logger)
     spec_path = work / "launch.json"
     write_text_atomic(spec_path, spec.model_dump_json(indent=1))
     log_path = work / "torchrun.log"
     metrics_path = out_dir / "metrics.jsonl"
+    plan_path = work / "plan.json"
+    plan_path.unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["FINRECIPE_LAUNCHER_PID"] = str(os.getpid())
     cmd = torchrun_command(la, spec_path)
     logger.info("launching: %s", " ".join(cmd))
+    me = os.getpid()
     with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # torchrun gets its own session (Ctrl-C in a terminal reaches this process, which forwards
+        # it) but dies with this process; each worker dies with torchrun (finrecipe.train.launch).
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=lambda: die_with_parent(me))
         old = None
 
         def forward(signum: int, frame: Any) -> None:  # torchrun passes SIGTERM on to the workers
@@ -98,8 +167,13 @@ def _torchrun(la: LaunchConfig, spec: RunSpec, progress: Progress, logger: loggi
         try:
             with progress.task(spec.title, total=None, unit="step") as task:
                 seen = 0
+                total = None
                 while True:
                     rc = proc.poll()
+                    if total is None and plan_path.is_file():
+                        with contextlib.suppress(OSError, ValueError):
+                            total = int(json.loads(plan_path.read_text())["total_steps"])
+                            task.update(total=total)
                     if metrics_path.exists():
                         lines = metrics_path.read_text().splitlines()
                         for ln in lines[seen:]:
@@ -107,8 +181,7 @@ def _torchrun(la: LaunchConfig, spec: RunSpec, progress: Progress, logger: loggi
                                 rec = json.loads(ln)
                             except json.JSONDecodeError:
                                 break
-                            task.update(completed=rec.get("step", 0),
-                                        info=f"loss {rec['loss']:.4f}" if "loss" in rec else None)
+                            task.update(completed=rec.get("step", 0), info=_info(rec))
                             seen += 1
                     if rc is not None:
                         break
@@ -129,3 +202,14 @@ def _torchrun(la: LaunchConfig, spec: RunSpec, progress: Progress, logger: loggi
     if not res.is_file():
         raise StageError(f"torchrun finished but wrote no {res}; see {log_path}")
     return dict(json.loads(res.read_text()))
+
+
+def _info(rec: dict[str, Any]) -> str | None:
+    if not isinstance(rec.get("loss"), (int, float)):
+        return None
+    info = f"loss {rec['loss']:.4f}"
+    if isinstance(rec.get("lr"), (int, float)):
+        info += f" lr {rec['lr']:.2e}"
+    if isinstance(rec.get("tokens_per_s"), (int, float)):
+        info += f" {rec['tokens_per_s']:,.0f} tok/s"
+    return info

@@ -331,6 +331,10 @@ class Trainer:
         self._setup_data(d.world)
         self._setup_model(d)
         self.work.mkdir(parents=True, exist_ok=True)
+        if d.is_main:  # what a launcher following metrics.jsonl needs for its progress line
+            write_json_atomic(self.work / "plan.json", {"total_steps": self.total_steps,
+                                                        "global_batch_tokens": self.batch_seqs * cfg.seq_len,
+                                                        "world": d.world})
         metrics = MetricsLog(self.out_dir / "metrics.jsonl",
                              self.out_dir / "tensorboard" if d.is_main else None) if d.is_main else None
         ckpt = Checkpointer(self.work, d, cfg.keep_checkpoints)
