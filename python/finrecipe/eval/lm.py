@@ -80,11 +80,17 @@ class HFLM:
 
     `max_length` (default: the model's, see `scoring.model_max_length`) bounds the inputs of
     log-likelihoods and rolling windows; `batch_size` caps questions per scoring batch (default:
-    by tokens) and prompts per generation batch (default 16)."""
+    by tokens) and prompts per generation batch (default 16). `add_bos` (default: lm-eval's rule,
+    `scoring.adds_bos`: Gemma-family models only) encodes texts for log-likelihoods with the
+    tokenizer's special tokens."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int | None = None, add_bos: bool = False,
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int | None = None, add_bos: bool | None = None,
                  max_length: int | None = None, mode: str = "auto") -> None:
-        from finrecipe.eval.scoring import Scorer
+        from finrecipe.eval.scoring import Scorer, adds_bos
+
+        if add_bos is None:
+            add_bos = adds_bos(getattr(model, "config", None))
+        self.add_bos = add_bos
 
         kw: dict[str, Any] = {}
         if batch_size:
@@ -105,7 +111,8 @@ class HFLM:
         return cls(model, tok, batch_size=batch_size)
 
     def tok_encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """lm-eval's ``tok_encode``: special tokens only where lm-eval adds them (`add_bos`)."""
+        return list(self.tokenizer(text, add_special_tokens=self.add_bos)["input_ids"])
 
     # -- loglikelihood ---------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[Request], *, progress: Progress | None = None,

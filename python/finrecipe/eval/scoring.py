@@ -4,7 +4,8 @@ Semantics (what a request's number means):
 
 - The context/continuation boundary follows lm-eval's ``_encode_pair``: trailing whitespace of the
   context moves to the front of the continuation; the whole string and the context are tokenized
-  separately (no special tokens unless ``add_bos`` is set); the continuation tokens are the whole
+  separately (without special tokens; with the tokenizer's own special tokens, e.g. Gemma's BOS, when
+  ``add_bos`` is set: see `adds_bos`); the continuation tokens are the whole
   string's tokens past the context's token count. An empty context becomes the prefix token
   (BOS, else EOS) and the continuation is tokenized alone.
 - The model sees ``(context_tokens + continuation_tokens)[-(max_length + 1):][:-1]`` (left truncation);
@@ -45,10 +46,17 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, *, add_bos: boo
 
 
 def _encode(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if add_bos and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + list(ids)
-    return list(ids)
+    """lm-eval's ``tok_encode`` for causal models: ``add_special_tokens=add_bos`` (what the tokenizer
+    then adds is its own business: Gemma's adds BOS)."""
+    return list(tokenizer(text, add_special_tokens=add_bos)["input_ids"])
+
+
+def adds_bos(model_config: Any) -> bool:
+    """Whether lm-evaluation-harness 0.4.9.1 (HF backend) encodes with special tokens for this model:
+    when the config's ``model_type`` contains "gemma" (gemma, gemma2, gemma3, recurrent_gemma...),
+    as Gemma underperforms without its BOS token; never otherwise (its default ``add_bos_token``
+    is false)."""
+    return "gemma" in str(getattr(model_config, "model_type", "") or "")
 
 
 def prefix_token_id(tokenizer: Any) -> int:

@@ -19,9 +19,11 @@ SAMPLE_TEXT = [
 ]
 
 
-def build_tokenizer(out_dir: Path, texts: Iterable[str] = (), vocab_size: int = 512) -> None:
-    """Train a byte-level BPE on `texts` (plus a built-in sample) and save it in HF format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(out_dir: Path, texts: Iterable[str] = (), vocab_size: int = 512, *,
+                    bos_with_special_tokens: bool = False) -> None:
+    """Train a byte-level BPE on `texts` (plus a built-in sample) and save it in HF format.
+    `bos_with_special_tokens`: encoding with special tokens prepends BOS (as Gemma's tokenizer does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -31,6 +33,9 @@ def build_tokenizer(out_dir: Path, texts: Iterable[str] = (), vocab_size: int = 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(list(SAMPLE_TEXT) + list(texts), trainer=trainer)
+    if bos_with_special_tokens:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
     fast.save_pretrained(str(out_dir))

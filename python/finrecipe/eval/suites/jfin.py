@@ -30,7 +30,8 @@ from finrecipe.progress import Progress
 
 DATA_DIR_HELP = ("set `data_dir:` to the japanese-lm-fin-harness data: a checkout of "
                  "https://github.com/pfnet-research/japanese-lm-fin-harness, a directory with its data files "
-                 "(fp2.json, cma_basics.json, security_sales_1.json, cpa_audit.xlsx, chabsa/), or \"download\"")
+                 "(fp2.json, cma_basics.json, security_sales_1.json, cpa_audit.xlsx, and chABSA's chabsa.zip from "
+                 "Kaggle or its unpacked chABSA-dataset/), or \"download\"")
 
 
 class JfinSpec(SuiteSpec):
@@ -123,7 +124,8 @@ def leaderboard(results: Sequence[TaskResult], versions: Sequence[str]) -> tuple
 @register
 class Jfin(Suite[JfinSpec]):
     name = "jfin"
-    version = "1"
+    # 2: cpa_audit's empty choices read "nan", the harness's leaderboard rule, Gemma's BOS (issue 15)
+    version = "2"
     Spec = JfinSpec
 
     def task_names(self, spec: JfinSpec) -> list[str]:

@@ -9,9 +9,14 @@ The security_sales_1 task files reference a ``utils.py`` with the same functions
 
 Data layouts (``data_dir``): a checkout of the harness (``jlm_fin_eval/datasets/<task>/data.json``,
 ``jlm_fin_eval/datasets/cpa/CPA_AUDIT.xlsx``) or the flat copy (``fp2.json``, ``cma_basics.json``,
-``security_sales_1.json``, ``cpa_audit.xlsx``). chabsa reads the chABSA annotation files
-``e*_ann.json`` from ``<data_dir>/chABSA-dataset/`` or ``<data_dir>/chabsa/`` (or ``data_dir`` itself).
-A task whose files are absent raises `TaskDataMissing` (reported as missing, never as zero).
+``security_sales_1.json``, ``cpa_audit.xlsx``). cpa_audit is read as the harness's dataset script reads
+it through pandas and datasets (an empty cell is the text "nan"). chabsa: the harness's dataset script
+downloads the Kaggle dataset ``takahirokubo0/chabsa`` and reads every ``chABSA-dataset/*.json`` in it;
+finrecipe reads the same files from ``<data_dir>/chABSA-dataset/``, ``<data_dir>/chabsa/chABSA-dataset/``
+or ``<data_dir>/chabsa/``, or straight from the Kaggle zip (``<data_dir>/chabsa.zip``, or any ``*.zip``
+in ``<data_dir>/chabsa/``), in file-name order (the harness takes them in directory order, which only
+matters with ``limit``). A task whose files are absent raises `TaskDataMissing` (reported as missing,
+never as zero) naming where to get them.
 """
 
 from __future__ import annotations
@@ -57,10 +62,6 @@ class Prompt:
         target = self.doc_to_target(doc)
         choices = self.doc_to_choice(doc)
         return choices.index(target) if target in choices else -100
-
-    @property
-    def name(self) -> str:
-        return self.task if self.version == "default" else f"{self.task}-1.0-{self.version}"
 
 
 # -- shared text pieces ----------------------------------------------------------------------------
@@ -334,6 +335,14 @@ def _first_existing(base: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+CHABSA_KAGGLE = "https://www.kaggle.com/datasets/takahirokubo0/chabsa"
+_CHABSA_DIRS = ("chABSA-dataset", "chabsa/chABSA-dataset", "chabsa", "jlm_fin_eval/datasets/chabsa/chABSA-dataset")
+
+
+def _chabsa_zips(data_dir: Path) -> list[Path]:
+    return [p for p in [data_dir / "chabsa.zip", *sorted((data_dir / "chabsa").glob("*.zip"))] if p.is_file()]
+
+
 def data_files(task: str, data_dir: Path) -> list[Path]:
     """The files a task reads from `data_dir` (empty when absent)."""
     data_dir = Path(data_dir)
@@ -343,32 +352,35 @@ def data_files(task: str, data_dir: Path) -> list[Path]:
     if task == "cpa_audit":
         p = _first_existing(data_dir, _CPA_FILES)
         return [p] if p else []
-    for sub in ("chABSA-dataset", "chabsa", "jlm_fin_eval/datasets/chabsa/chABSA-dataset", "."):
-        files = sorted((data_dir / sub).glob("e*_ann.json"))
+    for sub in _CHABSA_DIRS:
+        files = sorted(f for f in (data_dir / sub).glob("*.json") if f.is_file())
         if files:
             return files
-    return []
+    return _chabsa_zips(data_dir)[:1]
 
 
 def load_docs(task: str, data_dir: str | Path) -> list[Doc]:
     """The task's documents in the harness's order."""
     files = data_files(task, Path(data_dir))
     if not files:
-        raise TaskDataMissing(f"{task}: no data files under {data_dir}; expected "
-                              + _expected(task) + " (a harness checkout or the flat copy)")
+        raise TaskDataMissing(f"{task}: no data files under {data_dir}; " + _expected(task, Path(data_dir)))
     if task in _JSON_FILES:
         return _load_exam_json(files[0])
     if task == "cpa_audit":
         return _load_cpa(files[0])
-    return _load_chabsa(files)
+    if files[0].suffix == ".zip":
+        return _load_chabsa_zip(files[0])
+    return _load_chabsa([(str(f), f.read_bytes()) for f in files])
 
 
-def _expected(task: str) -> str:
+def _expected(task: str, data_dir: Path) -> str:
     if task in _JSON_FILES:
-        return " or ".join(_JSON_FILES[task])
+        return "expected " + " or ".join(_JSON_FILES[task]) + " (a harness checkout or the flat copy)"
     if task == "cpa_audit":
-        return " or ".join(_CPA_FILES)
-    return "chABSA-dataset/e*_ann.json"
+        return "expected " + " or ".join(_CPA_FILES) + " (a harness checkout or the flat copy)"
+    return (f"the harness reads the Kaggle dataset takahirokubo0/chabsa ({CHABSA_KAGGLE}; "
+            f"`kaggle datasets download takahirokubo0/chabsa`): put its chabsa.zip into {data_dir}, "
+            f"or unpack it there so that {data_dir / 'chABSA-dataset'}/*.json exist")
 
 
 def _load_exam_json(path: Path) -> list[Doc]:
@@ -424,45 +436,81 @@ def _load_cpa(path: Path) -> list[Doc]:
             v = _cell_str(cells.get(k))
             if v not in ("", "nan"):
                 ctx.append(f"{k}: {v}")
-        texts = [_cell_str(cells[str(i + 1)]) if cells[str(i + 1)] is not None else "None" for i in range(6)]
+        # datasets casts pandas' NaN of an empty choice cell to the string "nan"
+        texts = [_cell_str(cells[str(i + 1)]) for i in range(6)]
         docs.append({"id": len(docs), "question": q, "context": "\n".join(ctx),
                      "choices": {"id": list(range(6)), "text": texts}, "answer": _answer(cells["a_no"], path)})
     wb.close()
     return docs
 
 
-def _load_chabsa(files: list[Path]) -> list[Doc]:
+def _chabsa_members(names: list[str]) -> list[str]:
+    """Zip members the harness's glob ``<root>/chABSA-dataset/*.json`` sees, in name order."""
+    out = []
+    for m in names:
+        parts = m.split("/")
+        if len(parts) >= 2 and parts[-2] == "chABSA-dataset" and parts[-1].endswith(".json"):
+            out.append(m)
+    return sorted(out)
+
+
+def _load_chabsa_zip(path: Path) -> list[Doc]:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = _chabsa_members(z.namelist())
+            if not members:
+                raise TaskDataMissing(f"chabsa: {path} has no chABSA-dataset/*.json; "
+                                      f"use the zip of the Kaggle dataset {CHABSA_KAGGLE}")
+            return _load_chabsa([(f"{path}:{m}", z.read(m)) for m in members])
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{path}: not a zip file ({e}); use the zip of the Kaggle dataset {CHABSA_KAGGLE}") from None
+
+
+def _load_chabsa(files: list[tuple[str, bytes]]) -> list[Doc]:
+    """One document per opinion of every sentence, numbered in file then sentence order."""
     docs: list[Doc] = []
-    for f in files:
+    for name, blob in files:
         try:
-            data = json.loads(f.read_text(encoding="utf-8"))
+            data = json.loads(blob.decode("utf-8"))
             for row in data["sentences"]:
                 for op in row["opinions"]:
                     docs.append({"id": len(docs), "sentence": row["sentence"], "target": op["target"],
                                  "polarity": op["polarity"]})
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{f}: not a chABSA annotation file ({type(e).__name__}: {e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{name}: not a chABSA annotation file ({type(e).__name__}: {e})") from None
     return docs
 
 
 # -- leaderboard -----------------------------------------------------------------------------------
 
 def leaderboard(scores: dict[str, dict[str, float | None]]) -> dict[str, Any]:
-    """Per prompt version, the mean over the five tasks of 100 × metric; the best version wins.
+    """The harness's leaderboard rule (``developments/make_leaderboard.py``) over prompt versions.
 
-    `scores[version][task]` is the task's metric (f1 for chabsa, acc otherwise) or None when missing.
-    A version's average is only defined when all five tasks were scored; with tasks missing we
-    report the mean over the available ones and list which are missing.
-    """
+    `scores[version][task]` is the task's metric (f1 for chabsa, acc otherwise), None when its data
+    is missing. Per version, the average of 100 × metric over the tasks that score above zero (a
+    task scoring exactly 0 is left out of the average, as the harness does; a missing task has no
+    result at all); a version where no task scores is averaged 0. The best version is the first (in
+    the order of `scores`) whose average is strictly higher than every earlier one and than 0; a
+    model without one has no best version and no average.
+
+    Per version: ``average`` (as above; None when no task has data), ``complete`` (every task has
+    data), ``missing`` (tasks without data), ``left_out`` (tasks scoring exactly 0), ``tasks`` (100 ×
+    metric)."""
     per_version: dict[str, dict[str, Any]] = {}
+    best: str | None = None
+    best_avg = 0.0
     for version, by_task in scores.items():
-        present = {t: v for t, v in by_task.items() if v is not None}
-        missing = [t for t in TASKS if t not in present]
-        avg = (sum(100.0 * v for v in present.values()) / len(present)) if present else None
-        per_version[version] = {"average": avg, "complete": not missing, "missing": missing,
+        present = {t: 100.0 * v for t, v in by_task.items() if v is not None}
+        counted = [v for v in present.values() if v]
+        avg = (sum(counted) / len(counted) if counted else 0.0) if present else None
+        per_version[version] = {"average": avg, "complete": all(t in present for t in TASKS),
+                                "missing": [t for t in TASKS if t not in present],
+                                "left_out": [t for t, v in present.items() if not v],
                                 "tasks": {t: (100.0 * v if v is not None else None) for t, v in by_task.items()}}
-    candidates = [(v["complete"], v["average"], k) for k, v in per_version.items() if v["average"] is not None]
-    best = max(candidates)[2] if candidates else None
+        if avg is not None and avg > best_avg:
+            best, best_avg = version, avg
     return {"best_version": best, "versions": per_version,
             "average": per_version[best]["average"] if best else None}
 
@@ -471,6 +519,8 @@ def leaderboard(scores: dict[str, dict[str, float | None]]) -> dict[str, Any]:
 
 PINNED_COMMIT = "aeff729"  # pfnet-research/japanese-lm-fin-harness, 2025-11-27
 RAW_URL = "https://raw.githubusercontent.com/pfnet-research/japanese-lm-fin-harness/{commit}/{path}"
+# chakki-works' own release of chABSA (the harness reads the Kaggle upload of it, which needs a Kaggle
+# login to download: put that zip into data_dir to use exactly the harness's files).
 CHABSA_URL = "https://s3-ap-northeast-1.amazonaws.com/dev.tech-sketch.jp/chakki/public/chABSA-dataset.zip"
 # flat name -> (path in the harness, sha256 of the file at PINNED_COMMIT)
 PINNED_FILES: dict[str, tuple[str, str]] = {
@@ -495,8 +545,9 @@ def _urllib_fetch(url: str) -> bytes:
 def download_data(cache_dir: str | Path, *, fetch: Callable[[str], bytes] | None = None,
                   chabsa: bool = True) -> Path:
     """Download the task data once at the pinned commit into `<cache_dir>/jfin-<commit>/` (flat layout),
-    verifying each file's sha256; chABSA's zip is unpacked to `chABSA-dataset/` (its sha256 is recorded
-    in `chabsa.sha256` on first download and checked on later ones). Returns the data directory."""
+    verifying each file's sha256; chABSA's zip (`CHABSA_URL`) has its ``chABSA-dataset/*.json`` unpacked
+    to `chABSA-dataset/` (its sha256 is recorded in `chabsa.sha256` on first download and checked on
+    later ones). Returns the data directory."""
     import hashlib
     import io
     import zipfile
@@ -523,16 +574,15 @@ def download_data(cache_dir: str | Path, *, fetch: Callable[[str], bytes] | None
             try:
                 blob = fetch(CHABSA_URL)
             except OSError as e:
-                raise IoError(f"cannot download {CHABSA_URL}: {e}") from None
+                raise IoError(f"cannot download {CHABSA_URL}: {e}; put the Kaggle dataset's chabsa.zip "
+                              f"({CHABSA_KAGGLE}) into a data directory and pass that instead") from None
             old = dest / "chabsa.sha256"
             got = hashlib.sha256(blob).hexdigest()
             if old.is_file() and old.read_text().strip() != got:
                 raise DataError(f"{CHABSA_URL}: sha256 {got} differs from the recorded {old.read_text().strip()}")
             with zipfile.ZipFile(io.BytesIO(blob)) as z:
-                for member in z.namelist():
-                    base = Path(member).name
-                    if base.startswith("e") and base.endswith("_ann.json"):
-                        (tmp / "chABSA-dataset").mkdir(exist_ok=True)
-                        (tmp / "chABSA-dataset" / base).write_bytes(z.read(member))
+                for member in _chabsa_members(z.namelist()):
+                    (tmp / "chABSA-dataset").mkdir(exist_ok=True)
+                    (tmp / "chABSA-dataset" / Path(member).name).write_bytes(z.read(member))
             (tmp / "chabsa.sha256").write_text(got + "\n")
     return dest
