@@ -30,23 +30,5 @@ def get_kind(type_name: str) -> NodeKind[Any]:
     return _node.get_kind("stages", type_name)
 
 
-# Transitional views for the engine being restructured (removed with it).
-KNOWN_TYPES: dict[str, str] = {t: m for (s, t), m in _node.BUILTIN.items() if s == "stages"}
-
-
-class _StageView(dict):  # type: ignore[type-arg]
-    def __contains__(self, k: object) -> bool:
-        return ("stages", k) in _node.REGISTRY
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter([t for s, t in _node.REGISTRY if s == "stages"])
-
-    def __getitem__(self, k: str) -> NodeKind[Any]:
-        return _node.REGISTRY[("stages", k)]
-
-
-REGISTRY = _StageView()
-
-
 __all__ = ["CheckContext", "DatasetRef", "InputKind", "InputRef", "ModelRef", "StageContext", "StageKind",
            "StageResult", "get_kind", "register"]
