@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 EXT_BUILT := $(VENV)/.ext-built
 RUST_SRC := Cargo.toml $(shell find rust -name '*.rs' 2>/dev/null)
 
-.PHONY: setup build test test-rust test-python lint demo bench-merge bench-train bench-eval bench-recipe clean
+.PHONY: setup build test test-rust test-python lint fuzz demo bench-merge bench-train bench-eval bench-recipe clean
 
 setup: $(EXT_BUILT)
 
@@ -33,6 +33,12 @@ test: setup lint test-rust test-python
 test-rust:
 	cargo test --quiet
 
+# The property test of the safetensors header/index reader and the merge-plan parser
+# (rust/tests/fuzz.rs): 1M generated inputs, zero panics. `cargo test` runs 50k of them.
+FUZZ_CASES ?= 1000000
+fuzz:
+	FINRECIPE_FUZZ_CASES=$(FUZZ_CASES) cargo test --release --quiet --test fuzz -- --nocapture
+
 test-python: setup
 	$(PY) -m pytest -q tests
 
@@ -53,6 +59,10 @@ bench-train: setup
 
 bench-eval: setup
 	$(PY) bench/bench_eval.py
+
+# jfin against the real japanese-lm-fin-harness on lm-evaluation-harness 0.4.9.1 (own venv .venv-lmeval)
+parity-eval: setup
+	$(PY) bench/parity_eval.py
 
 bench-recipe: setup
 	$(PY) bench/bench_recipe.py

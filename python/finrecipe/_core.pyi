@@ -33,3 +33,7 @@ def kernels() -> list[dict[str, Any]]:
     "min_sources": int, "max_sources": int | None, "source_params": [param], "tensor_params":
     [param]}] with param = {"name": str, "kind": "number" | "bool", "min": float | None,
     "max": float | None} (every listed parameter is required in a plan)."""
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename `src` to `dst` only if `dst` does not exist, atomically (Linux renameat2
+    RENAME_NOREPLACE). Raises FileExistsError when it exists, IoError for other failures."""

@@ -28,15 +28,24 @@ LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
 
 def build_plan(base: str | Path, models: Sequence[str | Path], *, threads: int = 0,
                chunk_elems: int = 1 << 20) -> dict[str, Any]:
-    """The analysis plan over the float tensors every model shares with the base (same shape)."""
+    """The analysis plan over the float tensors every model shares with the base (same shape).
+    Integer and boolean buffers are left out; quantized checkpoints and tensors (FP8, ...) are
+    refused by name."""
     from finrecipe.merge import read_model
+    from finrecipe.merge.quant import ARITH_DTYPES, check_not_quantized, why_not_combinable
 
     paths = [Path(base).absolute(), *[Path(m).absolute() for m in models]]
+    for p in paths:
+        check_not_quantized(p.name, p)
     infos = [read_model(p) for p in paths]
     tensors = []
     for name, ti in infos[0].tensors.items():
-        if ti.dtype not in ("BF16", "F16", "F32"):
-            continue
+        if ti.dtype not in ARITH_DTYPES:
+            why = why_not_combinable(ti.dtype) or ""
+            if why.startswith("integer"):
+                continue  # buffers (position ids, masks) are not part of a task vector
+            raise MismatchError(f"{paths[0]}: tensor {name!r} is {ti.dtype}: task vectors are computed in "
+                                f"float32 from BF16, F16 or F32 tensors, and {why}")
         for k, info in enumerate(infos[1:], 1):
             other = info.tensors.get(name)
             if other is None:

@@ -82,6 +82,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
             "analysis plan: chunk_elems must be at least 1".into(),
         ));
     }
+    crate::merge::plan::check_threads(plan.threads, "analysis plan")?;
     let models = open_models(&plan.models)?;
     let threads = if plan.threads == 0 {
         std::thread::available_parallelism()
@@ -135,6 +136,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
             filter_wise: false,
             scale: 1.0,
             copy: false,
+            nbytes: 0,
         });
     }
     let total_bytes: u64 = jobs

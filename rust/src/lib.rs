@@ -7,6 +7,7 @@
 pub mod analyze;
 pub mod dtype;
 pub mod error;
+pub mod fsutil;
 pub mod merge;
 pub mod safetensors;
 

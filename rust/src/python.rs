@@ -220,6 +220,21 @@ fn merge(py: Python<'_>, plan_json: &str, progress: Option<PyObject>) -> PyResul
     }
 }
 
+/// Renames `src` to `dst` unless `dst` exists (atomically; see fsutil.rs). Raises
+/// FileExistsError when it does, IoError for other failures.
+#[pyfunction]
+fn rename_noreplace(src: std::path::PathBuf, dst: std::path::PathBuf) -> PyResult<()> {
+    match crate::fsutil::rename_noreplace(&src, &dst) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(pyo3::exceptions::PyFileExistsError::new_err(format!(
+                "{}: already exists",
+                dst.display()
+            )))
+        }
+        other => Ok(other?),
+    }
+}
+
 /// The kernels this core implements, with their inputs and parameters (see merge/plan.rs).
 #[pyfunction]
 fn kernels(py: Python<'_>) -> PyResult<PyObject> {
@@ -245,6 +260,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(rename_noreplace, m)?)?;
     m.add("PLAN_VERSION", crate::merge::plan::PLAN_VERSION)?;
     Ok(())
 }

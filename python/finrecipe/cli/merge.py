@@ -49,22 +49,35 @@ def _human(n: float) -> str:
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Worker threads (0 = all cores).")
+              help="Worker threads (0 = all cores). More than the machine's cores is capped at the "
+                   "number of cores unless --force-threads is given.")
+@click.option("--force-threads", is_flag=True,
+              help="Use --threads as given even when it exceeds the number of cores (at most 1024).")
 @click.option("--out-shard-size", type=_Size(), default="5GB", show_default=True,
               help="Largest output shard: 5GB, 500MB, 2GiB or bytes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised methods (DARE).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT_DIR if it exists. Without it an existing OUT_DIR is an error (exit 1), "
+                   "also when another merge creates it while this one runs: the first to finish wins "
+                   "and nothing is replaced.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def merge_cmd(config: Path, out_dir: Path, threads: int, out_shard_size: int, seed: int,
+def merge_cmd(config: Path, out_dir: Path, threads: int, force_threads: bool, out_shard_size: int, seed: int,
               overwrite: bool, quiet: bool) -> None:
-    """Merge models as described by a mergekit YAML CONFIG into OUT_DIR (a Hugging Face model)."""
+    """Merge models as described by a mergekit YAML CONFIG into OUT_DIR (a Hugging Face model).
+
+    OUT_DIR appears complete or not at all: the merge writes into a hidden directory beside it and
+    renames it into place; the hidden directory of a killed merge is removed by the next merge to
+    the same OUT_DIR. Exit codes: 0 done, 2 bad input (config, model files), 1 failure (OUT_DIR
+    exists, disk full, ...), 130 interrupted."""
     from finrecipe.cli.ui import RichProgress, console_err
     from finrecipe.merge import load_merge_config, run_merge
 
     cfg = load_merge_config(config)
     with RichProgress(quiet=quiet) as progress:
         res = run_merge(cfg, out_dir, threads=threads, out_shard_size=out_shard_size, seed=seed,
-                        overwrite=overwrite, progress=progress)
+                        overwrite=overwrite, progress=progress, force_threads=force_threads)
+    for note in res.notes:
+        console_err().print(f"[yellow]note[/] {note}")
     rate = res.total_bytes / res.seconds if res.seconds > 0 else 0.0
     if not quiet:
         console_err().print(

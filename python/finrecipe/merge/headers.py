@@ -14,10 +14,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-FLOAT_DTYPES = ("BF16", "F16", "F32")
-MAX_HEADER = 100_000_000
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 

@@ -79,6 +79,9 @@ class MethodDef:
     # With normalize on, a zero sum of weights is an error (the kernel divides by it unguarded;
     # task-arithmetic kernels replace a zero divisor by 1, as mergekit does).
     refuse_zero_weight_sum: bool = False
+    # An explicit copy: tensors of dtypes no arithmetic applies to (integers, FP8, ...) are copied
+    # as they are instead of being refused.
+    explicit_copy: bool = False
     doc: str = ""
 
     def param(self, name: str) -> ParamDef | None:
@@ -133,7 +136,8 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
                                                  doc="one factor per row instead of per tensor"),),
               needs_base=True, min_sources=2, doc="interpolation by the task vectors' mean cosine"),
     MethodDef("passthrough", "passthrough", (_p("scale", "model", 1.0, doc="multiply the tensor"),),
-              needs_base=False, min_sources=1, max_sources=1, doc="copy one model (optionally scaled)"),
+              needs_base=False, min_sources=1, max_sources=1, explicit_copy=True,
+              doc="copy one model (optionally scaled)"),
 )}
 
 

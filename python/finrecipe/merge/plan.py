@@ -20,8 +20,9 @@ from typing import Any
 
 from finrecipe.errors import ConfigError, MismatchError
 from finrecipe.merge.config import DTYPES, FilterRule, MergeConfig, Params, ParamSetting
-from finrecipe.merge.headers import DTYPE_SIZES, FLOAT_DTYPES, ModelInfo, TensorInfo, read_model
-from finrecipe.merge.methods import METHODS, ParamDef
+from finrecipe.merge.headers import ModelInfo, TensorInfo, read_model
+from finrecipe.merge.methods import ParamDef
+from finrecipe.merge.quant import check_not_quantized, nbytes, why_not_combinable
 
 log = logging.getLogger("finrecipe.merge")
 
@@ -171,6 +172,59 @@ def _with_layer(name: str, idx: int) -> str:
     return f"{m.group('pre')}.{idx}.{m.group('rest')}"
 
 
+def _expected_reads(cfg: MergeConfig, parts: list[_Part], infos: Mapping[str, ModelInfo]
+                    ) -> dict[str, list[str]]:
+    """Per model, the tensors a merge must read (in file order): all of them with `models:`;
+    with `slices:` those of the layers in each source's range, the embeddings of the first
+    slice's models and the final tensors of the last slice's."""
+    out: dict[str, list[str]] = {}
+    if cfg.models is not None:
+        for s in ([parts[0].base] if parts[0].base else []) + parts[0].sources:
+            out[s.model] = list(infos[s.model].tensors)
+        return out
+    want: dict[str, set[str]] = {}
+    for i, pt in enumerate(parts):
+        for s in ([pt.base] if pt.base else []) + pt.sources:
+            lo, hi = s.layer_offset, s.layer_offset + (pt.length or 0)
+            names = want.setdefault(s.model, set())
+            for name in infos[s.model].tensors:
+                mm = LAYER_RE.match(name)
+                if mm:
+                    if lo <= int(mm.group("idx")) < hi:
+                        names.add(name)
+                elif any(h in name for h in _PRE_HINTS):
+                    if i == 0:
+                        names.add(name)
+                elif i == len(parts) - 1:
+                    names.add(name)
+    for model, names in want.items():
+        out[model] = [n for n in infos[model].tensors if n in names]
+    return out
+
+
+def _check_nothing_dropped(cfg: MergeConfig, parts: list[_Part], infos: Mapping[str, ModelInfo],
+                           paths: Mapping[str, Path], consumed: set[tuple[str, str]], ref_name: str) -> None:
+    """An input tensor the output would silently lack (a donor's extra layer, an extra bias) is an
+    error naming the tensors, raised while planning (before any data is read or written)."""
+    for model, names in _expected_reads(cfg, parts, infos).items():
+        unread = [n for n in names if (model, n) not in consumed]
+        if not unread:
+            continue
+        shown = ", ".join(repr(n) for n in unread[:4]) + (f" and {len(unread) - 4} more" if len(unread) > 4
+                                                          else "")
+        role = "base model" if ref_name == cfg.base_model else "first model"
+        nl, nref = _num_layers(infos[model]), _num_layers(infos[ref_name])
+        if cfg.models is not None and nl is not None and nref is not None and nl != nref:
+            raise MismatchError(
+                f"model {model!r} ({paths[model]}) has {nl} layers but the {role} {ref_name!r} has {nref}; "
+                f"the output follows {ref_name!r}, so {len(unread)} tensors of {model!r} would be dropped "
+                f"({shown}); merge models with the same layer count, or pick layers with 'slices' and "
+                "'layer_range'")
+        raise MismatchError(
+            f"model {model!r} ({paths[model]}) has {len(unread)} tensors that the {role} {ref_name!r} "
+            f"lacks ({shown}); the merge would drop them silently; merge models of the same architecture")
+
+
 def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = None, *,
                infos: Mapping[str, ModelInfo] | None = None, threads: int = 0,
                out_shard_size: int = 5_000_000_000, seed: int = 0,
@@ -182,6 +236,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
         infos = {}
     infos = dict(infos)
     for n in names:
+        check_not_quantized(n, paths[n])
         if n not in infos:
             infos[n] = read_model(paths[n])
     index = {n: i for i, n in enumerate(names)}
@@ -281,6 +336,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
     in_bytes = 0
     out_bytes = 0
     seen: set[str] = set()
+    consumed: set[tuple[str, str]] = set()  # (model, tensor) the plan reads
     for out_name, part, k, _ in jobs:
         if out_name in seen:
             raise ConfigError(f"output tensor {out_name!r} would be written twice; check the slices")
@@ -298,6 +354,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
 
         all_srcs = ([part.base] if part.base else []) + part.sources
         refs = [src_tensor(s) for s in all_srcs]
+        consumed.update((s.model, tname) for s, (tname, _) in zip(all_srcs, refs, strict=True))
         first = refs[0][1]
         for s, (tname, info) in zip(all_srcs, refs, strict=True):
             if info.shape != first.shape:
@@ -311,25 +368,34 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                         "that share the base's tokenizer")
                 raise MismatchError(f"tensor {tname!r}: shape {list(info.shape)} in model {s.model!r} differs "
                                     f"from {list(first.shape)} in {all_srcs[0].model!r}")
-        is_float = all(info.dtype in FLOAT_DTYPES for _, info in refs)
         what_part = ", ".join(s.model for s in part.sources)
 
         def ref_of(s: _Src, tname: str) -> dict[str, Any]:
             return {"model": index[s.model], "tensor": tname}
 
-        if not is_float:
-            if len({info.dtype for _, info in refs}) > 1 and m.name != "passthrough":
-                raise MismatchError(f"tensor {out_name!r}: dtypes {[i.dtype for _, i in refs]} differ and "
-                                    "are not all floating point")
-            # Integer/bool buffers are copied from the reference model, whatever the method.
-            s0 = part.base or part.sources[0]
+        if not m.explicit_copy:
+            for s, (tname, info) in zip(all_srcs, refs, strict=True):
+                why = why_not_combinable(info.dtype)
+                if why is not None:
+                    raise MismatchError(
+                        f"tensor {tname!r} of model {s.model!r} ({paths[s.model]}) is {info.dtype}: merge "
+                        f"method {m.name!r} computes in float32 from BF16, F16 or F32 tensors, and {why}")
+        copy_as_is = m.explicit_copy and why_not_combinable(refs[0][1].dtype) is not None
+        if copy_as_is:
+            # An explicit copy of a tensor no arithmetic applies to: its bytes, unchanged.
+            s0 = part.sources[0]
             tname, info = refs[0]
-            entry: dict[str, Any] = {"name": out_name, "kernel": METHODS["passthrough"].kernel,
-                                     "out_dtype": info.dtype, "base": None,
-                                     "sources": [{**ref_of(s0, tname), "params": {"scale": 1.0}}],
-                                     "params": {}}
-            if m.name != "passthrough":
-                warnings.append(f"{out_name}: {info.dtype} tensor copied from {s0.model!r} unmerged")
+            sp0 = {pd.name: _resolve(pd, [s0.params, part.params, cfg.parameters], out_name, t, cfg,
+                                     f"model {s0.model!r}") for pd in m.kernel_params("model")}
+            if sp0.get("scale", 1.0) != 1.0:
+                raise MismatchError(f"tensor {tname!r} of model {s0.model!r} is {info.dtype}: {m.name!r} can "
+                                    f"copy it only as it is, not scaled by {sp0['scale']:g}; use a 'filter' rule "
+                                    "to give it scale 1")
+            entry: dict[str, Any] = {"name": out_name, "kernel": m.kernel, "out_dtype": info.dtype,
+                                     "base": None, "sources": [{**ref_of(s0, tname), "params": sp0}],
+                                     "params": {pd.name: _resolve(pd, [part.params, cfg.parameters], out_name,
+                                                                  t, cfg, what_part)
+                                                for pd in m.kernel_params("global")}}
         else:
             gl = [part.params, cfg.parameters]
             tparams: dict[str, Any] = {}
@@ -356,8 +422,9 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
         tensors.append(entry)
         shapes.append(first.shape)
         in_bytes += sum(info.nbytes for _, info in refs)
-        out_bytes += math.prod(first.shape) * DTYPE_SIZES[entry["out_dtype"]]
+        out_bytes += nbytes(entry["out_dtype"], math.prod(first.shape))
 
+    _check_nothing_dropped(cfg, parts, infos, paths, consumed, ref_name)
     plan = {
         "version": PLAN_VERSION,
         "models": [str(paths[n]) for n in names],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -21,9 +22,9 @@ from typing import Any
 
 from finrecipe.errors import ConfigError, IoError
 from finrecipe.merge.config import MergeConfig
+from finrecipe.merge.output import atomic_output_dir
 from finrecipe.merge.plan import MergePlanInfo, build_plan
 from finrecipe.progress import NullProgress, Progress
-from finrecipe.util.fs import atomic_dir
 
 log = logging.getLogger("finrecipe.merge")
 
@@ -43,6 +44,33 @@ class MergeResult:
     method: str
     info: MergePlanInfo
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # things the caller may want to show
+
+
+MAX_THREADS = 1024  # the core refuses more, even when forced
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; cgroup CPU quotas are the core's
+    business: it uses Rust's available_parallelism for threads=0)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_threads(threads: int, force: bool = False) -> tuple[int, str | None]:
+    """The thread count to use for a requested one (0 = all cores), and a note when it was capped:
+    more threads than cores only add memory and contention, so they need `force`."""
+    if threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 = all cores), got {threads}")
+    cores = available_cores()
+    if threads > cores and not force:
+        return cores, (f"{threads} threads requested but this machine has {cores} cores: using {cores} "
+                       "(--force-threads to use more)")
+    if threads > MAX_THREADS:
+        raise ConfigError(f"threads: {threads} is more than the limit of {MAX_THREADS}")
+    return threads, None
 
 
 def validate_merge(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = None) -> MergePlanInfo:
@@ -52,13 +80,18 @@ def validate_merge(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | Non
 
 def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, Path | str] | None = None, *,
               threads: int = 0, out_shard_size: int = 5_000_000_000, seed: int = 0,
-              overwrite: bool = False, progress: Progress | None = None) -> MergeResult:
-    """Merge into `out_dir` (written atomically; refused if it exists unless `overwrite`)."""
+              overwrite: bool = False, progress: Progress | None = None,
+              force_threads: bool = False) -> MergeResult:
+    """Merge into `out_dir` (written atomically; refused if it exists unless `overwrite`).
+
+    `threads` (0 = all cores) is capped at the number of cores unless `force_threads`."""
     progress = progress or NullProgress()
     if out_shard_size <= 0:
         raise ConfigError(f"out_shard_size must be positive, got {out_shard_size}")
-    if threads < 0:
-        raise ConfigError(f"threads must be >= 0 (0 = all cores), got {threads}")
+    threads, note = worker_threads(threads, force_threads)
+    notes = [note] if note else []
+    if note:
+        log.info("%s", note)
     info = build_plan(cfg, model_paths, threads=threads, out_shard_size=out_shard_size, seed=seed)
     dest = Path(out_dir).absolute()
     for p in info.model_paths.values():
@@ -67,7 +100,7 @@ def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, P
     from finrecipe import _core
 
     t0 = time.monotonic()
-    with atomic_dir(dest, overwrite=overwrite) as tmp:
+    with atomic_output_dir(dest, overwrite=overwrite) as tmp:
         plan = dict(info.plan)
         plan["out_dir"] = str(tmp)
         with progress.task(f"merging ({cfg.merge_method})", total=info.out_bytes, unit="B") as task:
@@ -85,7 +118,7 @@ def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, P
     files = sorted(p.name for p in dest.iterdir())
     return MergeResult(out_dir=dest, files=files, total_bytes=int(res.get("total_bytes", info.out_bytes)),
                        tensors=int(res.get("tensors", info.num_tensors)), seconds=seconds,
-                       method=cfg.merge_method, info=info, extra=dict(res))
+                       method=cfg.merge_method, info=info, extra=dict(res), notes=notes)
 
 
 def _out_dtype(info: MergePlanInfo) -> str | None:

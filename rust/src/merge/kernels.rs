@@ -540,12 +540,12 @@ pub(crate) fn run_chunk(
     let job = ctx.job;
     let (a, b) = ctx.range(c);
     if job.copy {
+        // Chunks of a copy are byte ranges.
         let r = job.sources[0];
         let m = &ctx.models[r.model];
         let info = &m.tensors[r.tensor];
-        let es = info.dtype.bitsize() / 8;
-        let bytes = &m.bytes(info)[a * es..b * es];
-        w.write(t, (a * es) as u64, bytes)?;
+        let bytes = &m.bytes(info)[a..b];
+        w.write(t, a as u64, bytes)?;
         ctl.done.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         return Ok(());
     }

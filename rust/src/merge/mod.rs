@@ -94,18 +94,19 @@ pub(crate) struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     pub fn new(models: &'a [Model], job: &'a Job, chunk_elems: usize, threads: usize) -> Self {
-        let chunk = chunk_len(job.numel, chunk_elems, threads);
+        let chunk = chunk_len(job.units(), chunk_elems, threads);
         Ctx {
             models,
             job,
             chunk,
-            nchunks: job.numel.div_ceil(chunk),
+            nchunks: job.units().div_ceil(chunk),
         }
     }
 
+    /// Chunk c's range of work units (elements; bytes for a byte copy).
     pub fn range(&self, c: usize) -> (usize, usize) {
         let a = c * self.chunk;
-        (a, (a + self.chunk).min(self.job.numel))
+        (a, (a + self.chunk).min(self.job.units()))
     }
 
     pub fn load(&self, r: SrcRef, a: usize, b: usize, out: &mut [f32]) {

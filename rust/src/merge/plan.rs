@@ -339,6 +339,20 @@ pub struct Job {
     pub scale: f32,
     /// Passthrough with identical dtype and scale 1: bytes are copied.
     pub copy: bool,
+    /// Bytes of the (first) source tensor: the work units of a copy.
+    pub nbytes: usize,
+}
+
+impl Job {
+    /// What chunks count: bytes for a byte copy (any dtype, sub-byte ones included), else
+    /// elements.
+    pub fn units(&self) -> usize {
+        if self.copy {
+            self.nbytes
+        } else {
+            self.numel
+        }
+    }
 }
 
 /// Checks that `params` holds exactly the parameters of `specs`, each of the right kind and range.
@@ -407,6 +421,19 @@ fn pflag(params: &BTreeMap<String, serde_json::Value>, k: &str) -> Option<bool> 
     params.get(k).and_then(|v| v.as_bool())
 }
 
+/// The most worker threads a plan may ask for (Python caps requests at the number of cores
+/// unless forced; this bounds what a hand-written plan can make the core create).
+pub const MAX_THREADS: usize = 1024;
+
+pub fn check_threads(threads: usize, what: &str) -> Result<()> {
+    if threads > MAX_THREADS {
+        return Err(Error::Config(format!(
+            "{what}: threads {threads} is more than the limit of {MAX_THREADS}"
+        )));
+    }
+    Ok(())
+}
+
 /// Parses plan JSON strictly.
 pub fn parse_plan(json: &str) -> Result<Plan> {
     let plan: Plan = serde_json::from_str(json).map_err(|e| {
@@ -427,6 +454,7 @@ pub fn parse_plan(json: &str) -> Result<Plan> {
             "merge plan: chunk_elems must be at least 1".into(),
         ));
     }
+    check_threads(plan.threads, "merge plan")?;
     if plan.out_shard_size == 0 {
         return Err(Error::Config(
             "merge plan: out_shard_size must be at least 1 byte".into(),
@@ -602,6 +630,7 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             filter_wise: pflag(&tp.params, "filter_wise").unwrap_or(false),
             scale,
             copy,
+            nbytes: first.nbytes(),
         });
     }
     Ok(jobs)

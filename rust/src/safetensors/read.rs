@@ -82,24 +82,30 @@ fn st_message(e: &safetensors::SafeTensorError) -> String {
     }
 }
 
-/// Maps and validates one safetensors file.
-pub fn open_file(path: &Path) -> Result<(MappedFile, Vec<TensorInfo>)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let hint = "; the file is corrupt or truncated: re-download or re-save it";
-    if len < 8 {
+const CORRUPT_HINT: &str = "; the file is corrupt or truncated: re-download or re-save it";
+
+/// A file's `__metadata__` string map.
+pub type Metadata = Option<HashMap<String, String>>;
+
+/// Validates the bytes of one safetensors file (`path` only names it in errors) and lists its
+/// tensors in data order. Never panics, whatever `bytes` holds (see rust/tests/fuzz.rs).
+pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<(Vec<TensorInfo>, Metadata)> {
+    if bytes.len() < 8 {
         return Err(Error::format(
             path,
-            format!("file is {len} bytes, shorter than the 8-byte header length prefix{hint}"),
+            format!(
+                "file is {} bytes, shorter than the 8-byte header length prefix{CORRUPT_HINT}",
+                bytes.len()
+            ),
         ));
     }
-    // SAFETY: the mapping is read-only; we assume no one truncates the file while we read it
-    // (as every mmap-based safetensors reader does).
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (n, meta) = SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
+    let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
         Error::format(
             path,
-            format!("invalid safetensors header: {}{hint}", st_message(&e)),
+            format!(
+                "invalid safetensors header: {}{CORRUPT_HINT}",
+                st_message(&e)
+            ),
         )
     })?;
     let data_start = 8 + n;
@@ -116,14 +122,80 @@ pub fn open_file(path: &Path) -> Result<(MappedFile, Vec<TensorInfo>)> {
         })
         .collect();
     tensors.sort_by_key(|t| (t.data_offsets, t.nbytes()));
+    Ok((tensors, meta.metadata().clone()))
+}
+
+/// Opens `path` for reading only if it is a regular file: a FIFO, a device or a socket (or a
+/// symlink to one) is refused without blocking on it.
+fn open_regular(path: &Path) -> Result<File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = opts.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(
+            path,
+            "not a regular file (a device, pipe or socket); a model directory holds plain files",
+        ));
+    }
+    Ok(file)
+}
+
+/// Maps and validates one safetensors file.
+pub fn open_file(path: &Path) -> Result<(MappedFile, Vec<TensorInfo>)> {
+    let file = open_regular(path)?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len < 8 {
+        return Err(Error::format(
+            path,
+            format!(
+                "file is {len} bytes, shorter than the 8-byte header length prefix{CORRUPT_HINT}"
+            ),
+        ));
+    }
+    // SAFETY: the mapping is read-only; we assume no one truncates the file while we read it
+    // (as every mmap-based safetensors reader does).
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (tensors, metadata) = parse_header(path, &mmap[..])?;
     Ok((
         MappedFile {
             path: path.to_path_buf(),
             mmap,
-            metadata: meta.metadata().clone(),
+            metadata,
         },
         tensors,
     ))
+}
+
+/// Validates an in-memory safetensors file as if it were at `path` (tests and the fuzz target).
+pub fn file_from_bytes(path: &Path, bytes: &[u8]) -> Result<(MappedFile, Vec<TensorInfo>)> {
+    let (tensors, metadata) = parse_header(path, bytes)?;
+    let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|e| Error::io(path, e))?;
+    m[..bytes.len()].copy_from_slice(bytes);
+    let mmap = m.make_read_only().map_err(|e| Error::io(path, e))?;
+    Ok((
+        MappedFile {
+            path: path.to_path_buf(),
+            mmap,
+            metadata,
+        },
+        tensors,
+    ))
+}
+
+/// A shard name an index may use: one path component, no separators, not `.` or `..`, no NUL.
+pub fn plain_file_name(f: &str) -> bool {
+    !(f.is_empty()
+        || f.contains('/')
+        || f.contains('\\')
+        || f.contains('\0')
+        || f == "."
+        || f == "..")
 }
 
 #[derive(serde::Deserialize)]
@@ -143,12 +215,20 @@ impl Model {
             let (f, tensors) = open_file(path)?;
             return Ok(Self::assemble(path, vec![(f, tensors)], None));
         }
+        if !meta.is_dir() {
+            return Err(Error::format(
+                path,
+                "neither a regular file nor a directory (a device, pipe or socket)",
+            ));
+        }
+        // `exists`, not `is_file`: a FIFO or device under these names is refused by `open_regular`
+        // with a clear message instead of being reported missing.
         let index = path.join(INDEX_NAME);
-        if index.is_file() {
+        if index.exists() {
             return Self::open_sharded(path, &index);
         }
         let single = path.join(SINGLE_NAME);
-        if single.is_file() {
+        if single.exists() {
             let (f, tensors) = open_file(&single)?;
             return Ok(Self::assemble(path, vec![(f, tensors)], None));
         }
@@ -162,8 +242,40 @@ impl Model {
     }
 
     fn open_sharded(dir: &Path, index: &Path) -> Result<Model> {
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let idx: IndexFile = serde_json::from_str(&text).map_err(|e| {
+        let text = {
+            let f = open_regular(index)?;
+            let mut text = String::new();
+            use std::io::Read;
+            // An index is a small JSON file: read at most 100 MB of it.
+            f.take(100 << 20)
+                .read_to_string(&mut text)
+                .map_err(|e| Error::io(index, e))?;
+            text
+        };
+        Self::sharded_from(dir, index, &text, |name| {
+            let p = dir.join(name);
+            if std::fs::symlink_metadata(&p).is_err() {
+                return Err(Error::format(
+                    index,
+                    format!(
+                        "weight_map refers to shard '{name}', which does not exist in {}",
+                        dir.display()
+                    ),
+                ));
+            }
+            open_file(&p)
+        })
+    }
+
+    /// A sharded model from its index text; `open` maps and validates one shard by file name
+    /// (only names that are plain file names of the model directory reach it).
+    pub fn sharded_from(
+        dir: &Path,
+        index: &Path,
+        text: &str,
+        mut open: impl FnMut(&str) -> Result<(MappedFile, Vec<TensorInfo>)>,
+    ) -> Result<Model> {
+        let idx: IndexFile = serde_json::from_str(text).map_err(|e| {
             Error::format(
                 index,
                 format!("not a valid index (expected {{\"metadata\": ..., \"weight_map\": {{tensor: file}}}}): {e}"),
@@ -172,10 +284,10 @@ impl Model {
         let mut shard_names: Vec<String> = Vec::new();
         for f in idx.weight_map.values() {
             if !shard_names.contains(f) {
-                if f.is_empty() || f.contains('/') || f.contains('\\') || f == "." || f == ".." {
+                if !plain_file_name(f) {
                     return Err(Error::format(
                         index,
-                        format!("weight_map names shard '{f}', which is not a plain file name in the model directory"),
+                        format!("weight_map names shard '{f}', which is not a plain file name in the model directory; refusing to read files outside it"),
                     ));
                 }
                 shard_names.push(f.clone());
@@ -187,17 +299,7 @@ impl Model {
         }
         let mut opened = Vec::with_capacity(shard_names.len());
         for name in &shard_names {
-            let p = dir.join(name);
-            if !p.is_file() {
-                return Err(Error::format(
-                    index,
-                    format!(
-                        "weight_map refers to shard '{name}', which does not exist in {}",
-                        dir.display()
-                    ),
-                ));
-            }
-            opened.push(open_file(&p)?);
+            opened.push(open(name)?);
         }
         let model = Self::assemble(dir, opened, idx.metadata);
         // The index must agree with the shards, both ways.
