@@ -582,3 +582,20 @@ def test_extends_a_list_merges_in_order(rdir: Path) -> None:
     assert r.name == "b" and r.order == ["base", "inst", "cpt", "m"]
     assert r.nodes["cpt"].config.value == 2  # type: ignore[union-attr]
     assert r.nodes["cpt"].config.models == ["base"]  # type: ignore[union-attr]
+
+
+def test_progress_in_logs_is_timestamped_lines(rdir: Path) -> None:
+    """stderr not a terminal (SLURM, nohup, CI): plain timestamped lines, no bar redraws."""
+    import re
+
+    code = ("import sys, test_recipe_fakes; from finrecipe.cli import main; "
+            "sys.argv = ['finrecipe', 'apply', sys.argv[1]]; main()")
+    env = {**_env(), "FINRECIPE_PROGRESS_INTERVAL": "0"}
+    out = subprocess.run([sys.executable, "-c", code, str(rdir / "r.yaml")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", ln)]
+    assert any("apply t" in ln and "node 3/3 (100%)" in ln and "done in" in ln for ln in lines), out.stderr
+    assert any(ln.endswith("merged (fake_concat): running → " + str(rdir / "runs" / "t" / "merged")
+                           + "/" + ln.rsplit("/", 1)[-1]) for ln in lines)
+    assert "\x1b[" not in out.stderr and "━" not in out.stderr  # no ANSI codes, no bar

@@ -175,7 +175,7 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
     the HTML report (<workdir>/report.html; report.md, report.json and logs/ are beside it); a
     re-apply with nothing to do prints the same scores from the cache. RECIPE.lock is rewritten
     when what the recipe resolves to changed, unless --locked or --no-lock is given."""
-    from finrecipe.cli.ui import RichProgress, console, console_err
+    from finrecipe.cli.ui import console, console_err, progress_for
     from finrecipe.recipe import load_recipe
 
     r = load_recipe(recipe, overrides=list(overrides), lock_file=lock_file)
@@ -187,7 +187,7 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
         console().print(f"dry run: {len(todo)} would run" + (f": {', '.join(todo)}" if todo else "")
                         + f"; {len(res.cached)} cached")
         return
-    with RichProgress(quiet=quiet) as progress:
+    with progress_for(quiet=quiet) as progress:
         res = r.apply(only=list(only), force=list(force), locked=locked, progress=progress,
                       write_lock=not no_lock, grants=grants)
     if res.noop:

@@ -1,4 +1,5 @@
-"""Presentation helpers for the CLI: consoles and a rich-backed `Progress`."""
+"""Presentation helpers for the CLI: consoles, and the `Progress` a command reports to: rich bars on a
+terminal, timestamped lines at a fixed interval otherwise (SLURM, nohup, CI logs)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import Progress as _RichProgress
+
+from finrecipe.progress_log import LogTask
 
 
 @functools.cache
@@ -88,3 +91,39 @@ class RichProgress:
 
     def log(self, message: str) -> None:
         self._bar.console.print(message)
+
+
+class _PlainLogProgress:
+    """`LogProgress` with rich markup stripped from messages (logs hold plain text)."""
+
+    def __init__(self, interval: float) -> None:
+        from finrecipe.progress_log import LogProgress
+
+        self._inner = LogProgress(interval=interval)
+
+    def __enter__(self) -> _PlainLogProgress:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
+
+    def task(self, description: str, total: float | None = None, unit: str = "it") -> LogTask:
+        return self._inner.task(description, total, unit)
+
+    def log(self, message: str) -> None:
+        from rich.text import Text
+
+        self._inner.log(Text.from_markup(message).plain)
+
+
+def progress_for(*, quiet: bool = False, interval: float | None = None) -> RichProgress | _PlainLogProgress:
+    """Rich bars when stderr is a terminal; else one timestamped line per task every `interval`
+    seconds (default 30, or FINRECIPE_PROGRESS_INTERVAL)."""
+    import os
+    import sys
+
+    if quiet or sys.stderr.isatty():
+        return RichProgress(quiet=quiet)
+    iv = interval if interval is not None else float(os.environ.get("FINRECIPE_PROGRESS_INTERVAL", "30"))
+    return _PlainLogProgress(iv)
