@@ -599,3 +599,37 @@ def test_progress_in_logs_is_timestamped_lines(rdir: Path) -> None:
     assert any(ln.endswith("merged (fake_concat): running → " + str(rdir / "runs" / "t" / "merged")
                            + "/" + ln.rsplit("/", 1)[-1]) for ln in lines)
     assert "\x1b[" not in out.stderr and "━" not in out.stderr  # no ANSI codes, no bar
+
+
+def test_leftovers_of_killed_runs_are_swept(rdir: Path) -> None:
+    from click.testing import CliRunner
+
+    from finrecipe.cli import main
+
+    r = load_recipe(rdir / "r.yaml")
+    r.apply()
+    dead = 2**22 + 12345  # a pid that is not running
+    wd = r.workdir
+    merged = next((wd / "merged").iterdir())
+    (merged / f".model.finrecipe-tmp-{dead}-abcd").mkdir()  # a killed merge's output
+    (merged / f".model.finrecipe-tmp-{dead}-abcd" / "big.safetensors").write_bytes(b"0" * 1000)
+    (wd / f".report.md.tmp-{dead}-1-ab").write_text("half")  # a killed report write
+    live = wd / f".report.md.tmp-{os.getpid()}-1-ab"  # this process's own: kept
+    live.write_text("mine")
+    (wd / "cpt" / "0123456789abcdef").mkdir()  # a node directory that never finished
+    res = CliRunner().invoke(main, ["clean", str(rdir / "r.yaml")])
+    assert res.exit_code == 0 and "2 removed" in res.output, res.output
+    assert not any(p.name.startswith(f".model.finrecipe-tmp-{dead}") for p in merged.iterdir())
+    assert live.exists() and (wd / "cpt" / "0123456789abcdef").is_dir()
+    res = CliRunner().invoke(main, ["clean", str(rdir / "r.yaml"), "--unfinished"])
+    assert res.exit_code == 0 and not (wd / "cpt" / "0123456789abcdef").exists()
+    # an older version's finished output goes with --unused; the current one stays
+    load_recipe(rdir / "r.yaml", overrides=["stages.cpt.value=5"]).apply()
+    assert len(list((wd / "cpt").iterdir())) == 2
+    CliRunner().invoke(main, ["clean", str(rdir / "r.yaml"), "--unused"])
+    assert len(list((wd / "cpt").iterdir())) == 1 and load_recipe(rdir / "r.yaml").apply().noop
+    # apply sweeps too
+    (merged / f".model.finrecipe-tmp-{dead}-ffff").mkdir()
+    load_recipe(rdir / "r.yaml").apply()
+    assert not (merged / f".model.finrecipe-tmp-{dead}-ffff").exists()
+    live.unlink()

@@ -273,4 +273,27 @@ def lock_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None) -
     console().print(f"[green]wrote[/] {_short_path(path)}")
 
 
-COMMANDS = [validate_cmd, plan_cmd, apply_cmd, lock_cmd]
+@click.command("clean")
+@_recipe_arg
+@_set_option
+@click.option("--unfinished", is_flag=True,
+              help="Also remove node directories that never finished (their partial work is lost; "
+                   "apply would have resumed from it).")
+@click.option("--unused", is_flag=True,
+              help="Also remove finished outputs of older versions of the recipe (keys it no longer "
+                   "resolves to).")
+def clean_cmd(recipe: Path, overrides: tuple[str, ...], unfinished: bool, unused: bool) -> None:
+    """Remove what interrupted runs left in RECIPE's workdir: temporary files and directories of
+    killed merges, trainings and report writes (apply also does this when it starts). Refused while
+    an apply runs on the same workdir."""
+    from finrecipe.cli.ui import console
+    from finrecipe.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides=list(overrides))
+    removed = r.clean(unfinished=unfinished, unused=unused)
+    for p in removed:
+        console().print(f"removed {_short_path(p)}")
+    console().print(f"[green]clean[/]: {len(removed)} removed from {_short_path(r.workdir)}")
+
+
+COMMANDS = [validate_cmd, plan_cmd, apply_cmd, lock_cmd, clean_cmd]

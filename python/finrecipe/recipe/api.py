@@ -47,6 +47,10 @@ class Recipe(RecipeGraph):
         return apply(self, only=only, force=force, dry_run=dry_run, locked=locked, progress=progress,
                      write_lock=write_lock, grants=grants)
 
+    def clean(self, *, unfinished: bool = False, unused: bool = False) -> list[Path]:
+        """Remove what interrupted runs left in the workdir (see `clean`)."""
+        return clean(self, unfinished=unfinished, unused=unused)
+
     def lock(self, *, refresh: bool = True) -> Path:
         """Resolve everything (hub commits, dataset hashes) and write RECIPE.lock."""
         return lock(self, refresh=refresh)
@@ -141,3 +145,38 @@ def lock(recipe: RecipeGraph, *, refresh: bool = True) -> Path:
     lockfile.write_lock_file(recipe.lock_path,
                              lockfile.lock_document(recipe, execute.lock_entries(recipe, res, states)))
     return recipe.lock_path
+
+
+def clean(recipe: RecipeGraph, *, unfinished: bool = False, unused: bool = False) -> list[Path]:
+    """Remove from the workdir the temporary files of interrupted runs (always); with `unfinished`,
+    node directories that never finished (no marker: an interrupted run would have resumed from
+    them); with `unused`, finished node directories whose key the recipe no longer resolves to.
+    Never while an apply holds the workdir. Returns what was removed."""
+    import shutil
+
+    from finrecipe.recipe.status import MARKER
+    from finrecipe.util.fs import sweep_stale_temps
+
+    if not recipe.workdir.is_dir():
+        return []
+    removed: list[Path] = []
+    with execute.workdir_lock(recipe.workdir):
+        removed.extend(sweep_stale_temps(recipe.workdir))
+        if unfinished or unused:
+            current = {}
+            if unused:
+                res = resolve(recipe, shas=ShaCache(None), lock=lockfile.load_lock(recipe), allow_unresolved=True)
+                current = {n: r.key for n, r in res.items()}
+            for name in recipe.order:
+                node_dir = recipe.workdir / name
+                if not node_dir.is_dir():
+                    continue
+                for d in sorted(node_dir.iterdir()):
+                    if not d.is_dir() or d.is_symlink():
+                        continue
+                    done = (d / MARKER).is_file()
+                    if (unfinished and not done) or (unused and done and name in current
+                                                      and current[name] not in (d.name, "unresolved")):
+                        shutil.rmtree(d)
+                        removed.append(d)
+    return removed

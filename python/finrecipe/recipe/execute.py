@@ -43,7 +43,7 @@ from finrecipe.recipe.status import (
 )
 from finrecipe.types import Grants, StageContext, StageResult
 from finrecipe.util.content import ShaCache
-from finrecipe.util.fs import clean_stale_temps, write_json_atomic
+from finrecipe.util.fs import clean_stale_temps, sweep_stale_temps, write_json_atomic
 
 log = logging.getLogger("finrecipe.recipe")
 
@@ -152,6 +152,8 @@ def apply(recipe: RecipeGraph, *, only: list[str], force: list[str], locked: boo
     grants = grants or Grants()
     with workdir_lock(recipe.workdir), log_to(recipe.workdir) as logfile:
         log.info("apply %s (%s), finrecipe %s", recipe.name, recipe.file, __version__)
+        for p in sweep_stale_temps(recipe.workdir):
+            log.info("removed %s, left by an interrupted run", p)
         return _apply_locked(recipe, only, force, locked, progress, logfile, write_lock, grants)
 
 

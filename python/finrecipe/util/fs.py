@@ -120,6 +120,35 @@ def clean_stale_temps(dest: Path) -> list[Path]:
     return removed
 
 
+def sweep_stale_temps(root: Path, *, max_depth: int = 4) -> list[Path]:
+    """Remove, under `root`, the temporary files and directories of finrecipe writes
+    (`.NAME.finrecipe-tmp-PID-...`, `.NAME.tmp-PID-...`) whose process is gone: what a killed merge,
+    training or report write left behind. Links are not followed."""
+    import re
+
+    pat = re.compile(r"^\..+?(?:\.finrecipe-tmp-|\.tmp-)(\d+)-")
+    removed: list[Path] = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        for name in [*dirnames, *filenames]:
+            m = pat.match(name)
+            if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            p = Path(dirpath) / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+        dirnames[:] = [d for d in dirnames if depth < max_depth and (Path(dirpath) / d) not in removed
+                       and not (Path(dirpath) / d).is_symlink()]
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Write a directory atomically: fill the yielded temp dir; it becomes `dest` on success."""
