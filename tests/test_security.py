@@ -158,3 +158,13 @@ def test_a_fifo_in_a_model_directory_does_not_hang_plan(rdir: Path) -> None:
     os.mkfifo(rdir / "models" / "base" / "model.safetensors")
     with pytest.raises(FormatError, match="not a regular file"):
         load_recipe(rdir / "r.yaml").plan()
+
+
+def test_a_model_listed_as_a_training_dataset_is_refused(rdir: Path) -> None:
+    (rdir / "data.jsonl").write_text('{"text": "x"}\n')
+    (rdir / "t.yaml").write_text(
+        "finrecipe: 1\nname: v\nmodels:\n  base: {path: models/base}\ndatasets:\n  c: {files: data.jsonl}\n"
+        "stages:\n  cpt:\n    type: continual_pretraining\n    model: base\n    datasets: [base]\n"
+        "    seq_len: 8\n    epochs: 1\n")
+    res = CliRunner().invoke(main, ["validate", str(rdir / "t.yaml")])
+    assert res.exit_code == 2 and "'base' is a model (models.base), but a dataset is expected" in res.output

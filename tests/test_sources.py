@@ -172,3 +172,25 @@ def test_a_path_source_may_be_a_hf_cache_snapshot(tiny_model: Callable[..., Path
     (snap / "evil.json").symlink_to(tmp_path / "r.yaml")
     with pytest.raises(FormatError, match="evil.json: a symbolic link"):
         load_recipe(_recipe(tmp_path, f"  a: {{path: {snap}}}")).plan()
+
+
+def test_an_index_entry_outside_the_model_directory_is_refused(tiny_model: Callable[..., Path],
+                                                                tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in tiny_model("llama").iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "other").mkdir()
+    (d / "model.safetensors").rename(tmp_path / "other" / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "other" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": dict.fromkeys(names, "../other/model.safetensors")}))
+    res = CliRunner().invoke(main, ["plan", str(_recipe(tmp_path, f"  a: {{path: {d}}}"))])
+    assert res.exit_code == 2 and "model.safetensors.index.json" in res.output, res.output
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")  # a hostile header
+    res = CliRunner().invoke(main, ["plan", str(_recipe(tmp_path, f"  a: {{path: {d}}}"))])
+    assert res.exit_code == 2 and "model.safetensors" in res.output and "Traceback" not in res.output

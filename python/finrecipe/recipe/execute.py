@@ -79,10 +79,13 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def log_to(workdir: Path) -> Iterator[Path]:
     logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     path = logs / f"apply-{stamp}-{os.getpid()}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as e:
+        raise IoError(f"{logs}: cannot write the log: {e.strerror or e}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("finrecipe")

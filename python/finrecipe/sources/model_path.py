@@ -48,6 +48,12 @@ class PathModel(NodeKind[ModelSource]):
         d, files = tree_digest(p, rc.shas, (*sources.MODEL_PATTERNS, *sources.PICKLE_PATTERNS))
         if not files:
             raise rc.error(f"{p} holds no model files (*.safetensors, config.json, ...)", ("path",))
+        if has_safetensors(p) or any(p.glob("*.safetensors.index.json")):
+            # headers and shard index validated now (a hostile header, or an index entry that
+            # leaves the directory, is refused by name before any stage reads the model)
+            from finrecipe.merge import read_model
+
+            read_model(p)
         material: dict[str, Any] = {"source": "path", "content": d}
         problem = sources.model_files_problem(rc.node, str(p), p, allow_pickle=config.allow_pickle) \
             if not has_safetensors(p) and pickle_weights(p) else None
