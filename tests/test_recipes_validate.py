@@ -84,9 +84,10 @@ def test_paper_recipe_settings() -> None:
 
     r = load_recipe(RECIPES / "fin.yaml")
     s = r.schema
-    assert s.models["base"].hub == "rinna/nekomata-14b"
-    assert s.models["instruct"].hub == "rinna/nekomata-14b-instruction"
-    assert all(m.revision for m in s.models.values())
+    models = {n: r.nodes[n].config for n in s.models}  # each source's validated config
+    assert r.nodes["base"].kind.type == "hub" and models["base"].hub == "rinna/nekomata-14b"
+    assert models["instruct"].hub == "rinna/nekomata-14b-instruction"
+    assert all(m.revision for m in models.values())
     cpt = s.stages["fin_cpt"]
     assert (cpt["type"], cpt["model"], cpt["seq_len"], cpt["epochs"], cpt["dtype"]) == (
         "continual_pretraining", "base", 2048, 5, "bfloat16")
