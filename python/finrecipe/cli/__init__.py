@@ -51,11 +51,5 @@ def main() -> None:
 
 
 for _name in _COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"finrecipe.cli.{_name}")
-    except ModuleNotFoundError as _e:  # a command module not written yet
-        if _e.name != f"finrecipe.cli.{_name}":
-            raise
-        continue
-    for _cmd in getattr(_mod, "COMMANDS", []):
+    for _cmd in importlib.import_module(f"finrecipe.cli.{_name}").COMMANDS:
         main.add_command(_cmd)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from finrecipe.util.fmt import human_bytes, seconds
+
 if TYPE_CHECKING:
     from finrecipe.recipe.records import ApplyResult
 
@@ -47,22 +49,6 @@ def _grants(allow_code: tuple[str, ...], allow_hosts: tuple[str, ...], allow_pat
 def _lock_file_option(help: str) -> Any:
     return click.option("--lock-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                         metavar="PATH", help=help)
-
-
-def _human(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _secs(s: float | None) -> str:
-    if s is None:
-        return "—"
-    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
 def _short_path(p: Any) -> str:
@@ -132,7 +118,7 @@ def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, a
         if n.partial:
             status += " (resumes)"
         t.add_row(str(i), n.name, n.type, n.key[:8], status, ", ".join(n.inputs) or "—",
-                  _human(n.estimated_bytes) if n.estimated_bytes is not None else "?")
+                  human_bytes(n.estimated_bytes) if n.estimated_bytes is not None else "?")
     console().print(t)
     todo = plan.to_run
     console().print(f"{len(todo)} to run" + (f": {', '.join(todo)}" if todo else " (nothing to do)"))
@@ -204,7 +190,7 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
     for n in res.nodes:
         st = n.status if n.status != "cached" else ("local" if n.out_dir is None else "reused")
         t.add_row(n.name, n.type, f"[{style[n.status]}]{st}[/]",
-                  _secs(n.seconds) if n.status == "ran" else "—",
+                  seconds(n.seconds, sep="") if n.status == "ran" else "—",
                   _short_path(n.model_dir or n.out_dir))
     console().print(t)
     extra = []
