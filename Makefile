@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 EXT_BUILT := $(VENV)/.ext-built
 RUST_SRC := Cargo.toml $(shell find rust -name '*.rs' 2>/dev/null)
 
-.PHONY: setup build test test-rust test-python lint fuzz demo bench-merge bench-train bench-eval bench-recipe clean
+.PHONY: setup build test test-rust test-python lint fuzz demo parity bench-merge bench-train bench-eval bench-recipe clean
 
 setup: $(EXT_BUILT)
 
@@ -50,6 +50,12 @@ lint: setup
 
 demo: setup
 	$(VENV)/bin/finrecipe apply recipes/demo.yaml
+
+# mergekit itself as the oracle (bench/parity/): a matrix of configs through mergekit 0.1.5 (its own
+# venv, .venv-mergekit) and finrecipe, verdict per config, table in BENCHMARKS.md. Run it before
+# every change to the merge core. PARITY_ARGS=--ci runs the CI-sized subset.
+parity: setup
+	$(PY) bench/parity/run.py $(PARITY_ARGS)
 
 bench-merge: setup
 	$(PY) bench/bench_merge.py

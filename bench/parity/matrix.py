@@ -1,0 +1,205 @@
+"""The generated matrix of merge configs the parity harness runs through mergekit and finrecipe.
+
+Each case is a mergekit YAML config (as a dict, model names as `@family/variant` placeholders),
+a verdict rule and a size tag. Every case runs once per compute dtype: `dtype: float32` with
+`out_dtype: bfloat16` (the bench's setting) and `dtype: bfloat16` (what most published configs say);
+randomised cases use `dtype: float32` without out_dtype, so their float32 output shows each kept
+element's rescaling exactly.
+
+Verdict rules (see check.py):
+  exact   deterministic: every element within 1 bf16 ulp of mergekit's
+  topk    like exact, except elements where a magnitude equals a selection threshold (ties broken
+          in a different order); every such element is proven to be one
+  random  the keep-mask is drawn differently by design: the kept fraction is within binomial
+          bounds and every element is reproduced by some keep-mask with the exact L1 rescaling
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("f32", "bf16")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str
+    rule: str  # exact | topk | random
+    config: dict[str, Any]
+    ci: bool = False  # part of the CI-sized subset run by `make test`
+    note: str = ""
+    dtypes: tuple[str, ...] = DTYPES
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def m(variant: str, **params: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"model": f"@{variant}"}
+    if params:
+        d["parameters"] = params
+    return d
+
+
+def cfg(method: str, models: list[dict[str, Any]] | None = None, base: str | None = "base",
+        parameters: dict[str, Any] | None = None, slices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    c: dict[str, Any] = {"merge_method": method}
+    if base:
+        c["base_model"] = f"@{base}"
+    if parameters:
+        c["parameters"] = parameters
+    if models is not None:
+        c["models"] = models
+    if slices is not None:
+        c["slices"] = slices
+    return c
+
+
+ATTN_MLP_RULES = [{"filter": "self_attn", "value": 0.8}, {"filter": "mlp", "value": 0.2}, {"value": 0.5}]
+
+CASES: list[Case] = [
+    # ---- linear --------------------------------------------------------------------------------------------
+    Case("linear", "llama", "exact", cfg("linear", [m("instruct", weight=1.0), m("cpt", weight=1.0)], base=None),
+         ci=True),
+    Case("linear-nonorm-0.3/0.7", "llama", "exact",
+         cfg("linear", [m("instruct", weight=0.3), m("cpt", weight=0.7)], base=None,
+             parameters={"normalize": False}), ci=True, note="issue 10"),
+    Case("linear-uneven-norm", "qwen2", "exact",
+         cfg("linear", [m("instruct", weight=0.3), m("cpt", weight=0.9)], base=None)),
+    Case("linear-3-models", "mixtral", "exact",
+         cfg("linear", [m("base", weight=0.2), m("instruct", weight=0.3), m("cpt", weight=0.5)], base=None)),
+    Case("linear-gradient", "llama", "exact",
+         cfg("linear", [m("instruct", weight=[0.0, 0.5, 1.0]), m("cpt", weight=[1.0, 0.25, 0.0])], base=None)),
+    Case("linear-filter", "llama", "exact",
+         cfg("linear", [m("instruct", weight=ATTN_MLP_RULES), m("cpt", weight=0.5)], base=None)),
+    # ---- task arithmetic -----------------------------------------------------------------------------------
+    Case("task_arithmetic", "llama", "exact",
+         cfg("task_arithmetic", [m("instruct", weight=1.0), m("cpt", weight=1.0)]), ci=True),
+    Case("task_arithmetic-lambda", "qwen2", "exact",
+         cfg("task_arithmetic", [m("instruct", weight=0.5), m("cpt", weight=0.8)], parameters={"lambda": 0.7})),
+    Case("task_arithmetic-normalize", "mixtral", "exact",
+         cfg("task_arithmetic", [m("instruct", weight=0.4), m("cpt", weight=0.9)], parameters={"normalize": True})),
+    Case("task_arithmetic-base-listed", "llama", "exact",
+         cfg("task_arithmetic", [m("base"), m("instruct", weight=0.6), m("cpt", weight=0.6)])),
+    Case("task_arithmetic-gradient-filter", "llama", "exact",
+         cfg("task_arithmetic", [m("instruct", weight=[0.2, 1.0]),
+                                 m("cpt", weight=[{"filter": "mlp", "value": [1.0, 0.0]}, {"value": 0.5}])])),
+    Case("task_arithmetic-slices", "llama", "exact",
+         cfg("task_arithmetic", slices=[
+             {"sources": [{"model": "@base", "layer_range": [0, 2]},
+                          {"model": "@instruct", "layer_range": [0, 2], "parameters": {"weight": 1.0}},
+                          {"model": "@cpt", "layer_range": [0, 2], "parameters": {"weight": 0.5}}]},
+             {"sources": [{"model": "@base", "layer_range": [2, 4]},
+                          {"model": "@instruct", "layer_range": [2, 4], "parameters": {"weight": 0.3}},
+                          {"model": "@cpt", "layer_range": [2, 4], "parameters": {"weight": [0.0, 1.0]}}]}])),
+    # ---- TIES ----------------------------------------------------------------------------------------------
+    Case("ties", "llama", "topk",
+         cfg("ties", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=1.0, density=0.5)]), ci=True),
+    Case("ties-uneven", "qwen2", "topk",
+         cfg("ties", [m("instruct", weight=0.6, density=0.3), m("cpt", weight=0.4, density=0.8)]), ci=True),
+    Case("ties-nonorm-lambda", "mixtral", "topk",
+         cfg("ties", [m("instruct", weight=0.7, density=0.4), m("cpt", weight=0.5, density=0.6)],
+             parameters={"normalize": False, "lambda": 1.5})),
+    Case("ties-base-listed-int8", "llama", "topk",
+         cfg("ties", [m("base"), m("instruct", weight=1.0, density=0.6), m("cpt", weight=1.0, density=0.6)],
+             parameters={"int8_mask": True})),
+    Case("ties-gradient-filter", "llama", "topk",
+         cfg("ties", [m("instruct", weight=1.0, density=[0.2, 0.9]),
+                      m("cpt", weight=1.0, density=[{"filter": "self_attn", "value": 0.3}, {"value": 0.7}])])),
+    Case("ties-3-donors", "qwen2", "topk",
+         cfg("ties", [m("instruct", weight=0.5, density=0.5), m("cpt", weight=0.3, density=0.5),
+                      m("far", weight=0.2, density=0.2)])),
+    # ---- breadcrumbs ---------------------------------------------------------------------------------------
+    Case("breadcrumbs", "llama", "topk",
+         cfg("breadcrumbs", [m("instruct", weight=1.0, density=0.7, gamma=0.05),
+                             m("cpt", weight=1.0, density=0.6, gamma=0.02)])),
+    Case("breadcrumbs-default-gamma", "qwen2", "topk",
+         cfg("breadcrumbs", [m("instruct", weight=0.6, density=0.5), m("cpt", weight=0.6, density=0.9)])),
+    Case("breadcrumbs-rescale", "mixtral", "topk",
+         cfg("breadcrumbs", [m("instruct", weight=1.0, density=0.5, gamma=0.1), m("cpt", weight=1.0, density=0.5)],
+             parameters={"rescale": True})),
+    Case("breadcrumbs_ties", "llama", "topk",
+         cfg("breadcrumbs_ties", [m("instruct", weight=1.0, density=0.7, gamma=0.05),
+                                  m("cpt", weight=1.0, density=0.6, gamma=0.02)]), ci=True, note="issue 10"),
+    Case("breadcrumbs_ties-normalize", "qwen2", "topk",
+         cfg("breadcrumbs_ties", [m("instruct", weight=0.5, density=0.6, gamma=0.01),
+                                  m("cpt", weight=0.8, density=0.6, gamma=0.05)], parameters={"normalize": True})),
+    # ---- DARE / DELLA (random masks) -----------------------------------------------------------------------
+    Case("dare_linear-1", "llama", "random",
+         cfg("dare_linear", [m("instruct", weight=0.8, density=0.6)]), ci=True),
+    Case("dare_linear-2", "qwen2", "random",
+         cfg("dare_linear", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=0.5, density=0.7)])),
+    Case("dare_linear-norescale", "mixtral", "random",
+         cfg("dare_linear", [m("instruct", weight=1.0, density=0.4)], parameters={"rescale": False})),
+    Case("dare_ties-1", "llama", "random",
+         cfg("dare_ties", [m("instruct", weight=1.0, density=0.3)], parameters={"lambda": 0.9})),
+    Case("dare_ties-2", "llama", "random",
+         cfg("dare_ties", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=1.0, density=0.5)])),
+    Case("della-1", "llama", "random",
+         cfg("della", [m("instruct", weight=1.0, density=0.5, epsilon=0.2)])),
+    Case("della-2", "qwen2", "random",
+         cfg("della", [m("instruct", weight=1.0, density=0.6), m("cpt", weight=0.7, density=0.4, epsilon=0.1)])),
+    Case("della_linear-1", "mixtral", "random",
+         cfg("della_linear", [m("cpt", weight=0.9, density=0.7, epsilon=0.1)])),
+    # ---- SLERP family --------------------------------------------------------------------------------------
+    Case("slerp", "llama", "exact", cfg("slerp", [m("base"), m("far")], parameters={"t": 0.3}), ci=True),
+    Case("slerp-gradient-filter", "llama", "exact",
+         cfg("slerp", [m("base"), m("far")], parameters={"t": [
+             {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+             {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]}, {"value": 0.5}]})),
+    Case("slerp-tied", "qwen2", "exact", cfg("slerp", [m("base"), m("instruct")], parameters={"t": 0.6})),
+    Case("nuslerp-base", "llama", "exact", cfg("nuslerp", [m("instruct", weight=0.4), m("far", weight=0.6)])),
+    Case("nuslerp-rowwise-nobase", "qwen2", "exact",
+         cfg("nuslerp", [m("instruct", weight=1.0), m("far", weight=2.0)], base=None,
+             parameters={"nuslerp_row_wise": True, "nuslerp_flatten": False})),
+    Case("nuslerp-rows-nobase", "mixtral", "exact",
+         cfg("nuslerp", [m("cpt", weight=1.0), m("far", weight=1.0)], base=None,
+             parameters={"nuslerp_flatten": False})),
+    Case("multislerp-base", "llama", "exact",
+         cfg("multislerp", [m("instruct", weight=1.0), m("cpt", weight=1.0), m("far", weight=0.5)])),
+    Case("multislerp-nobase", "qwen2", "exact",
+         cfg("multislerp", [m("instruct", weight=0.3), m("far", weight=0.7)], base=None,
+             parameters={"normalize_weights": False})),
+    Case("karcher", "llama", "exact", cfg("karcher", [m("instruct"), m("cpt"), m("far")], base=None)),
+    # ---- others --------------------------------------------------------------------------------------------
+    Case("model_stock", "llama", "exact", cfg("model_stock", [m("instruct"), m("cpt"), m("far")])),
+    Case("model_stock-filter_wise", "mixtral", "exact",
+         cfg("model_stock", [m("instruct"), m("cpt")], parameters={"filter_wise": True})),
+    Case("passthrough-slices", "llama", "exact", cfg("passthrough", base=None, slices=[
+        {"sources": [{"model": "@instruct", "layer_range": [0, 3]}]},
+        {"sources": [{"model": "@cpt", "layer_range": [1, 4]}]}])),
+    Case("passthrough-scale", "qwen2", "exact",
+         cfg("passthrough", [m("instruct", scale=[{"filter": "o_proj", "value": 0.5}, {"value": 1.0}])],
+             base=None)),
+    Case("sce", "llama", "topk", cfg("sce", [m("instruct"), m("cpt"), m("far")], parameters={"select_topk": 0.5})),
+    Case("sce-all", "qwen2", "exact", cfg("sce", [m("instruct"), m("cpt")])),
+    Case("nearswap", "llama", "exact", cfg("nearswap", [m("far")], parameters={"t": 0.001})),
+    Case("arcee_fusion", "llama", "topk", cfg("arcee_fusion", [m("far")])),
+    Case("ram", "llama", "exact", cfg("ram", [m("instruct"), m("cpt")], parameters={"epsilon": 1e-3})),
+    Case("ramplus_tl", "qwen2", "exact", cfg("ramplus_tl", [m("instruct"), m("cpt")],
+                                              parameters={"epsilon": 1e-3, "r": 0.2, "alpha": 0.5})),
+]
+
+
+def instantiate(case: Case, dtype: str, models: dict[str, str]) -> dict[str, Any]:
+    """The concrete config for one dtype, `@variant` placeholders replaced by model directories."""
+    c = copy.deepcopy(case.config)
+
+    def sub(x: Any) -> Any:
+        if isinstance(x, str) and x.startswith("@"):
+            return models[x[1:]]
+        if isinstance(x, dict):
+            return {k: sub(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [sub(v) for v in x]
+        return x
+
+    c = sub(c)
+    if case.rule == "random":
+        c["dtype"] = "float32" if dtype == "f32" else "bfloat16"
+    elif dtype == "f32":
+        c["dtype"], c["out_dtype"] = "float32", "bfloat16"
+    else:
+        c["dtype"] = "bfloat16"
+    return c
