@@ -360,3 +360,35 @@ def test_a_grid_larger_than_the_budget_is_refused(trio: dict[str, Path], tmp_pat
     path = _recipe(tmp_path, trio, GRID + "trials: 3\n")
     with pytest.raises(RecipeError, match="the grid has 4 candidates, more than trials: 3"):
         load_recipe(path)
+
+
+def test_merge_probe_scores_the_merge_of_live_weights(trio: dict[str, Path]) -> None:
+    """θ_t + W·τ_I scored from live (finance) weights equals the fixed merge scored by the search."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finrecipe.search.fastmerge import InMemoryMerger
+    from finrecipe.search.objective import InstructionObjective, score_model
+    from finrecipe.search.probe import MergeProbe
+
+    probe = MergeProbe.load(trio["base"], trio["instruct"], weight=1.0, domain_texts=DOMAIN, prompts=PROMPTS,
+                            instruction=InstructionObjective(max_new_tokens=4), device="cpu")
+    live = AutoModelForCausalLM.from_pretrained(trio["finance"], dtype=torch.float32)
+    got = probe.score(live.named_parameters())
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())  # live weights only read
+    m = AutoModelForCausalLM.from_pretrained(trio["instruct"], dtype=torch.float32)
+    InMemoryMerger(m, trio, "base").apply({"merge_method": "task_arithmetic", "base_model": "base",
+                                            "models": [{"model": "instruct", "parameters": {"weight": 1.0}},
+                                                       {"model": "finance", "parameters": {"weight": 1.0}}]})
+    want = score_model(m, probe.data, pad_id=probe.pad)
+    assert got.bits_per_byte == pytest.approx(want.bits_per_byte, rel=1e-5)
+    assert got.agreement == pytest.approx(want.agreement, rel=1e-4)
+    # W = 0: the live model itself
+    probe.weight = 0.0
+    alone = probe.score(live.named_parameters())
+    assert alone.bits_per_byte < got.bits_per_byte  # the finance model alone knows the prose best
+    # the probe's instruct reference: the instruct weights themselves agree fully
+    probe.weight = 1.0
+    base = AutoModelForCausalLM.from_pretrained(trio["base"], dtype=torch.float32)
+    assert probe.score(base.named_parameters()).agreement == pytest.approx(1.0, abs=1e-4)

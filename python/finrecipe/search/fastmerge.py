@@ -166,12 +166,15 @@ class InMemoryMerger:
             for s in entry["sources"]:
                 w = float(s["params"]["weight"])
                 ws.append(w)
-                term = self._delta_t(names[s["model"]], s["tensor"]) * w
-                mixed = term if mixed is None else mixed + term
+                d = self._delta_t(names[s["model"]], s["tensor"])
+                if mixed is None:
+                    mixed = torch.mul(d, w)
+                else:
+                    mixed.add_(d, alpha=w)
             assert mixed is not None
             if p["normalize"]:
                 tw = sum(ws)
-                mixed = mixed / (1.0 if abs(tw) < 1e-8 else tw)
+                mixed.div_(1.0 if abs(tw) < 1e-8 else tw)
         else:  # ties
             wds = []
             for s in entry["sources"]:
@@ -182,24 +185,32 @@ class InMemoryMerger:
                 if dens < 1.0:
                     k = int(math.floor(dens * d.numel()))
                     keep = (self._ranks(names[s["model"]], s["tensor"], d) < k).reshape(d.shape)
-                    d = d * keep
-                wds.append(d * w)
-            total = wds[0]
+                    wds.append(torch.where(keep, d * w, 0.0))
+                else:
+                    wds.append(d * w)
+            total = wds[0].clone()
             for x in wds[1:]:
-                total = total + x
+                total.add_(x)
             sign = torch.where(total >= 0, 1.0, -1.0)
             for w, wd in zip(ws, wds, strict=True):
                 agree = wd.sign() == sign
-                term = wd * agree
-                mixed = term if mixed is None else mixed + term
+                if mixed is None:
+                    mixed = torch.where(agree, wd, 0.0)
+                else:
+                    mixed.add_(torch.where(agree, wd, 0.0))
                 if p["normalize"]:
-                    dv = agree.to(torch.float32) * w
-                    div = dv if div is None else div + dv
+                    if div is None:
+                        div = agree.to(torch.float32).mul_(w)
+                    else:
+                        div.add_(agree.to(torch.float32), alpha=w)
             assert mixed is not None
             if div is not None:
-                mixed = mixed / torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
+                div = torch.where(div.abs() < 1e-8, 1.0, div)
+                mixed.div_(div)
         lam = float(p["lambda"])
-        out = base + (mixed if lam == 1.0 else lam * mixed)
+        if lam != 1.0:
+            mixed.mul_(lam)
+        out = mixed.add_(base)
         out_dtype = getattr(torch, _DTYPES.get(entry["out_dtype"], "float32"))
         target.copy_(out.to(out_dtype).reshape(target.shape))
 

@@ -72,6 +72,8 @@ class SearchSetup:
     memory_budget: int = 8 << 30
     threads: int = 0
     merge_seed: int = 0
+    # the instruct responses, when the caller has them already (as `generate_responses` returns them)
+    responses: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -134,7 +136,9 @@ def prepare(setup: SearchSetup, model: Any, tokenizer: Any, merger: Any, logger:
                        "device": str(next(model.parameters()).device.type)})
         rfile = setup.cache_dir / "responses" / f"{rkey[:32]}.json"
         cached = read_json(rfile)
-        if isinstance(cached, dict) and cached.get("key") == rkey:
+        if setup.responses is not None:
+            responses = setup.responses
+        elif isinstance(cached, dict) and cached.get("key") == rkey:
             responses = cached["responses"]
         else:
             merger.restore(setup.instruct)
