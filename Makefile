@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 EXT_BUILT := $(VENV)/.ext-built
 RUST_SRC := Cargo.toml $(shell find rust -name '*.rs' 2>/dev/null)
 
-.PHONY: setup build test test-rust test-python lint fuzz demo parity bench-merge bench-train bench-eval bench-recipe clean
+.PHONY: setup build test test-rust test-python lint fuzz demo parity bench-merge bench-train bench-eval bench-recipe bench-search clean
 
 setup: $(EXT_BUILT)
 
@@ -72,6 +72,9 @@ parity-eval: setup
 
 bench-recipe: setup
 	$(PY) bench/bench_recipe.py
+
+bench-search: setup
+	$(PY) bench/bench_search.py
 
 clean:
 	rm -rf target $(VENV) runs bench/out
