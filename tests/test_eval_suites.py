@@ -150,3 +150,50 @@ def test_hflm_is_greedy_is_the_argmax_of_every_continuation_token(tmp_path: Path
     prefix = HFLM(lm.model, tok, mode="prefix").loglikelihood(reqs)
     assert [g for _, g in prefix] == flags
     assert [ll for ll, _ in prefix] == pytest.approx([ll for ll, _ in out], abs=1e-4)
+
+
+def test_entries_ask_for_outside_files_and_the_judge_host(tmp_path: Path) -> None:
+    from finrecipe.node import CheckContext
+    from finrecipe.stages.base import get_kind
+
+    recipe_dir = tmp_path / "recipe"
+    recipe_dir.mkdir()
+    cc = CheckContext(node="eval", base_dir=lambda sub: recipe_dir, error=lambda msg, sub: ValueError(msg),  # type: ignore[arg-type,return-value]
+                      roots=(recipe_dir,))
+    kind = get_kind("evaluate")
+    cfg = kind.Config.model_validate({"models": ["m"], "tasks": [
+        {"suite": "jfin", "data_dir": str(tmp_path / "jfin-data")},
+        {"suite": "jfin", "data_dir": "download"},
+        {"custom": "exams/mine.jsonl"},                       # inside the recipe's directory: nothing to ask
+        {"custom": "../shared/exam.jsonl"},
+        {"files": ["held.txt", str(tmp_path / "other.txt")]},
+        {"generate": "p.txt", "judge": {"url": "https://Judge.example:8443/v1", "model": "j"}}]})
+    reqs = kind.requests(cfg, cc)
+    assert [(r.kind, r.what) for r in reqs] == [
+        ("path", str(tmp_path / "jfin-data")), ("path", str(recipe_dir / ".." / "shared" / "exam.jsonl")),
+        ("path", str(tmp_path / "other.txt")), ("host", "judge.example")]
+    assert reqs[0].why.startswith("stages.eval.tasks.0.data_dir reads ") and reqs[0].option.startswith("--allow-path ")
+    assert reqs[-1].why == "stages.eval.tasks.5.judge.url sends prompts and answers to judge.example"
+    assert reqs[-1].option == "--allow-judge judge.example"
+
+
+def test_judge_key_comes_from_the_user_not_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finrecipe.errors import FinrecipeError
+    from finrecipe.eval.suites import generate
+    from finrecipe.eval.suites.generate import JudgeSpec, run_generation
+
+    (tmp_path / "p.txt").write_text("金利とは?\n", encoding="utf-8")
+    monkeypatch.setenv("RECIPE_VAR", "recipe-secret")
+    monkeypatch.setenv("USER_VAR", "user-secret")
+    seen: list[dict[str, str]] = []
+
+    def post(url: str, body: dict, headers: dict[str, str], timeout: float) -> dict:
+        seen.append(headers)
+        return {"choices": [{"message": {"content": "評価: [[6]]"}}]}
+
+    monkeypatch.setattr(generate, "_post_json", post)
+    judge = JudgeSpec(url="http://127.0.0.1:9/v1", model="j", api_key_env="RECIPE_VAR")
+    with pytest.raises(FinrecipeError, match=r"judge.api_key_env: 'RECIPE_VAR' is named by the recipe.*--judge-key-env"):
+        run_generation(FakeLM(), tmp_path / "p.txt", out_file=tmp_path / "g.jsonl", judge=judge)
+    r = run_generation(FakeLM(), tmp_path / "p.txt", out_file=tmp_path / "g.jsonl", judge=judge, key_env="USER_VAR")
+    assert r.value == 6 and seen == [{"Authorization": "Bearer user-secret"}]

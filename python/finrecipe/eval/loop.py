@@ -19,7 +19,7 @@ from finrecipe.eval.lm import LM
 from finrecipe.eval.results import EvalMetrics, ModelScores, TaskResult
 from finrecipe.eval.suite import Suite, SuiteContext, SuiteSpec, Summary, suite_of_spec
 from finrecipe.progress import NullProgress, Progress
-from finrecipe.types import DatasetRef, ModelRef
+from finrecipe.types import DatasetRef, Grants, ModelRef
 
 
 @dataclass
@@ -97,7 +97,7 @@ def evaluate_models(models: Sequence[ModelRef], specs: Sequence[SuiteSpec], *, o
                     recipe_dir: Path | None = None, cache_dir: Path | None = None,
                     inputs: Mapping[str, ModelRef | DatasetRef] | None = None,
                     progress: Progress | None = None, logger: logging.Logger | None = None,
-                    load: Callable[[ModelRef], LM] | None = None) -> EvalRun:
+                    grants: Grants | None = None, load: Callable[[ModelRef], LM] | None = None) -> EvalRun:
     """Run `specs` on each model (loaded one at a time, released before the next)."""
     load = load or default_loader(device, dtype, batch_size)
     logger = logger or logging.getLogger("finrecipe")
@@ -108,7 +108,7 @@ def evaluate_models(models: Sequence[ModelRef], specs: Sequence[SuiteSpec], *, o
         lm = load(ref)
         ctx = SuiteContext(model=ref.name, out_dir=out_dir, recipe_dir=recipe_dir or Path.cwd(),
                            cache_dir=cache_dir, inputs=inputs or {}, progress=progress or NullProgress(),
-                           logger=logger, artifacts=artifacts)
+                           logger=logger, artifacts=artifacts, grants=grants or Grants())
         runs[ref.name] = run_entries(lm, specs, ctx)
         del lm
         gc.collect()

@@ -16,8 +16,9 @@ A suite is one module with one class and one registration line:
         def run(self, spec, lm, ctx) -> list[TaskResult]: ...
 
 and, where the defaults do not fit: `task_names` (the result columns it produces, for the stage's
-task order), `inputs` (recipe datasets or models it reads), `metrics` (how its metrics are shown),
-`summarize` (a leaderboard view over its results, jfin).
+task order), `inputs` (recipe datasets or models it reads), `requests` (what the person running
+the recipe must grant: files outside the recipe's directories, a network host), `metrics` (how its
+metrics are shown), `summarize` (a leaderboard view over its results, jfin).
 
 `run` gets an `LM` (`finrecipe.eval.lm`: loglikelihood, loglikelihood_rolling, generate_until)
 and a `SuiteContext` (the model's name, where to write outputs, the recipe's datasets, progress).
@@ -41,10 +42,14 @@ from pydantic import BaseModel, ConfigDict
 from finrecipe.errors import ConfigError
 from finrecipe.eval.results import MetricInfo, TaskResult
 from finrecipe.progress import NullProgress, Progress
-from finrecipe.types import DatasetRef, ModelRef
+from finrecipe.types import DatasetRef, Grants, ModelRef
+from finrecipe.types import Request as Grant
 
 if TYPE_CHECKING:
     from finrecipe.eval.lm import LM
+    from finrecipe.node import CheckContext
+
+KeyPath = tuple["str | int", ...]
 
 InputKind = Literal["model", "dataset"]
 
@@ -71,6 +76,8 @@ class SuiteContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("finrecipe"))
     # name → path of files the suite wrote that the report may show (generations...)
     artifacts: dict[str, str] = field(default_factory=dict)
+    # what the person running the recipe allowed (a judge's API key variable, hosts)
+    grants: Grants = field(default_factory=Grants)
 
     def path(self, p: str) -> Path:
         q = Path(p)
@@ -119,6 +126,11 @@ class Suite(Generic[SpecT]):
 
     def inputs(self, spec: SpecT) -> Sequence[tuple[str, InputKind]]:
         """Recipe datasets or models the entry reads (become inputs of the evaluate node)."""
+        return ()
+
+    def requests(self, spec: SpecT, cc: CheckContext, where: KeyPath) -> Sequence[Grant]:
+        """What the entry asks for that the recipe alone cannot allow (`finrecipe.node.NodeKind.requests`):
+        `where` is the entry's key path below the node, e.g. ("tasks", 0). Default: nothing."""
         return ()
 
     def run(self, spec: SpecT, lm: LM, ctx: SuiteContext) -> list[TaskResult]:
@@ -225,6 +237,16 @@ def metric_info(metric: str | None) -> MetricInfo:
     return MetricInfo()
 
 
+def file_requests(cc: CheckContext, where: KeyPath, key: str, paths: Sequence[str]) -> list[Grant]:
+    """Path requests for files an entry names under `key` (relative ones resolve like the recipe's)."""
+    out: list[Grant] = []
+    for p in paths:
+        q = Path(p)
+        full = q if q.is_absolute() else cc.base_dir((*where, key)) / q
+        out += [r for r in cc.path_request(full, (*where, key)) if r.what not in {x.what for x in out}]
+    return out
+
+
 def selector_help() -> str:
     """The ways to select a suite in a `tasks:` entry, for error messages."""
     return ("`suite: jfin`, `custom: FILE`, `perplexity: DATASET` (or `files: [...]`), `generate: FILE`"
@@ -232,4 +254,4 @@ def selector_help() -> str:
 
 
 __all__ = ["BUILTIN", "REGISTRY", "InputKind", "Suite", "SuiteContext", "SuiteSpec", "Summary",
-           "all_suites", "get_suite", "known_suites", "metric_info", "register", "suite_for_entry", "suite_of_spec"]
+           "all_suites", "file_requests", "get_suite", "known_suites", "metric_info", "register", "suite_for_entry", "suite_of_spec"]

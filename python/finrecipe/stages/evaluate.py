@@ -61,8 +61,8 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validat
 
 from finrecipe.errors import ConfigError
 from finrecipe.eval.suite import SuiteSpec, selector_help, suite_for_entry, suite_of_spec
-from finrecipe.stages.base import StageKind, register
-from finrecipe.types import DatasetRef, InputKind, ModelRef, StageContext, StageResult
+from finrecipe.stages.base import CheckContext, StageKind, register
+from finrecipe.types import DatasetRef, InputKind, ModelRef, Request, StageContext, StageResult
 from finrecipe.util.fs import write_bytes_atomic, write_text_atomic
 
 
@@ -141,6 +141,13 @@ class EvaluateStage(StageKind[EvaluateConfig]):
                 names.append(inp)
         return names
 
+    def requests(self, config: EvaluateConfig, cc: CheckContext) -> list[Request]:
+        """Each entry's: files outside the recipe's directories, a judge's host."""
+        out: list[Request] = []
+        for i, t in enumerate(config.tasks):
+            out += [r for r in suite_of_spec(t).requests(t, cc, ("tasks", i)) if r not in out]
+        return out
+
     def run(self, config: EvaluateConfig, inputs: Mapping[str, ModelRef | DatasetRef],
             out_dir: Path, ctx: StageContext) -> StageResult:
         return run_evaluation(config, inputs, Path(out_dir), ctx)
@@ -161,7 +168,7 @@ def run_evaluation(config: EvaluateConfig, inputs: Mapping[str, ModelRef | Datas
     run = evaluate_models([_model(inputs, m) for m in config.models], config.tasks, out_dir=out_dir,
                           device=config.device, dtype=config.dtype, batch_size=config.batch_size,
                           recipe_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, inputs=inputs,
-                          progress=ctx.progress, logger=ctx.logger)
+                          progress=ctx.progress, logger=ctx.logger, grants=ctx.grants)
     artifacts = run.artifacts
     metrics = run.metrics(config.reference).to_json()
     if config.analysis:

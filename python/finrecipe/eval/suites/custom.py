@@ -28,7 +28,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -38,10 +38,14 @@ from finrecipe.eval.mc import MCItem, mc_metrics, score_items
 from finrecipe.eval.requests import GenerationRequest
 from finrecipe.eval.results import TaskResult
 from finrecipe.eval.scoring import mean_stderr
-from finrecipe.eval.suite import Suite, SuiteContext, SuiteSpec, register
+from finrecipe.eval.suite import KeyPath, Suite, SuiteContext, SuiteSpec, file_requests, register
 from finrecipe.eval.textio import read_jsonl
 from finrecipe.progress import Progress
 from finrecipe.util.fs import write_text_atomic
+
+if TYPE_CHECKING:
+    from finrecipe.node import CheckContext
+    from finrecipe.types import Request as Grant
 
 DEFAULT_MC_TEMPLATE = "{context}{question}\n{choices}\n答え:"
 
@@ -177,6 +181,9 @@ class Custom(Suite[CustomSpec]):
 
     def task_names(self, spec: CustomSpec) -> list[str]:
         return ["custom:" + (spec.name or Path(spec.custom).stem)]
+
+    def requests(self, spec: CustomSpec, cc: CheckContext, where: KeyPath) -> list[Grant]:
+        return file_requests(cc, where, "custom", [spec.custom])
 
     def run(self, spec: CustomSpec, lm: LM, ctx: SuiteContext) -> list[TaskResult]:
         (task,) = self.task_names(spec)

@@ -4,9 +4,12 @@ scores 1–10).
 
     - generate: prompts.jsonl          # {"prompt": ...} (or {"question": ...}) per line, or a .txt file
       max_new_tokens: 256
-      judge: {url: http://127.0.0.1:8000/v1, model: judge-model, api_key_env: JUDGE_KEY}
+      judge: {url: http://127.0.0.1:8000/v1, model: judge-model}
 
-Without ``judge`` the outputs are saved with no score (the result notes it). The judge gets the
+Without ``judge`` the outputs are saved with no score (the result notes it). Sending prompts and
+answers to the judge's host is a request the person running the recipe grants (``--allow-judge
+HOST``); so is the API key: it is read from the variable they name (``--judge-key-env VAR``), never
+from one the recipe names (a recipe's ``api_key_env`` is refused unless the user names a variable). The judge gets the
 question and the answer and must reply with a score; the first integer 1–10 after "評価" / "score"
 (or the first integer 1–10 at all) is taken.
 """
@@ -20,7 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -29,10 +32,14 @@ from finrecipe.eval.lm import LM
 from finrecipe.eval.requests import GenerationRequest
 from finrecipe.eval.results import MetricInfo, TaskResult
 from finrecipe.eval.scoring import mean_stderr
-from finrecipe.eval.suite import Suite, SuiteContext, SuiteSpec, register
+from finrecipe.eval.suite import KeyPath, Suite, SuiteContext, SuiteSpec, file_requests, register
 from finrecipe.eval.textio import read_jsonl
 from finrecipe.progress import Progress
+from finrecipe.types import Request as Grant
 from finrecipe.util.fs import write_text_atomic
+
+if TYPE_CHECKING:
+    from finrecipe.node import CheckContext
 
 JUDGE_PROMPT = (
     "あなたは金融分野の専門家として、AIアシスタントの回答の質を評価します。"
@@ -92,6 +99,13 @@ def _post_json(url: str, body: dict[str, Any], headers: dict[str, str], timeout:
         return dict(json.loads(r.read().decode("utf-8")))
 
 
+def judge_host(url: str) -> str:
+    """The host part of a judge URL (what `--allow-judge` grants)."""
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or url).lower()
+
+
 def judge_scores(questions: list[str], answers: list[str], *, url: str, model: str,
                  api_key_env: str | None = None, timeout: float = 120.0,
                  post: Callable[[str, dict[str, Any], dict[str, str], float], dict[str, Any]] | None = None
@@ -120,14 +134,20 @@ def judge_scores(questions: list[str], answers: list[str], *, url: str, model: s
 
 def run_generation(lm: LM, prompts_file: str | Path, *, out_file: str | Path, task: str = "generate",
                    max_new_tokens: int = 256, judge: JudgeSpec | None = None, limit: int | None = None,
-                   progress: Progress | None = None) -> TaskResult:
+                   key_env: str | None = None, progress: Progress | None = None) -> TaskResult:
+    """Generate, save, and score with the judge when one is given. `key_env`: the variable the
+    user named for the judge's API key (the recipe's `api_key_env` is not read)."""
+    if judge is not None and judge.api_key_env and not key_env:
+        raise FinrecipeError(f"judge.api_key_env: {judge.api_key_env!r} is named by the recipe; a recipe cannot "
+                             "choose which environment variable finrecipe reads: run with --judge-key-env VAR "
+                             "(or FINRECIPE_JUDGE_KEY_ENV=VAR) naming the variable that holds the key")
     prompts = read_prompts(prompts_file, limit)
     outputs = lm.generate_until([GenerationRequest(p, (), max_new_tokens, True) for p in prompts],
                                 progress=progress)
     scores: list[int | None] = [None] * len(prompts)
     note = None
     if judge:
-        scores = judge_scores(prompts, outputs, url=judge.url, model=judge.model, api_key_env=judge.api_key_env)
+        scores = judge_scores(prompts, outputs, url=judge.url, model=judge.model, api_key_env=key_env)
     else:
         note = "no judge configured (judge: {url, model}); outputs saved without scores"
     write_text_atomic(out_file, "".join(json.dumps({"prompt": p, "output": o, "score": s}, ensure_ascii=False) + "\n"
@@ -149,14 +169,24 @@ class Generate(Suite[GenerateSpec]):
     def task_names(self, spec: GenerateSpec) -> list[str]:
         return ["gen:" + (spec.name or Path(spec.generate).stem)]
 
+    def requests(self, spec: GenerateSpec, cc: CheckContext, where: KeyPath) -> list[Grant]:
+        out = file_requests(cc, where, "generate", [spec.generate])
+        if spec.judge is not None:
+            host = judge_host(spec.judge.url)
+            key = ".".join(map(str, (cc.section, cc.node, *where, "judge", "url")))
+            out.append(Grant("host", host, f"{key} sends prompts and answers to {host}", f"--allow-judge {host}"))
+        return out
+
     def run(self, spec: GenerateSpec, lm: LM, ctx: SuiteContext) -> list[TaskResult]:
         (task,) = self.task_names(spec)
         out = ctx.output_file(task)
         r = run_generation(lm, ctx.path(spec.generate), out_file=out, task=task, max_new_tokens=spec.max_new_tokens,
-                           judge=spec.judge, limit=spec.limit, progress=ctx.progress)
+                           judge=spec.judge, limit=spec.limit, key_env=ctx.grants.judge_key_env,
+                           progress=ctx.progress)
         ctx.artifacts[f"generations_{ctx.model}_{task}"] = str(out)
         return [r]
 
 
-__all__ = ["JUDGE_PROMPT", "Generate", "GenerateSpec", "JudgeSpec", "judge_scores", "parse_score", "read_prompts",
+__all__ = ["JUDGE_PROMPT", "Generate", "GenerateSpec", "JudgeSpec", "judge_host", "judge_scores", "parse_score",
+           "read_prompts",
            "run_generation"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,9 +24,13 @@ from finrecipe.errors import ConfigError
 from finrecipe.eval.lm import LM
 from finrecipe.eval.mc import MCItem, mc_metrics, score_items
 from finrecipe.eval.results import TaskResult
-from finrecipe.eval.suite import Suite, SuiteContext, SuiteSpec, Summary, register
+from finrecipe.eval.suite import KeyPath, Suite, SuiteContext, SuiteSpec, Summary, file_requests, register
 from finrecipe.eval.tasks import jfin
 from finrecipe.progress import Progress
+
+if TYPE_CHECKING:
+    from finrecipe.node import CheckContext
+    from finrecipe.types import Request as Grant
 
 DATA_DIR_HELP = ("set `data_dir:` to the japanese-lm-fin-harness data: a checkout of "
                  "https://github.com/pfnet-research/japanese-lm-fin-harness, a directory with its data files "
@@ -130,6 +134,11 @@ class Jfin(Suite[JfinSpec]):
 
     def task_names(self, spec: JfinSpec) -> list[str]:
         return list(spec.tasks or jfin.TASKS)
+
+    def requests(self, spec: JfinSpec, cc: CheckContext, where: KeyPath) -> list[Grant]:
+        if spec.data_dir in (None, "download"):
+            return []
+        return file_requests(cc, where, "data_dir", [spec.data_dir])
 
     def data_dir(self, spec: JfinSpec, ctx: SuiteContext) -> Path:
         if spec.data_dir is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 
@@ -20,9 +21,13 @@ from finrecipe.errors import DataError
 from finrecipe.eval.lm import LM
 from finrecipe.eval.requests import RollingRequest
 from finrecipe.eval.results import MetricInfo, TaskResult
-from finrecipe.eval.suite import InputKind, Suite, SuiteContext, SuiteSpec, register
+from finrecipe.eval.suite import InputKind, KeyPath, Suite, SuiteContext, SuiteSpec, file_requests, register
 from finrecipe.eval.textio import read_texts
 from finrecipe.progress import Progress
+
+if TYPE_CHECKING:
+    from finrecipe.node import CheckContext
+    from finrecipe.types import Request as Grant
 
 
 class PerplexitySpec(SuiteSpec):
@@ -69,6 +74,9 @@ class Perplexity(Suite[PerplexitySpec]):
 
     def inputs(self, spec: PerplexitySpec) -> Sequence[tuple[str, InputKind]]:
         return [(spec.perplexity, "dataset")] if spec.perplexity else []
+
+    def requests(self, spec: PerplexitySpec, cc: CheckContext, where: KeyPath) -> list[Grant]:
+        return file_requests(cc, where, "files", spec.files or [])
 
     def run(self, spec: PerplexitySpec, lm: LM, ctx: SuiteContext) -> list[TaskResult]:
         if spec.perplexity:
