@@ -80,6 +80,15 @@ def test_documented_suite_runs_in_the_evaluate_stage(answer_nll, tmp_path: Path)
     assert rows[0][1] == f"{r['base']['value']:.3f}"
     assert "answer NLL as is (lower is better)" in eval_notes(met)
 
+    # a file outside the recipe's directories is a request the user must grant
+    from finrecipe.node import CheckContext
+
+    cc = CheckContext(node="eval", base_dir=lambda sub: tmp_path, error=lambda m, s: ValueError(m),  # type: ignore[arg-type,return-value]
+                      roots=(tmp_path,))
+    assert kind.requests(cfg, cc) == []
+    far = kind.Config.model_validate({"models": ["base"], "tasks": [{"answer_nll": "/srv/exams/a.jsonl"}]})
+    assert [(r.kind, r.what) for r in kind.requests(far, cc)] == [("path", "/srv/exams/a.jsonl")]
+
     # bumping the suite's version changes the key material of exactly the entries that use it
     answer_nll.AnswerNll.version = "2"
     try:
