@@ -32,7 +32,7 @@ class Recipe(RecipeGraph):
         headers). Returns notes (what was checked)."""
         return validate(self)
 
-    def plan(self, *, progress: Progress | None = None, grants: Grants | None = None) -> Plan:
+    def plan(self, *, grants: Grants | None = None) -> Plan:
         """Each node's status (local, cached, stale and why, to run), key, inputs and size, and what
         the recipe asks the user to allow. Reads the workdir; writes nothing."""
         return plan(self, grants=grants)
