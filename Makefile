@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 EXT_BUILT := $(VENV)/.ext-built
 RUST_SRC := Cargo.toml $(shell find rust -name '*.rs' 2>/dev/null)
 
-.PHONY: setup build test test-rust test-python lint fuzz demo parity bench-merge bench-train bench-eval bench-recipe bench-search clean
+.PHONY: setup build test test-rust test-python lint fuzz demo parity parity-eval bench-merge bench-train bench-eval bench-recipe bench-search clean
 
 setup: $(EXT_BUILT)
 
