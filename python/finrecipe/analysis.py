@@ -29,23 +29,44 @@ LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
 def build_plan(base: str | Path, models: Sequence[str | Path], *, threads: int = 0,
                chunk_elems: int = 1 << 20) -> dict[str, Any]:
     """The analysis plan over the float tensors every model shares with the base (same shape).
-    Integer and boolean buffers are left out; quantized checkpoints and tensors (FP8, ...) are
-    refused by name."""
+    Integer and boolean buffers are left out; FP8 block-scaled weights are read dequantised (as
+    the merge reads them); other quantized checkpoints and tensors are refused by name."""
     from finrecipe.merge import read_model
-    from finrecipe.merge.quant import ARITH_DTYPES, check_not_quantized, why_not_combinable
+    from finrecipe.merge.quant import (
+        ARITH_DTYPES,
+        FP8,
+        check_not_quantized,
+        fp8_layout,
+        is_scale_tensor,
+        scale_of,
+        why_not_combinable,
+    )
 
     paths = [Path(base).absolute(), *[Path(m).absolute() for m in models]]
     for p in paths:
         check_not_quantized(p.name, p)
     infos = [read_model(p) for p in paths]
+    layouts = [fp8_layout(p) for p in paths]
+
+    def ref(k: int, name: str) -> dict[str, Any]:
+        """A tensor reference, with its block scales when it is an FP8 weight; refuses what no
+        task vector can be computed from."""
+        ti = infos[k].tensors[name]
+        r: dict[str, Any] = {"model": k, "tensor": name}
+        lay = layouts[k]
+        if lay is not None and ti.dtype == FP8 and scale_of(name) in infos[k].tensors:
+            r["scale"] = {"tensor": scale_of(name), "block": list(lay.block)}
+        elif ti.dtype not in ARITH_DTYPES:
+            raise MismatchError(f"{paths[k]}: tensor {name!r} is {ti.dtype}: task vectors are computed in "
+                                f"float32 from BF16, F16 or F32 tensors, and {why_not_combinable(ti.dtype)}")
+        return r
+
     tensors = []
     for name, ti in infos[0].tensors.items():
-        if ti.dtype not in ARITH_DTYPES:
-            why = why_not_combinable(ti.dtype) or ""
-            if why.startswith("integer"):
-                continue  # buffers (position ids, masks) are not part of a task vector
-            raise MismatchError(f"{paths[0]}: tensor {name!r} is {ti.dtype}: task vectors are computed in "
-                                f"float32 from BF16, F16 or F32 tensors, and {why}")
+        if layouts[0] is not None and is_scale_tensor(infos[0].tensors, name):
+            continue  # read with its FP8 weight
+        if (why_not_combinable(ti.dtype) or "").startswith("integer"):
+            continue  # buffers (position ids, masks) are not part of a task vector
         for k, info in enumerate(infos[1:], 1):
             other = info.tensors.get(name)
             if other is None:
@@ -54,8 +75,8 @@ def build_plan(base: str | Path, models: Sequence[str | Path], *, threads: int =
             if tuple(other.shape) != tuple(ti.shape):
                 raise MismatchError(f"{paths[k]}: tensor {name!r} has shape {list(other.shape)}, the base has "
                                     f"{list(ti.shape)}")
-        tensors.append({"name": name, "base": {"model": 0, "tensor": name},
-                        "vectors": [{"model": k, "tensor": name} for k in range(1, len(paths))]})
+        tensors.append({"name": name, "base": ref(0, name),
+                        "vectors": [ref(k, name) for k in range(1, len(paths))]})
     return {"models": [str(p) for p in paths], "threads": threads, "chunk_elems": chunk_elems,
             "tensors": tensors}
 

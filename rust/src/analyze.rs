@@ -52,19 +52,22 @@ fn resolve(models: &[Model], r: &Ref, where_: &str) -> Result<SrcRef> {
             r.tensor
         ))
     })?;
+    let mut sr = SrcRef {
+        model: r.model,
+        tensor: ti,
+        scale: None,
+    };
+    crate::merge::plan::attach_scale(models, &mut sr, &r.scale, where_)?;
     let info = &model.tensors[ti];
-    if !is_float(info.dtype) {
+    if !is_float(info.dtype) && sr.scale.is_none() {
         return Err(Error::Mismatch(format!(
-            "{where_}: tensor '{}' of {} is {}, not BF16/F16/F32",
+            "{where_}: tensor '{}' of {} is {}, not BF16/F16/F32 (or F8_E4M3 with block scales)",
             r.tensor,
             model.path.display(),
             info.dtype
         )));
     }
-    Ok(SrcRef {
-        model: r.model,
-        tensor: ti,
-    })
+    Ok(sr)
 }
 
 /// Runs an analysis plan; returns the JSON result described in the module docs.
@@ -137,6 +140,10 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
             scale: 1.0,
             copy: false,
             nbytes: 0,
+            out_block: None,
+            out_slot: 0,
+            scale_slot: 0,
+            scale_name: String::new(),
         });
     }
     let total_bytes: u64 = jobs

@@ -395,6 +395,8 @@ const TENSORS: &[(&str, &str, &[usize])] = &[
     ("q", "F8_E4M3", &[4]),
     ("u", "U8", &[3]),
     ("f4", "F4", &[6]),
+    ("q8", "F8_E4M3", &[3, 5]),
+    ("q8_s", "F32", &[2, 3]),
 ];
 
 fn write_model(dir: &Path, seed: u64) {
@@ -462,6 +464,16 @@ fn param_value(r: &mut Rng, p: &finrecipe_core::merge::plan::ParamSpec) -> Value
     json!(x)
 }
 
+fn scale_ref(r: &mut Rng) -> Value {
+    match r.below(10) {
+        0 => random_value(r, 1),
+        1 => json!({"tensor": "a", "block": [2, 2]}),
+        2 => json!({"tensor": "q8_s", "block": [edgy_u64(r), edgy_u64(r)]}),
+        3 => json!({"tensor": "q8_s", "block": [3, 1]}),
+        _ => json!({"tensor": "q8_s", "block": [2, 2]}),
+    }
+}
+
 fn gen_plan(r: &mut Rng, ms: &Models, out_dir: &Path) -> String {
     let mut tensors = Vec::new();
     for _ in 0..1 + r.below(3) {
@@ -475,7 +487,7 @@ fn gen_plan(r: &mut Rng, ms: &Models, out_dir: &Path) -> String {
             match r.below(60) {
                 0 => random_name(r),
                 1..=6 => r.pick(TENSORS).0.to_string(),
-                _ => r.pick(&["a", "b", "c", "e", "s"]).to_string(),
+                _ => r.pick(&["a", "b", "c", "e", "s", "q8", "q8"]).to_string(),
             }
         };
         let t0 = tname(r);
@@ -507,13 +519,18 @@ fn gen_plan(r: &mut Rng, ms: &Models, out_dir: &Path) -> String {
         let sources: Vec<Value> = (0..nsrc)
             .map(|_| {
                 let t = if same { t0.clone() } else { tname(r) };
-                json!({"model": model_ref(r), "tensor": t, "params": params(r, spec.source_params)})
+                let mut v = json!({"model": model_ref(r), "tensor": t, "params": params(r, spec.source_params)});
+                if t == "q8" || r.chance(1, 50) {
+                    v["scale"] = scale_ref(r);
+                }
+                v
             })
             .collect();
+        let fp8_out = r.chance(1, 8);
         let mut t = json!({
             "name": if r.chance(1, 50) { "dup".to_string() } else { format!("o{}", r.next()) },
             "kernel": kernel,
-            "out_dtype": if r.chance(1, 30) { r.pick(DTYPES).0.to_string() }
+            "out_dtype": if fp8_out { "F8_E4M3".to_string() } else if r.chance(1, 30) { r.pick(DTYPES).0.to_string() }
                          else { r.pick(&["F32", "BF16", "F16"]).to_string() },
             "sources": sources,
             "params": params(r, spec.tensor_params),

@@ -73,6 +73,8 @@ class TokenizerConfig(_Strict):
     source: str | None = None
 
 
+# out_dtype only: requantise to FP8 E4M3 in the block layout of the FP8 input(s).
+FP8_DTYPES = {"float8_e4m3fn": "F8_E4M3", "fp8": "F8_E4M3", "f8_e4m3": "F8_E4M3", "float8": "F8_E4M3"}
 DTYPES = {"float32": "F32", "fp32": "F32", "f32": "F32", "float": "F32",
           "bfloat16": "BF16", "bf16": "BF16",
           "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16"}
@@ -144,9 +146,12 @@ class MergeConfig(_Strict):
             raise self.error("exactly one of 'models' or 'slices' is required", ())
         for key in ("dtype", "out_dtype"):
             v = getattr(self, key)
+            if v is not None and v in FP8_DTYPES and key == "out_dtype":
+                continue
             if v is not None and v not in DTYPES:
-                raise self.error(f"unsupported dtype {v!r}" + suggest(v, DTYPES)
-                                 + "; use float32, bfloat16 or float16", (key,))
+                more = " (or float8_e4m3fn for out_dtype: FP8 block-scaled output)" if key == "out_dtype" else ""
+                raise self.error(f"unsupported {key} {v!r}" + suggest(v, [*DTYPES, *FP8_DTYPES])
+                                 + f"; use float32, bfloat16 or float16{more}", (key,))
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise self.error("give either 'tokenizer_source' or 'tokenizer', not both", ("tokenizer",))
         src = self.tokenizer_source_name

@@ -19,10 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from finrecipe.errors import ConfigError, MismatchError
-from finrecipe.merge.config import DTYPES, FilterRule, MergeConfig, Params, ParamSetting
+from finrecipe.merge.config import DTYPES, FP8_DTYPES, FilterRule, MergeConfig, Params, ParamSetting
 from finrecipe.merge.headers import ModelInfo, TensorInfo, read_model
 from finrecipe.merge.methods import ParamDef
-from finrecipe.merge.quant import check_not_quantized, nbytes, why_not_combinable
+from finrecipe.merge.quant import (
+    FP8,
+    Fp8Layout,
+    check_not_quantized,
+    fp8_layout,
+    is_scale_tensor,
+    nbytes,
+    scale_of,
+    why_not_combinable,
+)
 
 log = logging.getLogger("finrecipe.merge")
 
@@ -47,6 +56,9 @@ class MergePlanInfo:
     in_bytes: int  # bytes of input tensor data the merge reads
     shapes: list[tuple[int, ...]] = field(default_factory=list)  # per plan tensor
     warnings: list[str] = field(default_factory=list)
+    # FP8: whether an input is block-scaled FP8, and the quantization_config of an FP8 output.
+    fp8_inputs: bool = False
+    fp8_config: dict[str, Any] | None = None
 
     @property
     def num_tensors(self) -> int:
@@ -240,6 +252,13 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
         if n not in infos:
             infos[n] = read_model(paths[n])
     index = {n: i for i, n in enumerate(names)}
+    fp8: dict[str, Fp8Layout | None] = {n: fp8_layout(paths[n]) for n in names}
+
+    def outputs_of(model: str) -> list[str]:
+        """A model's tensors that are outputs (an FP8 weight's scales travel with it)."""
+        tl = infos[model].tensors
+        return [n for n in tl if not (fp8[model] and is_scale_tensor(tl, n))]
+
     m = cfg.method
     warnings: list[str] = []
 
@@ -297,13 +316,18 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
     ref_name = (parts[0].base or parts[0].sources[0]).model
     ref = infos[ref_name]
     out_dtype_cfg = cfg.out_dtype or cfg.dtype
-    out_dt = DTYPES[out_dtype_cfg] if out_dtype_cfg else None
+    out_dt = (FP8_DTYPES.get(out_dtype_cfg) or DTYPES[out_dtype_cfg]) if out_dtype_cfg else None
+    fp8_out_layout = next((lay for lay in fp8.values() if lay is not None), None)
+    if out_dt == FP8 and fp8_out_layout is None:
+        raise cfg.error(f"out_dtype {out_dtype_cfg!r} requantises to the block layout of an FP8 input (which "
+                        "tensors, block size), but no input model is an FP8 block-scaled checkpoint; use "
+                        "bfloat16", ("out_dtype",))
 
     # Output tensor list: (out_name, part, layer index within part or None)
     jobs: list[tuple[str, _Part, int | None, str]] = []  # out_name, part, local idx, ref tensor
     if cfg.models is not None:
         L = _num_layers(ref)
-        for name in ref.tensors:
+        for name in outputs_of(ref_name):
             mm = LAYER_RE.match(name)
             jobs.append((name, parts[0], int(mm.group("idx")) if mm else None, name))
         num_layers: int | None = L
@@ -312,18 +336,18 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
     else:
         pre: list[str] = []
         post: list[str] = []
-        for name in ref.tensors:
+        for name in outputs_of(ref_name):
             if not LAYER_RE.match(name):
                 (pre if any(h in name for h in _PRE_HINTS) else post).append(name)
         for name in pre:
             jobs.append((name, parts[0], None, name))
         for pt in parts:
             ref_src = pt.base or pt.sources[0]
-            rinfo = infos[ref_src.model]
+            rnames = outputs_of(ref_src.model)
             assert pt.length is not None
             for kk in range(pt.length):
                 src_idx = kk + ref_src.layer_offset
-                for name in rinfo.tensors:
+                for name in rnames:
                     mm = LAYER_RE.match(name)
                     if mm and int(mm.group("idx")) == src_idx:
                         jobs.append((_with_layer(name, pt.out_start + kk), pt, kk, name))
@@ -355,6 +379,18 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
         all_srcs = ([part.base] if part.base else []) + part.sources
         refs = [src_tensor(s) for s in all_srcs]
         consumed.update((s.model, tname) for s, (tname, _) in zip(all_srcs, refs, strict=True))
+        # FP8 block-scaled inputs: each F8_E4M3 weight reads its scales too.
+        scaled: dict[tuple[str, str], dict[str, Any]] = {}
+        for s, (tname, info) in zip(all_srcs, refs, strict=True):
+            lay = fp8[s.model]
+            if lay is not None and info.dtype == FP8:
+                sname = scale_of(tname)
+                if sname not in infos[s.model].tensors:
+                    raise MismatchError(f"model {s.model!r} ({paths[s.model]}) is an FP8 block-scaled "
+                                        f"checkpoint but its F8_E4M3 tensor {tname!r} has no {sname!r}; the "
+                                        "checkpoint is incomplete: re-download it")
+                scaled[(s.model, tname)] = {"tensor": sname, "block": list(lay.block)}
+                consumed.add((s.model, sname))
         first = refs[0][1]
         for s, (tname, info) in zip(all_srcs, refs, strict=True):
             if info.shape != first.shape:
@@ -370,17 +406,24 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                                     f"from {list(first.shape)} in {all_srcs[0].model!r}")
         what_part = ", ".join(s.model for s in part.sources)
 
-        def ref_of(s: _Src, tname: str) -> dict[str, Any]:
-            return {"model": index[s.model], "tensor": tname}
+        def ref_of(s: _Src, tname: str, scaled: dict[tuple[str, str], dict[str, Any]] = scaled
+                   ) -> dict[str, Any]:
+            d: dict[str, Any] = {"model": index[s.model], "tensor": tname}
+            if (s.model, tname) in scaled:
+                d["scale"] = scaled[(s.model, tname)]
+            return d
 
         if not m.explicit_copy:
             for s, (tname, info) in zip(all_srcs, refs, strict=True):
+                if (s.model, tname) in scaled:
+                    continue
                 why = why_not_combinable(info.dtype)
                 if why is not None:
                     raise MismatchError(
                         f"tensor {tname!r} of model {s.model!r} ({paths[s.model]}) is {info.dtype}: merge "
                         f"method {m.name!r} computes in float32 from BF16, F16 or F32 tensors, and {why}")
-        copy_as_is = m.explicit_copy and why_not_combinable(refs[0][1].dtype) is not None
+        copy_as_is = (m.explicit_copy and why_not_combinable(refs[0][1].dtype) is not None
+                      and not scaled)
         if copy_as_is:
             # An explicit copy of a tensor no arithmetic applies to: its bytes, unchanged.
             s0 = part.sources[0]
@@ -415,13 +458,28 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                         f"{m.name!r} divides by that sum (normalize is on); give weights with a "
                         "non-zero sum or set normalize: false",
                         ("models",) if cfg.models is not None else ("slices",))
-            odt = out_dt or refs[0][1].dtype
+            ref_dt = refs[0][1].dtype
+            odt = out_dt or (ref_dt if ref_dt != FP8 else "BF16")  # FP8 in: bf16 out by default
+            out_scale = None
+            if out_dt == FP8:
+                if scaled:  # requantised in the block layout of (the first of) its FP8 inputs
+                    (smodel, stname), sp8 = next(iter(scaled.items()))
+                    out_scale = {"name": scale_of(out_name), "block": sp8["block"],
+                                 "dtype": infos[smodel].tensors[sp8["tensor"]].dtype}
+                else:  # a tensor the FP8 inputs keep unquantized (norms, embeddings)
+                    odt = ref_dt if ref_dt in ("BF16", "F16", "F32") else "BF16"
             entry = {"name": out_name, "kernel": m.kernel, "out_dtype": odt,
                      "base": ref_of(part.base, refs[0][0]) if part.base else None,
                      "sources": sources, "params": tparams}
+            if out_scale is not None:
+                entry["out_scale"] = out_scale
+                bl = out_scale["block"]
+                nsc = -(-first.shape[0] // bl[0]) * -(-first.shape[1] // bl[1])
+                out_bytes += nbytes(out_scale["dtype"], nsc)
         tensors.append(entry)
         shapes.append(first.shape)
         in_bytes += sum(info.nbytes for _, info in refs)
+        in_bytes += sum(infos[mo].tensors[sc["tensor"]].nbytes for (mo, _), sc in scaled.items())
         out_bytes += nbytes(entry["out_dtype"], math.prod(first.shape))
 
     _check_nothing_dropped(cfg, parts, infos, paths, consumed, ref_name)
@@ -448,6 +506,10 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
         tok_donor = tok
     for w in warnings[:20]:
         log.info("%s", w)
+    fp8_config = None
+    if out_dt == FP8 and fp8_out_layout is not None:
+        fp8_config = dict(fp8_out_layout.config)
     return MergePlanInfo(plan=plan, model_paths=paths, config_donor=config_donor,
                          tokenizer_donor=tok_donor, num_layers=num_layers, out_bytes=out_bytes,
-                         in_bytes=in_bytes, shapes=shapes, warnings=warnings)
+                         in_bytes=in_bytes, shapes=shapes, warnings=warnings,
+                         fp8_inputs=any(v is not None for v in fp8.values()), fp8_config=fp8_config)

@@ -1,16 +1,22 @@
-"""What a merge can combine: the dtype rule of the planner and the detection of quantized
-checkpoints.
+"""What a merge can combine: the dtype rule of the planner, FP8 block-scaled checkpoints, and the
+detection of other quantized checkpoints.
 
-Merge methods compute in float32 from BF16, F16 and F32 tensors. Anything else is refused by
-name, with the reason, before any data is read or written — except by `passthrough`, an explicit
-copy, which copies any dtype as it is. Quantized checkpoints (config.json `quantization_config`,
-GGUF files) are refused with what to do: merge the unquantized checkpoint they came from.
+Merge methods compute in float32 from BF16, F16 and F32 tensors, and from FP8 block-scaled ones
+(the DeepSeek-V3 / Qwen3-FP8 layout: config.json `quantization_config: {quant_method: fp8,
+weight_block_size: [128, 128]}`, each `F8_E4M3` weight `X` with a `X_scale_inv` tensor holding one
+multiplier per block), which the core dequantises as it reads. Anything else is refused by name,
+with the reason, before any data is read or written — except by `passthrough`, an explicit copy,
+which copies any dtype as it is. Other quantized checkpoints (GPTQ, AWQ, bitsandbytes,
+compressed-tensors, FP8 without block scales, GGUF files) are refused with what to do: merge the
+unquantized checkpoint they came from.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finrecipe.errors import MismatchError
 
@@ -46,12 +52,62 @@ def why_not_combinable(dtype: str) -> str | None:
     return f"{dtype} is not a dtype finrecipe can compute with"
 
 
+SCALE_SUFFIX = "_scale_inv"
+FP8 = "F8_E4M3"
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    """An FP8 block-scaled checkpoint: the block size and its quantization_config."""
+
+    block: tuple[int, int]
+    config: dict[str, Any]
+
+
+def _quant_config(p: Path) -> dict[str, Any] | None:
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        conf = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # config problems are reported where the config is used
+    q = conf.get("quantization_config") if isinstance(conf, dict) else None
+    return q if isinstance(q, dict) else None
+
+
+def fp8_layout(model_dir: str | Path) -> Fp8Layout | None:
+    """The FP8 block layout of a checkpoint the core can dequantise, or None."""
+    p = Path(model_dir)
+    q = _quant_config(p) if p.is_dir() else None
+    if q is None or str(q.get("quant_method", "")).lower() != "fp8":
+        return None
+    b = q.get("weight_block_size")
+    fmt = str(q.get("fmt", "e4m3")).lower()
+    if (isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                     and 0 < x <= 65536 for x in b) and fmt == "e4m3"):
+        return Fp8Layout((b[0], b[1]), dict(q))
+    return None
+
+
+def scale_of(tensor: str) -> str:
+    """The name of an FP8 weight's block-scale tensor."""
+    return tensor + SCALE_SUFFIX
+
+
+def is_scale_tensor(tensors: Any, name: str) -> bool:
+    """Whether `name` is the block-scale companion of an FP8 weight in `tensors` (name -> info)."""
+    if not name.endswith(SCALE_SUFFIX):
+        return False
+    w = tensors.get(name[: -len(SCALE_SUFFIX)])
+    return w is not None and w.dtype == FP8
+
+
 QUANT_HINTS = {
     "gptq": "GPTQ (packed int4/int8 weights with scales and zero points)",
     "awq": "AWQ (packed int4 weights with scales)",
     "bitsandbytes": "bitsandbytes (int8/nf4 weights with quantization state)",
     "compressed-tensors": "compressed-tensors (quantized or sparse packed weights)",
-    "fp8": "FP8 (float8 weights with scale tensors)",
 }
 
 
@@ -71,17 +127,14 @@ def quantization_problem(model_dir: str | Path) -> str | None:
     if has_gguf and not has_st:
         return (f"{p} holds GGUF files (llama.cpp's quantized format), which cannot be merged; merge the "
                 "original safetensors checkpoint they were converted from")
-    cfg = p / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        conf = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None  # config problems are reported where the config is used
-    q = conf.get("quantization_config") if isinstance(conf, dict) else None
-    if not isinstance(q, dict):
+    q = _quant_config(p)
+    if q is None or fp8_layout(p) is not None:
         return None
     method = str(q.get("quant_method", "unknown"))
+    if method.lower() == "fp8":
+        return (f"{p} is an FP8 checkpoint without 2-D block scales (quantization_config needs fmt e4m3 "
+                f"and weight_block_size [rows, cols], got {json.dumps(q)}); finrecipe merges block-scaled "
+                "FP8 (DeepSeek-V3 / Qwen3-FP8 layout) only: merge the unquantized (bf16) checkpoint")
     what = QUANT_HINTS.get(method.lower(), f"quant_method {method!r}")
     return (f"{p} is a quantized checkpoint ({what}; config.json quantization_config.quant_method: "
             f"{method}); its weights cannot be merged arithmetically: merge the unquantized (bf16/fp16) "

@@ -135,6 +135,12 @@ def _write_side_files(cfg: MergeConfig, info: MergePlanInfo, tmp: Path) -> None:
         cfg_path = donor / "config.json"
         if cfg_path.is_file():
             c = json.loads(cfg_path.read_text(encoding="utf-8"))
+            # FP8 inputs are dequantised: the output is quantized only when asked (out_dtype FP8),
+            # in the block layout of the FP8 input.
+            if info.fp8_config is not None:
+                c["quantization_config"] = info.fp8_config
+            else:
+                c.pop("quantization_config", None)
             dt = _out_dtype(info)
             if dt is not None:
                 keys = [k for k in ("dtype", "torch_dtype") if k in c] or ["dtype"]
@@ -200,6 +206,11 @@ def _model_card(cfg: MergeConfig, info: MergePlanInfo) -> str:
     if not cfg.parameters and not any(m.parameters for m in cfg.models or []):
         lines.append("Method defaults.")
     odt = _out_dtype(info)
+    if info.fp8_inputs:
+        lines += ["", "FP8 block-scaled inputs were dequantized (weight × block scale) and merged in float32."]
+    if info.fp8_config is not None:
+        lines += ["The output is FP8 E4M3 requantized per block (scale = block amax / 448), "
+                  f"blocks {info.fp8_config.get('weight_block_size')}."]
     lines += ["", f"Output dtype: {odt or 'mixed'}; {info.num_tensors} tensors, "
               f"{info.num_params:,} parameters.", "", "## Configuration", "", "```yaml",
               yaml.safe_dump(cfg.raw(), sort_keys=False).rstrip(), "```", ""]

@@ -53,7 +53,9 @@ fn keep_ranks(job: &Job, i: usize) -> Option<(u64, u64)> {
     }
     let target = (d * n as f64).floor() as u64;
     match job.kernel {
-        Kernel::Ties => Some((0, target.min(n))),
+        // mergekit's magnitude pruning keeps at least one element when density > 0.
+        Kernel::Ties if d > 0.0 => Some((0, target.max(1).min(n))),
+        Kernel::Ties => Some((0, 0)),
         _ => {
             let mut top = (job.gammas[i] * n as f64).floor() as u64;
             let bot = n as i64 - target as i64 - top as i64;
@@ -532,7 +534,6 @@ pub(crate) fn run_chunk(
     ctx: &Ctx,
     stats: &Stats,
     seed: u64,
-    t: usize,
     c: usize,
     w: &Writer,
     ctl: &Control,
@@ -545,7 +546,7 @@ pub(crate) fn run_chunk(
         let m = &ctx.models[r.model];
         let info = &m.tensors[r.tensor];
         let bytes = &m.bytes(info)[a..b];
-        w.write(t, a as u64, bytes)?;
+        w.write(job.out_slot, a as u64, bytes)?;
         ctl.done.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         return Ok(());
     }
@@ -556,11 +557,66 @@ pub(crate) fn run_chunk(
         let (_, m) = ctx.load_chunk(c, s, deltas);
         compute(job, stats, seed, c, a, m, s);
         let Scratch { out, bytes, .. } = s;
-        store_chunk(w, t, job.out_dtype, a, &out[..m], bytes)?;
+        if let Some(ob) = job.out_block {
+            let n = store_fp8_block_row(w, job, ob, c, a, &mut out[..m], bytes)?;
+            ctl.done.fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        store_chunk(w, job.out_slot, job.out_dtype, a, &out[..m], bytes)?;
         ctl.done
             .fetch_add((m * job.out_dtype.bitsize() / 8) as u64, Ordering::Relaxed);
         Ok(())
     })
+}
+
+/// FP8 output of one row of blocks (chunk c = block row c, elements a.. of `x`): per block,
+/// scale = amax / 448 (1 for an all-zero block), q = e4m3(x / scale); writes the FP8 bytes and
+/// the row's scales. Returns the bytes written.
+fn store_fp8_block_row(
+    w: &Writer,
+    job: &Job,
+    ob: super::plan::OutBlock,
+    c: usize,
+    a: usize,
+    x: &mut [f32],
+    bytes: &mut Vec<u8>,
+) -> Result<usize> {
+    use crate::dtype::{f32_to_f8e4m3, store_f32, F8E4M3_MAX};
+    let ncols = ob.ncols;
+    let nbc = ncols.div_ceil(ob.cols);
+    let nrows = x.len() / ncols.max(1);
+    let mut amax = vec![0f32; nbc];
+    for r in 0..nrows {
+        for (bj, am) in amax.iter_mut().enumerate() {
+            let lo = r * ncols + bj * ob.cols;
+            let hi = (lo + ob.cols).min((r + 1) * ncols);
+            for &v in &x[lo..hi] {
+                *am = am.max(v.abs());
+            }
+        }
+    }
+    let scales: Vec<f32> = amax
+        .iter()
+        .map(|&m| if m > 0.0 { m / F8E4M3_MAX } else { 1.0 })
+        .collect();
+    if bytes.len() < x.len() {
+        bytes.resize(x.len(), 0);
+    }
+    for r in 0..nrows {
+        for (bj, &s) in scales.iter().enumerate() {
+            let lo = r * ncols + bj * ob.cols;
+            let hi = (lo + ob.cols).min((r + 1) * ncols);
+            for (q, &v) in bytes[lo..hi].iter_mut().zip(&x[lo..hi]) {
+                *q = f32_to_f8e4m3(v / s);
+            }
+        }
+    }
+    w.write(job.out_slot, a as u64, &bytes[..x.len()])?;
+    let es = ob.scale_dtype.bitsize() / 8;
+    let mut sb = vec![0u8; nbc * es];
+    store_f32(ob.scale_dtype, &scales, &mut sb);
+    w.write(job.scale_slot, (c * nbc * es) as u64, &sb)?;
+    Ok(x.len() + sb.len())
 }
 
 /// The arithmetic of one chunk: inputs in `s.base` / `s.srcs` (deltas for task-arithmetic

@@ -94,7 +94,11 @@ pub(crate) struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     pub fn new(models: &'a [Model], job: &'a Job, chunk_elems: usize, threads: usize) -> Self {
-        let chunk = chunk_len(job.units(), chunk_elems, threads);
+        let chunk = match job.out_block {
+            // FP8 output is requantised per block: a chunk is one row of blocks.
+            Some(b) => (b.rows * b.ncols).max(1),
+            None => chunk_len(job.units(), chunk_elems, threads),
+        };
         Ctx {
             models,
             job,
@@ -118,6 +122,9 @@ impl<'a> Ctx<'a> {
             &m.bytes(info)[a * es..b * es],
             &mut out[..b - a],
         );
+        if let Some(sc) = r.scale {
+            apply_block_scale(m, sc, info.shape[1], a, b, &mut out[..b - a]);
+        }
     }
 
     /// Loads chunk c: base into `s.base`, sources into `s.srcs`; with `deltas`, sources become
@@ -193,6 +200,45 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// Dequantises FP8 values in place: element e of a [rows, ncols] tensor (elements a..b are in
+/// `out`) is multiplied by the scale of its block, scale[(e / ncols) / sc.rows][(e % ncols) / sc.cols].
+pub(crate) fn apply_block_scale(
+    m: &Model,
+    sc: plan::BlockScale,
+    ncols: usize,
+    a: usize,
+    b: usize,
+    out: &mut [f32],
+) {
+    let st = &m.tensors[sc.tensor];
+    let sbytes = m.bytes(st);
+    let nbc = ncols.div_ceil(sc.cols);
+    let es = st.dtype.bitsize() / 8;
+    let scale_at = |k: usize| -> f32 {
+        let mut v = [0f32; 1];
+        load_f32(st.dtype, &sbytes[k * es..(k + 1) * es], &mut v);
+        v[0]
+    };
+    let mut e = a;
+    while e < b {
+        let (i, j) = (e / ncols, e % ncols);
+        let row_end = b.min((i + 1) * ncols);
+        let srow = (i / sc.rows) * nbc;
+        let (mut j, mut e2) = (j, e);
+        while e2 < row_end {
+            let bj = j / sc.cols;
+            let seg_end = row_end.min(e2 + ((bj + 1) * sc.cols - j));
+            let s = scale_at(srow + bj);
+            for x in &mut out[e2 - a..seg_end - a] {
+                *x *= s;
+            }
+            j += seg_end - e2;
+            e2 = seg_end;
+        }
+        e = row_end;
+    }
+}
+
 /// What `merge` returns.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
@@ -227,14 +273,7 @@ pub fn run_merge(plan_json: &str, ctl: &Control) -> Result<Summary> {
     } else {
         plan.threads
     };
-    let outs: Vec<OutTensor> = jobs
-        .iter()
-        .map(|j| OutTensor {
-            name: j.name.clone(),
-            dtype: j.out_dtype,
-            shape: j.shape.clone(),
-        })
-        .collect();
+    let outs: Vec<OutTensor> = plan::out_tensors(&jobs);
     let layout = plan_layout(&outs, &plan.metadata, plan.out_shard_size);
     let total = layout.total_size;
     ctl.total.store(total, Ordering::Relaxed);
@@ -300,7 +339,7 @@ fn execute(
             let stats: Vec<kernels::Stats> = (i..j).map(|_| kernels::Stats::None).collect();
             units.par_iter().try_for_each(|&(t, c)| {
                 ctl.check()?;
-                kernels::run_chunk(&ctxs[t], &stats[t - i], seed, t, c, w, ctl)
+                kernels::run_chunk(&ctxs[t], &stats[t - i], seed, c, w, ctl)
             })?;
             i = j;
             continue;
@@ -309,7 +348,7 @@ fn execute(
         let stats = kernels::compute_stats(ctx, seed, ctl)?;
         (0..ctx.nchunks).into_par_iter().try_for_each(|c| {
             ctl.check()?;
-            kernels::run_chunk(ctx, &stats, seed, i, c, w, ctl)
+            kernels::run_chunk(ctx, &stats, seed, c, w, ctl)
         })?;
         i += 1;
     }

@@ -41,6 +41,28 @@ pub struct Plan {
 pub struct Ref {
     pub model: usize,
     pub tensor: String,
+    /// For an F8_E4M3 tensor: its block scales (dequantised on load).
+    #[serde(default)]
+    pub scale: Option<ScalePlan>,
+}
+
+/// Block scales of an FP8 tensor: `tensor` (same model) holds one multiplier per block of
+/// `block` = [rows, cols] elements: value = fp8 × scale[i / rows][j / cols].
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ScalePlan {
+    pub tensor: String,
+    pub block: [usize; 2],
+}
+
+/// FP8 output: the tensor is requantised per block (scale = block amax / 448) and the scales
+/// are written as tensor `name` of `dtype`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct OutScalePlan {
+    pub name: String,
+    pub block: [usize; 2],
+    pub dtype: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +70,8 @@ pub struct Ref {
 pub struct SourcePlan {
     pub model: usize,
     pub tensor: String,
+    #[serde(default)]
+    pub scale: Option<ScalePlan>,
     #[serde(default)]
     pub params: BTreeMap<String, serde_json::Value>,
 }
@@ -64,6 +88,8 @@ pub struct TensorPlan {
     pub sources: Vec<SourcePlan>,
     #[serde(default)]
     pub params: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub out_scale: Option<OutScalePlan>,
 }
 
 /// The arithmetic a job runs (one arm of `kernels::compute`).
@@ -316,6 +342,26 @@ fn known_kernels() -> String {
 pub struct SrcRef {
     pub model: usize,
     pub tensor: usize,
+    /// Block scales of an FP8 tensor (same model).
+    pub scale: Option<BlockScale>,
+}
+
+/// Where the block scales of an FP8 input tensor are.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockScale {
+    /// Index of the scale tensor in the model.
+    pub tensor: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// FP8 output of a job: block size, the weight's column count, and the scales' dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct OutBlock {
+    pub rows: usize,
+    pub cols: usize,
+    pub ncols: usize,
+    pub scale_dtype: Dtype,
 }
 
 /// One output tensor, ready to execute.
@@ -341,6 +387,13 @@ pub struct Job {
     pub copy: bool,
     /// Bytes of the (first) source tensor: the work units of a copy.
     pub nbytes: usize,
+    /// FP8 output: requantised per block, scales written to `scale_slot`.
+    pub out_block: Option<OutBlock>,
+    /// Index of the output tensor (and of its scales) in the output layout.
+    pub out_slot: usize,
+    pub scale_slot: usize,
+    /// Name of the output scale tensor (FP8 output only).
+    pub scale_name: String,
 }
 
 impl Job {
@@ -412,6 +465,27 @@ fn check_params(
     Ok(())
 }
 
+/// The output tensors of the jobs, in slot order (an FP8 job's scales follow its weight).
+pub fn out_tensors(jobs: &[Job]) -> Vec<crate::safetensors::write::OutTensor> {
+    use crate::safetensors::write::OutTensor;
+    let mut out = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        out.push(OutTensor {
+            name: j.name.clone(),
+            dtype: j.out_dtype,
+            shape: j.shape.clone(),
+        });
+        if let Some(b) = j.out_block {
+            out.push(OutTensor {
+                name: j.scale_name.clone(),
+                dtype: b.scale_dtype,
+                shape: vec![j.shape[0].div_ceil(b.rows), j.shape[1].div_ceil(b.cols)],
+            });
+        }
+    }
+    out
+}
+
 /// A validated number parameter (None when the kernel does not take it).
 fn pnum(params: &BTreeMap<String, serde_json::Value>, k: &str) -> Option<f64> {
     params.get(k).and_then(|v| v.as_f64())
@@ -480,13 +554,81 @@ fn resolve(models: &[Model], r: (usize, &str), where_: &str) -> Result<SrcRef> {
     Ok(SrcRef {
         model: m,
         tensor: ti,
+        scale: None,
     })
+}
+
+const MAX_BLOCK: usize = 1 << 16;
+
+fn check_block(block: [usize; 2], what: &str) -> Result<()> {
+    if block.iter().any(|&b| b == 0 || b > MAX_BLOCK) {
+        return Err(Error::Config(format!(
+            "{what}: block {block:?} must be two sizes in 1..={MAX_BLOCK}"
+        )));
+    }
+    Ok(())
+}
+
+/// Attaches the block scales of an FP8 input and checks them (dtype, shape, block).
+pub(crate) fn attach_scale(
+    models: &[Model],
+    r: &mut SrcRef,
+    sp: &Option<ScalePlan>,
+    where_: &str,
+) -> Result<()> {
+    let Some(sp) = sp else { return Ok(()) };
+    let model = &models[r.model];
+    let w = &model.tensors[r.tensor];
+    check_block(sp.block, &format!("{where_} scale"))?;
+    if w.dtype != Dtype::F8_E4M3 || w.shape.len() != 2 {
+        return Err(Error::Mismatch(format!(
+            "{where_}: block scales are for 2-D F8_E4M3 tensors, but '{}' of {} is {} {:?}",
+            w.name,
+            model.path.display(),
+            w.dtype,
+            w.shape
+        )));
+    }
+    let si = model.index_of(&sp.tensor).ok_or_else(|| {
+        Error::Mismatch(format!(
+            "{where_}: model {} has no scale tensor '{}' for FP8 tensor '{}'",
+            model.path.display(),
+            sp.tensor,
+            w.name
+        ))
+    })?;
+    let st = &model.tensors[si];
+    let want = vec![
+        w.shape[0].div_ceil(sp.block[0]),
+        w.shape[1].div_ceil(sp.block[1]),
+    ];
+    if !is_float(st.dtype) || st.shape != want {
+        return Err(Error::Mismatch(format!(
+            "{where_}: scale tensor '{}' of {} is {} {:?}; FP8 tensor '{}' {:?} with blocks {:?} needs \
+             BF16, F16 or F32 {:?}",
+            st.name,
+            model.path.display(),
+            st.dtype,
+            st.shape,
+            w.name,
+            w.shape,
+            sp.block,
+            want
+        )));
+    }
+    r.scale = Some(BlockScale {
+        tensor: si,
+        rows: sp.block[0],
+        cols: sp.block[1],
+    });
+    Ok(())
 }
 
 /// Checks each tensor plan against the kernel table and the models, and builds its job.
 pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
     let mut seen = std::collections::HashSet::new();
     let mut jobs = Vec::with_capacity(plan.tensors.len());
+    let mut slots = 0usize;
     for (ti, tp) in plan.tensors.iter().enumerate() {
         let where_ = format!("plan tensors[{ti}] ('{}')", tp.name);
         if !seen.insert(tp.name.as_str()) {
@@ -519,11 +661,12 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             )));
         }
         let base = match (&tp.base, spec.base) {
-            (Some(b), true) => Some(resolve(
-                models,
-                (b.model, &b.tensor),
-                &format!("{where_} base"),
-            )?),
+            (Some(b), true) => {
+                let bw = format!("{where_} base");
+                let mut r = resolve(models, (b.model, &b.tensor), &bw)?;
+                attach_scale(models, &mut r, &b.scale, &bw)?;
+                Some(r)
+            }
             (None, true) => {
                 return Err(Error::Config(format!(
                     "{where_}: kernel '{}' needs a base",
@@ -546,7 +689,9 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
         for (si, s) in tp.sources.iter().enumerate() {
             let sw = format!("{where_} sources[{si}]");
             check_params(&s.params, spec.source_params, &sw, spec.name)?;
-            sources.push(resolve(models, (s.model, &s.tensor), &sw)?);
+            let mut r = resolve(models, (s.model, &s.tensor), &sw)?;
+            attach_scale(models, &mut r, &s.scale, &sw)?;
+            sources.push(r);
             if let Some(w) = pnum(&s.params, "weight") {
                 weights.push(w as f32);
             }
@@ -581,11 +726,15 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
                 )));
             }
         }
-        let copy = kernel == Kernel::Passthrough && scale == 1.0 && first.dtype == out_dtype;
+        let copy = kernel == Kernel::Passthrough
+            && scale == 1.0
+            && first.dtype == out_dtype
+            && sources[0].scale.is_none()
+            && tp.out_scale.is_none();
         if !copy {
             for (role, r) in &all {
                 let info = &models[r.model].tensors[r.tensor];
-                if !is_float(info.dtype) {
+                if !is_float(info.dtype) && r.scale.is_none() {
                     return Err(Error::Mismatch(format!(
                         "{where_}: {role} tensor '{}' of {} is {}; arithmetic needs BF16, F16 or F32 \
                          (only passthrough with scale 1 to the same dtype copies other dtypes)",
@@ -595,12 +744,55 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
                     )));
                 }
             }
-            if !is_float(out_dtype) {
+            let fp8_out = out_dtype == Dtype::F8_E4M3 && tp.out_scale.is_some();
+            if !(is_float(out_dtype) || fp8_out) {
                 return Err(Error::Config(format!(
-                    "{where_}: out_dtype {out_dtype} is not BF16, F16 or F32 (needed unless passthrough copies bytes)"
+                    "{where_}: out_dtype {out_dtype} is not BF16, F16 or F32, nor F8_E4M3 with \
+                     out_scale (needed unless passthrough copies bytes)"
                 )));
             }
         }
+        let out_block = match &tp.out_scale {
+            None => None,
+            Some(os) => {
+                check_block(os.block, &format!("{where_} out_scale"))?;
+                let scale_dtype =
+                    parse_dtype(&os.dtype)
+                        .filter(|d| is_float(*d))
+                        .ok_or_else(|| {
+                            Error::Config(format!(
+                                "{where_}: out_scale dtype '{}' is not BF16, F16 or F32",
+                                os.dtype
+                            ))
+                        })?;
+                if out_dtype != Dtype::F8_E4M3 || first.shape.len() != 2 || copy {
+                    return Err(Error::Config(format!(
+                        "{where_}: out_scale needs out_dtype F8_E4M3 and a 2-D tensor (got {out_dtype} {:?})",
+                        first.shape
+                    )));
+                }
+                if os.name.is_empty() || !seen.insert(os.name.as_str()) {
+                    return Err(Error::Config(format!(
+                        "{where_}: out_scale name '{}' is empty or names another output tensor",
+                        os.name
+                    )));
+                }
+                Some(OutBlock {
+                    rows: os.block[0],
+                    cols: os.block[1],
+                    ncols: first.shape[1],
+                    scale_dtype,
+                })
+            }
+        };
+        let out_slot = slots;
+        slots += 1;
+        let scale_slot = if out_block.is_some() {
+            slots += 1;
+            slots - 1
+        } else {
+            out_slot
+        };
         let normalize = pflag(&tp.params, "normalize").unwrap_or(false);
         if kernel == Kernel::Linear && normalize {
             let div: f32 = weights.iter().sum();
@@ -631,6 +823,14 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             scale,
             copy,
             nbytes: first.nbytes(),
+            out_block,
+            out_slot,
+            scale_slot,
+            scale_name: tp
+                .out_scale
+                .as_ref()
+                .map(|o| o.name.clone())
+                .unwrap_or_default(),
         });
     }
     Ok(jobs)

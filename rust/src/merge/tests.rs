@@ -378,3 +378,132 @@ fn ties_split_with_many_values_per_bucket() {
         assert_eq!(out, want, "chunk {chunk}");
     }
 }
+
+/// A model file written byte by byte: (name, dtype, shape, raw little-endian bytes).
+fn save_raw(dir: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (n, dt, shape, raw) in tensors {
+        header.insert(
+            n.to_string(),
+            json!({"dtype": dt, "shape": shape, "data_offsets": [data.len(), data.len() + raw.len()]}),
+        );
+        data.extend_from_slice(raw);
+    }
+    let h = Value::Object(header).to_string();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(&data);
+    std::fs::write(dir.join("model.safetensors"), out).unwrap();
+}
+
+#[test]
+fn fp8_block_scaled_in_and_out() {
+    use crate::dtype::{f32_to_f8e4m3, f8e4m3_to_f32};
+    // A 3×5 FP8 weight with 2×2 blocks: scales are 2×3.
+    let q: Vec<u8> = (0..15u8)
+        .map(|i| f32_to_f8e4m3(i as f32 * 0.5 - 3.0))
+        .collect();
+    let sc: [f32; 6] = [1.0, 2.0, 4.0, 0.5, 0.25, 8.0];
+    let sbytes: Vec<u8> = sc.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let deq: Vec<f32> = (0..15)
+        .map(|e| f8e4m3_to_f32(q[e]) * sc[(e / 5 / 2) * 3 + (e % 5) / 2])
+        .collect();
+    let root = tempfile::tempdir().unwrap();
+    let m = root.path().join("m");
+    save_raw(
+        &m,
+        &[
+            ("w", "F8_E4M3", vec![3, 5], q.clone()),
+            ("w_scale_inv", "F32", vec![2, 3], sbytes),
+        ],
+    );
+    let f32s: Vec<u8> = deq
+        .iter()
+        .map(|x| x * 0.5)
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    save_raw(&root.path().join("b"), &[("w", "F32", vec![3, 5], f32s)]);
+    let models = vec![
+        root.path().join("b").display().to_string(),
+        m.display().to_string(),
+    ];
+    let run = |out: &str, t: Value| {
+        let o = root.path().join(out);
+        std::fs::create_dir_all(&o).unwrap();
+        let plan = json!({"version": 2, "models": models, "out_dir": o, "out_shard_size": 1u64 << 30,
+            "threads": 2, "seed": 0, "chunk_elems": 4, "metadata": {}, "tensors": [t]});
+        run_merge(&plan.to_string(), &Control::default()).map(|_| o)
+    };
+    let scale = json!({"tensor": "w_scale_inv", "block": [2, 2]});
+    // Dequantised copy: exactly q × its block's scale.
+    let o = run("deq", json!({"name": "w", "kernel": "passthrough", "out_dtype": "F32",
+        "sources": [{"model": 1, "tensor": "w", "scale": scale, "params": {"scale": 1.0}}], "params": {}}))
+    .unwrap();
+    assert_eq!(read(&o, "w"), deq);
+    // Mixed inputs (FP8 donor, F32 base), FP8 output: requantised per block with amax / 448.
+    let o = run(
+        "ta8",
+        json!({"name": "w", "kernel": "task_arithmetic", "out_dtype": "F8_E4M3",
+        "base": {"model": 0, "tensor": "w"},
+        "sources": [{"model": 1, "tensor": "w", "scale": scale, "params": {"weight": 1.0}}],
+        "params": {"lambda": 1.0, "normalize": false},
+        "out_scale": {"name": "w_scale_inv", "block": [2, 2], "dtype": "F32"}}),
+    )
+    .unwrap();
+    let out = Model::open(&o).unwrap();
+    let (wq, ws) = (out.get("w").unwrap(), out.get("w_scale_inv").unwrap());
+    assert_eq!((wq.dtype, ws.shape.clone()), (Dtype::F8_E4M3, vec![2, 3]));
+    let s_out = read(&o, "w_scale_inv");
+    let qb = out.bytes(wq);
+    for e in 0..15 {
+        let s = s_out[(e / 5 / 2) * 3 + (e % 5) / 2];
+        let got = f8e4m3_to_f32(qb[e]) * s;
+        // Exact merge is deq (base + (deq − base)); the FP8 rounding error is at most half a
+        // code step: 2^-4 relative (3 mantissa bits) or 2^-10 absolute in units of the scale.
+        let want = deq[e];
+        assert!(
+            (got - want).abs() <= want.abs() / 16.0 + s / 1024.0 + 1e-6,
+            "{e}: {got} vs {want}"
+        );
+    }
+    // Block amax maps to ±448 exactly.
+    for (k, &s) in s_out.iter().enumerate() {
+        let (bi, bj) = (k / 3, k % 3);
+        let amax = (0..15)
+            .filter(|e| e / 5 / 2 == bi && (e % 5) / 2 == bj)
+            .map(|e| deq[e].abs())
+            .fold(0f32, f32::max);
+        assert_eq!(s, if amax > 0.0 { amax / 448.0 } else { 1.0 });
+    }
+    // Bad scales are refused before anything is written.
+    for (t, words) in [
+        (
+            json!({"name": "w", "kernel": "passthrough", "out_dtype": "F32",
+            "sources": [{"model": 1, "tensor": "w", "scale": {"tensor": "w_scale_inv", "block": [4, 4]},
+            "params": {"scale": 1.0}}], "params": {}}),
+            "needs",
+        ),
+        (
+            json!({"name": "w", "kernel": "passthrough", "out_dtype": "F32",
+            "sources": [{"model": 0, "tensor": "w", "scale": scale, "params": {"scale": 1.0}}], "params": {}}),
+            "2-D F8_E4M3",
+        ),
+        (
+            json!({"name": "w", "kernel": "passthrough", "out_dtype": "F32",
+            "sources": [{"model": 1, "tensor": "w", "params": {"scale": 1.0}}], "params": {}}),
+            "F8_E4M3",
+        ),
+        (
+            json!({"name": "w", "kernel": "passthrough", "out_dtype": "F8_E4M3",
+            "sources": [{"model": 0, "tensor": "w", "params": {"scale": 1.0}}], "params": {}}),
+            "out_scale",
+        ),
+    ] {
+        match run("bad", t) {
+            Err(Error::Mismatch(m)) | Err(Error::Config(m)) => assert!(m.contains(words), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
