@@ -138,6 +138,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
             t: 0.0,
             filter_wise: false,
             scale: 1.0,
+            bf16_compute: false,
             copy: false,
             nbytes: 0,
             out_block: None,

@@ -125,7 +125,10 @@ def merge_tensor(entry: dict[str, Any], get: Callable[[dict[str, Any]], Any], se
     xs = [get(s).float() for s in srcs]
     ws = [float(s["params"].get("weight", 1.0)) for s in srcs]
     if method == "linear":
-        acc = sum(w * x for w, x in zip(ws, xs, strict=True))
+        # one fused multiply-add per model, as mergekit's torch addcmul_
+        acc = torch.zeros_like(xs[0])
+        for w, x in zip(ws, xs, strict=True):
+            acc.addcmul_(x, torch.tensor(w, dtype=torch.float32))
         if p["normalize"]:
             tw = sum(ws)
             if abs(tw) < 1e-8:

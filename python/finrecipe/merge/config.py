@@ -87,6 +87,9 @@ class MergeConfig(_Strict):
     base_model: str | None = None
     dtype: str | None = None
     out_dtype: str | None = None
+    # finrecipe only: "float32" computes exactly in float32 even when `dtype` is bfloat16 (by
+    # default `dtype: bfloat16` computes in bf16 as mergekit does; docs/merge-plan.md).
+    compute_dtype: str | None = None
     parameters: Params | None = None
     tokenizer_source: str | None = None
     tokenizer: TokenizerConfig | None = None
@@ -152,6 +155,9 @@ class MergeConfig(_Strict):
                 more = " (or float8_e4m3fn for out_dtype: FP8 block-scaled output)" if key == "out_dtype" else ""
                 raise self.error(f"unsupported {key} {v!r}" + suggest(v, [*DTYPES, *FP8_DTYPES])
                                  + f"; use float32, bfloat16 or float16{more}", (key,))
+        if self.compute_dtype is not None and DTYPES.get(self.compute_dtype) not in ("F32", "BF16"):
+            raise self.error(f"unsupported compute_dtype {self.compute_dtype!r}; use float32 (exact) or "
+                             "bfloat16 (as mergekit computes with dtype: bfloat16)", ("compute_dtype",))
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise self.error("give either 'tokenizer_source' or 'tokenizer', not both", ("tokenizer",))
         src = self.tokenizer_source_name

@@ -82,6 +82,9 @@ class MethodDef:
     # An explicit copy: tensors of dtypes no arithmetic applies to (integers, FP8, ...) are copied
     # as they are instead of being refused.
     explicit_copy: bool = False
+    # mergekit runs this method's torch operations in the config's `dtype`: with bfloat16 every step
+    # rounds to bf16. The kernel can do the same (plan `compute_dtype: "BF16"`).
+    bf16_compute: bool = False
     doc: str = ""
 
     def param(self, name: str) -> ParamDef | None:
@@ -118,17 +121,17 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
     MethodDef("linear", "linear", (WEIGHT, normalize(True)), needs_base=False, refuse_zero_weight_sum=True,
               doc="weighted average of the models"),
     MethodDef("task_arithmetic", "task_arithmetic", (WEIGHT, LAMBDA, normalize(False), INT8_MASK),
-              needs_base=True, doc="base + lambda * sum of weighted task vectors"),
-    MethodDef("ties", "ties", (WEIGHT, DENSITY, LAMBDA, normalize(True), INT8_MASK), needs_base=True,
+              needs_base=True, bf16_compute=True, doc="base + lambda * sum of weighted task vectors"),
+    MethodDef("ties", "ties", (WEIGHT, DENSITY, LAMBDA, normalize(True), INT8_MASK), needs_base=True, bf16_compute=True,
               doc="top-k task vectors, sign election, disjoint mean"),
     MethodDef("dare_linear", "dare_linear", (WEIGHT, DENSITY, LAMBDA, normalize(False), RESCALE, INT8_MASK),
-              needs_base=True, doc="random drop and rescale, then task arithmetic"),
-    MethodDef("dare_ties", "dare_ties", (WEIGHT, DENSITY, LAMBDA, normalize(True), RESCALE, INT8_MASK),
-              needs_base=True, doc="random drop and rescale, then TIES sign election"),
+              needs_base=True, bf16_compute=True, doc="random drop and rescale, then task arithmetic"),
+    MethodDef("dare_ties", "dare_ties", (WEIGHT, DENSITY, LAMBDA, normalize(False), RESCALE, INT8_MASK),
+              needs_base=True, bf16_compute=True, doc="random drop and rescale, then TIES sign election"),
     MethodDef("breadcrumbs", "breadcrumbs", (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), INT8_MASK),
-              needs_base=True, doc="drop the largest and the smallest |delta|, then task arithmetic"),
+              needs_base=True, bf16_compute=True, doc="drop the largest and the smallest |delta|, then task arithmetic"),
     MethodDef("breadcrumbs_ties", "breadcrumbs_ties",
-              (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(True), INT8_MASK), needs_base=True,
+              (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), INT8_MASK), needs_base=True, bf16_compute=True,
               doc="breadcrumbs sparsification with TIES sign election"),
     MethodDef("slerp", "slerp", (_p("t", "global", lo=0.0, hi=1.0, doc="0: the base, 1: the other model"),),
               needs_base=True, min_sources=1, max_sources=1, doc="spherical interpolation of two models"),

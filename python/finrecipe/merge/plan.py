@@ -69,6 +69,13 @@ class MergePlanInfo:
         return sum(math.prod(s) for s in self.shapes)
 
 
+
+def _compute_dtype(cfg: MergeConfig) -> str:
+    """The dtype the arithmetic runs in: `compute_dtype` when given, else `dtype` (mergekit's rule:
+    its torch operations run in `dtype`), float32 when neither is given."""
+    name = cfg.compute_dtype or cfg.dtype
+    return "BF16" if name is not None and DTYPES.get(name) == "BF16" else "F32"
+
 def resolve_model_paths(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None) -> dict[str, Path]:
     """Name -> absolute directory for every model the config mentions."""
     out: dict[str, Path] = {}
@@ -471,6 +478,8 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             entry = {"name": out_name, "kernel": m.kernel, "out_dtype": odt,
                      "base": ref_of(part.base, refs[0][0]) if part.base else None,
                      "sources": sources, "params": tparams}
+            if m.bf16_compute and _compute_dtype(cfg) == "BF16":
+                entry["compute_dtype"] = "BF16"
             if out_scale is not None:
                 entry["out_scale"] = out_scale
                 bl = out_scale["block"]

@@ -345,7 +345,9 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                 (0..nsrc)
                     .map(|i| {
                         let (b, a) = (sums[2 * i], sums[2 * i + 1]);
-                        if job.densities[i] >= 1.0 || b < 1e-7 || a < 1e-7 {
+                        if job.bf16_compute && job.densities[i] < 1.0 {
+                            super::bf16::rescale_factor(b, a)
+                        } else if job.densities[i] >= 1.0 || b < 1e-7 || a < 1e-7 {
                             1.0
                         } else {
                             (b / a) as f32
@@ -655,10 +657,11 @@ fn compute_generic(
     let nsrc = job.sources.len();
     match job.kernel {
         Kernel::Linear => {
+            // mergekit accumulates with torch's addcmul_, a fused multiply-add per model.
             out.fill(0.0);
             for (src, &wi) in srcs.iter().zip(&job.weights).take(nsrc) {
                 for (o, &x) in out.iter_mut().zip(&src[..m]) {
-                    *o += wi * x;
+                    *o = x.mul_add(wi, *o);
                 }
             }
             if job.normalize {
@@ -710,7 +713,11 @@ fn compute_generic(
                 j = end;
             }
         }
+        Kernel::TaskArithmetic if job.bf16_compute => {
+            super::bf16::task_arithmetic(job, m, base, srcs, out)
+        }
         Kernel::TaskArithmetic => task_arithmetic(job, m, base, srcs, out),
+        _ if job.bf16_compute => super::bf16::gta(job, stats, seed, c, a, m, base, srcs, out),
         _ => gta(job, stats, seed, c, a, m, base, srcs, out),
     }
 }

@@ -5,6 +5,7 @@
 //! byte buffer, plus small per-tensor statistics (histograms, per-chunk tie counts, per-row
 //! model_stock factors). Inputs and outputs are file-backed.
 
+pub mod bf16;
 pub mod kernels;
 pub mod plan;
 pub mod rng;
@@ -135,12 +136,23 @@ impl<'a> Ctx<'a> {
         if let Some(base) = self.job.base {
             self.load(base, a, b, &mut s.base);
         }
+        // bf16 compute: inputs are cast to bf16 and deltas rounded, as mergekit's torch ops do.
+        let bf = self.job.bf16_compute;
+        if bf && self.job.base.is_some() {
+            bf16::round_all(&mut s.base[..m]);
+        }
         for (i, &src) in self.job.sources.iter().enumerate() {
             self.load(src, a, b, &mut s.srcs[i]);
+            if bf {
+                bf16::round_all(&mut s.srcs[i][..m]);
+            }
             if deltas {
                 let (bb, d) = (&s.base[..m], &mut s.srcs[i][..m]);
                 for (x, y) in d.iter_mut().zip(bb) {
                     *x -= *y;
+                }
+                if bf {
+                    bf16::round_all(d);
                 }
             }
         }

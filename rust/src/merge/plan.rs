@@ -90,6 +90,10 @@ pub struct TensorPlan {
     pub params: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     pub out_scale: Option<OutScalePlan>,
+    /// "BF16": compute as mergekit does with `dtype: bfloat16` (task-arithmetic kernels only, see
+    /// merge/bf16.rs); "F32" or absent: exact float32.
+    #[serde(default)]
+    pub compute_dtype: Option<String>,
 }
 
 /// The arithmetic a job runs (one arm of `kernels::compute`).
@@ -383,6 +387,8 @@ pub struct Job {
     pub t: f64,
     pub filter_wise: bool,
     pub scale: f32,
+    /// Round every intermediate to bf16 as mergekit's bf16 torch ops do (task-arithmetic kernels).
+    pub bf16_compute: bool,
     /// Passthrough with identical dtype and scale 1: bytes are copied.
     pub copy: bool,
     /// Bytes of the (first) source tensor: the work units of a copy.
@@ -648,6 +654,17 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
         let out_dtype = parse_dtype(&tp.out_dtype).ok_or_else(|| {
             Error::Config(format!("{where_}: unknown out_dtype '{}'", tp.out_dtype))
         })?;
+        let bf16_compute = match tp.compute_dtype.as_deref() {
+            None | Some("F32") => false,
+            Some("BF16") if kernel.is_gta() => true,
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "{where_}: compute_dtype '{other}' is not supported by kernel '{}' (F32, or \
+                     BF16 for the task-arithmetic kernels)",
+                    spec.name
+                )))
+            }
+        };
         let nsrc = tp.sources.len();
         if nsrc < spec.min_sources || spec.max_sources.is_some_and(|mx| nsrc > mx) {
             let want = match spec.max_sources {
@@ -821,6 +838,7 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             t: pnum(&tp.params, "t").unwrap_or(0.0),
             filter_wise: pflag(&tp.params, "filter_wise").unwrap_or(false),
             scale,
+            bf16_compute,
             copy,
             nbytes: first.nbytes(),
             out_block,
