@@ -182,7 +182,7 @@ def test_magnitude_methods_exact(trio: list[Path], tmp_path: Path, method: str) 
     sp: list[dict[str, Any]] = [{"weight": 1.0, "density": 0.4}, {"weight": 0.6, "density": 0.7}]
     if method.startswith("breadcrumbs"):
         sp[0]["gamma"], sp[1]["gamma"] = 0.05, 0.1
-    out = _run(_plan(trio, tmp_path / "o", method, sp, {"lambda": 1.0, "normalize": True}, chunk=50),
+    out = _run(_plan(trio, tmp_path / "o", method, sp, {"lambda": 1.0, "normalize": True, "rescale": False}, chunk=50),
                tmp_path / "o")
     for k in SHAPES:
         keep = []
@@ -287,7 +287,7 @@ def test_sharded_output_loads(trio: list[Path], tmp_path: Path) -> None:
 
 def test_plan_errors(trio: list[Path], tmp_path: Path) -> None:
     good = json.loads(_plan(trio, tmp_path / "e", "ties", [{"weight": 1.0, "density": 0.5}] * 2,
-                            {"lambda": 1.0, "normalize": True}))
+                            {"lambda": 1.0, "normalize": True, "rescale": False}))
     bad = dict(good, extra=1)
     with pytest.raises(ConfigError, match="extra"):
         _core.merge(json.dumps(bad), None)
@@ -372,7 +372,7 @@ def test_progress_and_keyboard_interrupt(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     o = tmp_path / "ok"
     _core.merge(_plan(dirs, o, "ties", [{"weight": 1.0, "density": 0.3}] * 2,
-                      {"lambda": 1.0, "normalize": True}, names=names, chunk=4096, threads=1),
+                      {"lambda": 1.0, "normalize": True, "rescale": False}, names=names, chunk=4096, threads=1),
                 lambda d, t: calls.append((d, t)))
     assert calls and calls[-1][0] == calls[-1][1] == 4 * (1 << 20) * 4
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:], strict=False))
@@ -383,7 +383,7 @@ def test_progress_and_keyboard_interrupt(tmp_path: Path) -> None:
     o = tmp_path / "cancel"
     with pytest.raises(KeyboardInterrupt):
         _core.merge(_plan(dirs, o, "ties", [{"weight": 1.0, "density": 0.3}] * 2,
-                          {"lambda": 1.0, "normalize": True}, names=names * 1, chunk=4096, threads=1),
+                          {"lambda": 1.0, "normalize": True, "rescale": False}, names=names * 1, chunk=4096, threads=1),
                     interrupt)
     assert list(o.iterdir()) == []
 

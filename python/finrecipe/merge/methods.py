@@ -109,6 +109,10 @@ GAMMA = _p("gamma", "model", 0.01, lo=0.0, hi=1.0, hi_open=True,
            doc="fraction of the largest |delta| dropped as outliers")
 LAMBDA = _p("lambda", "global", 1.0, doc="scale of the merged task vector")
 RESCALE = _p("rescale", "global", True, bool, doc="rescale kept DARE deltas to the original L1 norm")
+# mergekit accepts `rescale` for every task-arithmetic method; off by default where it prunes by magnitude.
+RESCALE_OFF = _p("rescale", "global", False, bool, doc="rescale kept deltas to the original L1 norm")
+# task_arithmetic prunes nothing, so mergekit's `rescale` has nothing to rescale: accepted, no effect.
+RESCALE_NOOP = _p("rescale", "global", False, bool, kernel=False, doc="accepted, no effect (nothing is pruned)")
 # mergekit's memory optimisation flag: accepted for compatibility, has no effect here.
 INT8_MASK = _p("int8_mask", "global", False, bool, kernel=False, doc="accepted, no effect")
 
@@ -120,18 +124,20 @@ def normalize(default: bool) -> ParamDef:
 METHODS: dict[str, MethodDef] = {m.name: m for m in (
     MethodDef("linear", "linear", (WEIGHT, normalize(True)), needs_base=False, refuse_zero_weight_sum=True,
               doc="weighted average of the models"),
-    MethodDef("task_arithmetic", "task_arithmetic", (WEIGHT, LAMBDA, normalize(False), INT8_MASK),
+    MethodDef("task_arithmetic", "task_arithmetic", (WEIGHT, LAMBDA, normalize(False), RESCALE_NOOP, INT8_MASK),
               needs_base=True, bf16_compute=True, doc="base + lambda * sum of weighted task vectors"),
-    MethodDef("ties", "ties", (WEIGHT, DENSITY, LAMBDA, normalize(True), INT8_MASK), needs_base=True, bf16_compute=True,
+    MethodDef("ties", "ties", (WEIGHT, DENSITY, LAMBDA, normalize(True), RESCALE_OFF, INT8_MASK), needs_base=True, bf16_compute=True,
               doc="top-k task vectors, sign election, disjoint mean"),
     MethodDef("dare_linear", "dare_linear", (WEIGHT, DENSITY, LAMBDA, normalize(False), RESCALE, INT8_MASK),
               needs_base=True, bf16_compute=True, doc="random drop and rescale, then task arithmetic"),
     MethodDef("dare_ties", "dare_ties", (WEIGHT, DENSITY, LAMBDA, normalize(False), RESCALE, INT8_MASK),
               needs_base=True, bf16_compute=True, doc="random drop and rescale, then TIES sign election"),
-    MethodDef("breadcrumbs", "breadcrumbs", (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), INT8_MASK),
+    MethodDef("breadcrumbs", "breadcrumbs", (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), RESCALE_OFF,
+                                                INT8_MASK),
               needs_base=True, bf16_compute=True, doc="drop the largest and the smallest |delta|, then task arithmetic"),
     MethodDef("breadcrumbs_ties", "breadcrumbs_ties",
-              (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), INT8_MASK), needs_base=True, bf16_compute=True,
+              (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), RESCALE_OFF, INT8_MASK), needs_base=True,
+              bf16_compute=True,
               doc="breadcrumbs sparsification with TIES sign election"),
     MethodDef("slerp", "slerp", (_p("t", "global", lo=0.0, hi=1.0, doc="0: the base, 1: the other model"),),
               needs_base=True, min_sources=1, max_sources=1, doc="spherical interpolation of two models"),

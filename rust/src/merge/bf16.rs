@@ -83,6 +83,18 @@ pub fn gta(
             (Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies, Stats::Keep(rules)) => {
                 rules[i].apply(c, d);
             }
+            (
+                Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies,
+                Stats::KeepScaled(rules, f),
+            ) => {
+                rules[i].apply(c, d);
+                let fi = f[i];
+                if fi != 1.0 {
+                    for x in d.iter_mut() {
+                        *x = rb(*x * fi);
+                    }
+                }
+            }
             (Kernel::DareLinear | Kernel::DareTies, _) if job.densities[i] < 1.0 => {
                 let k = KeepStream::new(seed, &job.name, i, job.densities[i]);
                 let f = match stats {

@@ -17,6 +17,8 @@ pub enum Stats {
     None,
     /// Per source: which ranks of |δ| survive (ties, breadcrumbs).
     Keep(Vec<KeepRule>),
+    /// As `Keep`, with `rescale`: per source the factor L1(δ) / L1(kept δ) applied to kept entries.
+    KeepScaled(Vec<KeepRule>, Vec<f32>),
     /// Per source DARE rescale factor.
     Dare(Vec<f32>),
     /// out = c0·v0 + c1·v1.
@@ -324,7 +326,43 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
     let nsrc = job.sources.len();
     match job.kernel {
         Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies => {
-            Ok(Stats::Keep(keep_rules(ctx, ctl)?))
+            let rules = keep_rules(ctx, ctl)?;
+            if !job.rescale {
+                return Ok(Stats::Keep(rules));
+            }
+            // rescale: L1 of each δ and of its kept part (one more pass), as for DARE.
+            let sums = ctx.fold(
+                ctl,
+                true,
+                || vec![0f64; 2 * nsrc],
+                |acc, c, _a, s, m| {
+                    let mut kept = Vec::with_capacity(m);
+                    for (i, rule) in rules.iter().enumerate() {
+                        let d = &s.srcs[i][..m];
+                        kept.clear();
+                        kept.extend_from_slice(d);
+                        rule.apply(c, &mut kept);
+                        acc[2 * i] += d.iter().map(|&x| x.abs() as f64).sum::<f64>();
+                        acc[2 * i + 1] += kept.iter().map(|&x| x.abs() as f64).sum::<f64>();
+                    }
+                },
+                add_vecs,
+            )?;
+            let f = (0..nsrc)
+                .map(|i| {
+                    let (b, a) = (sums[2 * i], sums[2 * i + 1]);
+                    if job.densities[i] >= 1.0 {
+                        1.0
+                    } else if job.bf16_compute {
+                        super::bf16::rescale_factor(b, a)
+                    } else if b < 1e-7 || a < 1e-7 {
+                        1.0
+                    } else {
+                        (b / a) as f32
+                    }
+                })
+                .collect();
+            Ok(Stats::KeepScaled(rules, f))
         }
         Kernel::DareLinear | Kernel::DareTies => {
             let streams = dare_streams(job, seed);
@@ -777,6 +815,18 @@ fn gta(
         match (job.kernel, stats) {
             (Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies, Stats::Keep(rules)) => {
                 rules[i].apply(c, d);
+            }
+            (
+                Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies,
+                Stats::KeepScaled(rules, f),
+            ) => {
+                rules[i].apply(c, d);
+                let fi = f[i];
+                if fi != 1.0 {
+                    for x in d.iter_mut() {
+                        *x *= fi;
+                    }
+                }
             }
             (Kernel::DareLinear | Kernel::DareTies, _) if job.densities[i] < 1.0 => {
                 let k = KeepStream::new(seed, &job.name, i, job.densities[i]);

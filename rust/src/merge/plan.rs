@@ -246,7 +246,7 @@ pub static KERNELS: &[KernelSpec] = &[
         Kernel::Ties,
         "ties",
         &[WEIGHT, DENSITY],
-        &[LAMBDA, NORMALIZE],
+        &[LAMBDA, NORMALIZE, RESCALE],
     ),
     gta(
         Kernel::DareLinear,
@@ -264,13 +264,13 @@ pub static KERNELS: &[KernelSpec] = &[
         Kernel::Breadcrumbs,
         "breadcrumbs",
         &[WEIGHT, DENSITY, GAMMA],
-        &[LAMBDA, NORMALIZE],
+        &[LAMBDA, NORMALIZE, RESCALE],
     ),
     gta(
         Kernel::BreadcrumbsTies,
         "breadcrumbs_ties",
         &[WEIGHT, DENSITY, GAMMA],
-        &[LAMBDA, NORMALIZE],
+        &[LAMBDA, NORMALIZE, RESCALE],
     ),
     KernelSpec {
         kernel: Kernel::Slerp,

@@ -126,7 +126,7 @@ fn ties_trims_elects_and_normalizes() {
     let p = json!({"weight": 1.0, "density": 0.75});
     let out = c.run(
         json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
-        "sources": [src(1, p.clone()), src(2, p)], "params": {"lambda": 1.0, "normalize": true}}),
+        "sources": [src(1, p.clone()), src(2, p)], "params": {"lambda": 1.0, "normalize": true, "rescale": false}}),
     );
     // a keeps 3, 2, -1; b keeps 4, -2, 1.5; elem 1: (-1 - 2) / 2; elem 2: (2 + 1.5) / 2.
     assert_eq!(out, vec![3.0, -1.5, 1.75, 4.0]);
@@ -135,7 +135,7 @@ fn ties_trims_elects_and_normalizes() {
     let p = json!({"weight": 1.0, "density": 1.0});
     let out = c.run(
         json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
-        "sources": [src(1, p.clone()), src(2, p)], "params": {"lambda": 1.0, "normalize": false}}),
+        "sources": [src(1, p.clone()), src(2, p)], "params": {"lambda": 1.0, "normalize": false, "rescale": false}}),
     );
     assert_eq!(out, vec![3.0]);
 }
@@ -155,7 +155,7 @@ fn ties_breaks_ties_by_index() {
         let out = c.run_with(
             &format!("o{k}"),
             json!({"name": "x", "kernel": "ties", "out_dtype": "F32",
-            "base": base(), "sources": [src(1, p)], "params": {"lambda": 1.0, "normalize": true}}),
+            "base": base(), "sources": [src(1, p)], "params": {"lambda": 1.0, "normalize": true, "rescale": false}}),
             *threads,
             *chunk,
         );
@@ -180,7 +180,7 @@ fn breadcrumbs_drops_outliers_and_small() {
     let out = c.run(
         json!({"name": "x", "kernel": "breadcrumbs", "out_dtype": "F32", "base": base(),
         "sources": [src(1, json!({"weight": 1.0, "density": 0.5, "gamma": 0.1}))],
-        "params": {"lambda": 1.0, "normalize": true}}),
+        "params": {"lambda": 1.0, "normalize": true, "rescale": false}}),
     );
     assert_eq!(out, vec![0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0, 9.0, 0.0]);
 }
@@ -264,7 +264,7 @@ fn bad_plans_are_config_or_mismatch_errors() {
         other => panic!("{other:?}"),
     }
     let plan = c.plan("o", json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
-        "sources": [src(0, json!({"weight": 1.0, "densty": 0.5}))], "params": {"lambda": 1.0, "normalize": false}}), 1, 10);
+        "sources": [src(0, json!({"weight": 1.0, "densty": 0.5}))], "params": {"lambda": 1.0, "normalize": false, "rescale": false}}), 1, 10);
     match run_merge(&plan, &Control::default()) {
         Err(Error::Config(m)) => assert!(m.contains("densty"), "{m}"),
         other => panic!("{other:?}"),
@@ -287,13 +287,13 @@ fn bad_plans_are_config_or_mismatch_errors() {
         (
             json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
             "sources": [src(0, json!({"weight": 1.0, "density": 1.5}))],
-            "params": {"lambda": 1.0, "normalize": false}}),
+            "params": {"lambda": 1.0, "normalize": false, "rescale": false}}),
             "outside [0, 1]",
         ),
         (
             json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
             "sources": [src(0, json!({"weight": "1", "density": 0.5}))],
-            "params": {"lambda": 1.0, "normalize": false}}),
+            "params": {"lambda": 1.0, "normalize": false, "rescale": false}}),
             "finite number",
         ),
         (
@@ -371,7 +371,7 @@ fn ties_split_with_many_values_per_bucket() {
         let out = c.run_with(
             &format!("o{k}"),
             json!({"name": "x", "kernel": "ties", "out_dtype": "F32", "base": base(),
-                "sources": [src(1, p)], "params": {"lambda": 1.0, "normalize": true}}),
+                "sources": [src(1, p)], "params": {"lambda": 1.0, "normalize": true, "rescale": false}}),
             2,
             *chunk,
         );
