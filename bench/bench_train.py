@@ -78,8 +78,8 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     """Model dir, corpus and its packed tokens (via finrecipe's data module, cached)."""
     from transformers import AutoTokenizer
 
-    from finrecipe.types import DatasetRef
     from finrecipe.train.data import tokenize_pretraining
+    from finrecipe.types import DatasetRef
 
     root = OUT / ("gpu" if args.gpu else "cpu")
     root.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,8 @@ def child_ours(setup_: dict[str, Any], s: dict[str, Any], out: Path, gpu: bool, 
     import torch
 
     from finrecipe.progress import NullProgress
-    from finrecipe.stages.base import DatasetRef, ModelRef, StageContext, get_kind
+    from finrecipe.stages.base import get_kind
+    from finrecipe.types import DatasetRef, ModelRef, StageContext
 
     if not gpu:
         torch.set_num_threads(s["threads"])
@@ -142,8 +143,9 @@ def child_ours(setup_: dict[str, Any], s: dict[str, Any], out: Path, gpu: bool, 
         max_tokens=s["steps"] * s["micro"] * s["accum"] * s["seq"],
         optimizer=dict(lr=s["lr"], weight_decay=s["weight_decay"], betas=s["betas"], eps=s["eps"]),
         schedule=dict(kind="cosine", warmup_steps=s["warmup"], min_lr_ratio=0.0), grad_clip=s["grad_clip"],
-        checkpoint_every_steps=None, seed=0, compile=compile_, device="cuda" if gpu else "cpu"))
-    inputs = {"m": ModelRef("m", Path(setup_["model_dir"])),
+        checkpoint_every_steps=None, seed=0, compile=compile_, device="cuda" if gpu else "cpu",
+        packing="stream"))  # the HF Trainer baseline packs one plain stream: compare like with like
+    inputs: dict[str, ModelRef | DatasetRef] = {"m": ModelRef("m", Path(setup_["model_dir"])),
               "corpus": DatasetRef("corpus", (Path(setup_["corpus"]),), "jsonl")}
     ctx = StageContext(node="bench", workdir=out, cache_dir=Path(setup_["root"]) / "cache", progress=Stamp())
     res = kind.run(cfg, inputs, out, ctx)
@@ -178,10 +180,11 @@ def child_hf(setup_: dict[str, Any], s: dict[str, Any], out: Path) -> dict[str, 
     losses: list[float] = []
 
     class Stamp(TrainerCallback):
-        def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:  # type: ignore[override]
             stamps.append(time.perf_counter())
 
-        def on_log(self, a: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        def on_log(self, a: Any, state: Any, control: Any, logs: Any = None,  # type: ignore[override]
+                   **kw: Any) -> None:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 

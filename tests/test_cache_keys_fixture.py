@@ -2,6 +2,10 @@
 
 A workdir built by an earlier finrecipe must still say "nothing to do". When a change alters what
 a kind produces, bump that kind's `version` and update these keys in the same commit, saying why.
+
+Changes so far: continual_pretraining version 2 (document-masked packing by default, validation
+held out by document): the keys of demo.yaml's base and finance, and of what depends on them
+(instruct, merged, eval), changed.
 """
 
 from pathlib import Path
@@ -19,11 +23,11 @@ KEYS = {
         "general_instruct": "6768613a3f1628be",
         "finance_corpus": "2fa3e12b33321fd4",
         "finance_heldout": "feef19fc7dc056c7",
-        "base": "238ea58b917309d5",
-        "instruct": "ab410c5169ebbcc5",
-        "finance": "5cf9077c3332277a",
-        "merged": "b03c057fe4307eca",
-        "eval": "473be0504d3fddd0",
+        "base": "78616b99792cf2b7",
+        "instruct": "c29c93e96d85af1f",
+        "finance": "f6c71f08ff1501ea",
+        "merged": "050ed3e44c34b42e",
+        "eval": "991b22020b225672",
     },
     "merge_tiny.yaml": {
         "base": "97d24008029adbe4",

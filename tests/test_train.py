@@ -209,7 +209,8 @@ def test_checkpoints_hold_no_pickle_and_a_damaged_newest_falls_back(
     (ckpt / "step-7" / "meta.json").write_text(json.dumps({"step": 7}))
     (ckpt / "step-7" / "rng-rank0.pt").write_bytes(pickle.dumps(Boom()))
     with caplog.at_level("WARNING", logger="finrecipe.train"):
-        res = _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache")
+        res = _run("continual_pretraining", {**cfg, "keep_checkpoints_after_done": True}, tiny_model("llama"),
+                   corpus, out, tmp_path / "cache")
     assert not (tmp_path / "PWNED").exists()
     msgs = " ".join(r.getMessage() for r in caplog.records)
     assert "step-7: not resumable (no manifest.json" in msgs

@@ -136,7 +136,8 @@ def test_finetune_masks_prompt(tmp_path: Path, tok) -> None:
     # The trainer's labels: next-token targets, -100 where the mask is 0.
     from finrecipe.train.trainer import _make_batch
 
-    x, y = _make_batch(SequenceSet([sh], 8), np.array([0, 1]))
+    x, y, pos = _make_batch(SequenceSet([sh], 8), np.array([0, 1]))
+    assert pos is None
     assert x[0].tolist() == toks[0].tolist()
     assert y[0].tolist() == [-100, -100, -100, 20, 21, 22, eos, -100]
     assert y[1].tolist() == [-100, -100, 23, eos, -100, -100, -100, -100]

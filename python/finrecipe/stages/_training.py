@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from finrecipe.errors import ConfigError, StageError
 from finrecipe.stages.base import StageKind
@@ -70,6 +70,10 @@ class TrainingStage(StageKind[TC]):
         """Tokenize one dataset into the token cache; returns a `finrecipe.train.data.TokenShard`."""
         raise NotImplementedError
 
+    def packing(self, config: TC) -> Literal["documents", "stream"]:
+        """How sequences are packed for training (see RunSpec.packing)."""
+        return "stream"
+
     def run(self, config: TC, inputs: Mapping[str, InputRef], out_dir: Path,
             ctx: StageContext) -> StageResult:
         done = _finished(out_dir)
@@ -103,7 +107,8 @@ class TrainingStage(StageKind[TC]):
         spec = RunSpec(config=train_cfg, model_dir=str(model.path), out_dir=str(out_dir),
                        train_shards=train_shards, val_shards=val_shards,
                        seed=config.seed if config.seed is not None else 0,
-                       title=f"{ctx.node}: {self.label}", trust_remote_code=model.trust_remote_code)
+                       title=f"{ctx.node}: {self.label}", trust_remote_code=model.trust_remote_code,
+                       packing=self.packing(config))
         from finrecipe.train.runner import execute
 
         metrics = execute(spec, ctx.progress, ctx.logger)

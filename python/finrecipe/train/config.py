@@ -127,6 +127,9 @@ class RunSpec(BaseModel):
     val_shards: list[dict[str, Any]] = Field(default_factory=list)
     seed: int = 0
     title: str = "training"
+    # "documents": positions restart and attention stays within each document of a packed
+    # sequence (continual pretraining's default); "stream": one causal stream across documents.
+    packing: Literal["documents", "stream"] = "stream"
     # Whether the model directory's own code may run; only ever from the input's ModelRef, which
     # the engine sets when the person running `apply` allowed it.
     trust_remote_code: bool = False

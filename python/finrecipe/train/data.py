@@ -4,7 +4,9 @@ Layout of one tokenized dataset in the cache (``<cache_dir>/tokens/<key>/``)::
 
     tokens.bin   uint32, all documents concatenated (BOS as the tokenizer adds it, EOS after each)
     mask.bin     uint8, 1 where the token is a training target (finetune data only)
-    index.json   {"n_tokens", "n_docs", "seq_len" (finetune only), "tokenizer", "files", ...}
+    docs.bin     uint64, the token offset just past each document (pretraining data only)
+    index.json   {"n_tokens", "n_docs", "seq_len" (finetune only), "tokenizer", "files",
+                  "sha256": {file: digest}, ...}: a shard whose files do not match is rebuilt
 
 The key hashes the tokenizer (its serialized JSON and special tokens), the data files' sha256 and
 the reading options, so reruns and other stages reuse the same shards. Continual-pretraining tokens
@@ -16,10 +18,15 @@ token budget the counts are scaled to the budget in the same proportions. Each d
 are drawn from seeded permutations (a fresh permutation each time one runs out), and the whole
 epoch is shuffled with the seed. The result is one int64 array of global sequence ids: the
 training order; a position in it is the data position saved in checkpoints.
+
+Validation (``validation.fraction``) holds out whole documents of pretraining data
+(``split_documents``): sequences are cut from the training documents and from the held-out
+documents separately, so no document is in both. Instruction rows are held out row by row.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -39,8 +46,11 @@ from finrecipe.util.fs import atomic_dir, write_json_atomic
 
 log = logging.getLogger("finrecipe.train")
 
-DATA_VERSION = "1"
-TOKENIZE_BATCH = 512
+DATA_VERSION = "1"  # instruction data
+PRETRAIN_VERSION = "2"  # pretraining data (2: docs.bin, long documents in pieces)
+TOKENIZE_BATCH = 512  # documents per tokenizer call
+PIECE_CHARS = 1 << 18  # longer documents are tokenized in pieces of at most this many characters
+BATCH_CHARS = 1 << 20  # characters per tokenizer call (bounds the tokenizer's memory)
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -152,6 +162,7 @@ class TokenShard:
     weight: float = 1.0
     seq_len: int | None = None  # fixed rows (finetune data); None: cut at training time
     has_mask: bool = False
+    has_docs: bool = False  # docs.bin: where each document ends (pretraining data)
 
     def tokens(self) -> np.memmap:
         return np.memmap(self.dir / "tokens.bin", dtype=np.uint32, mode="r", shape=(self.n_tokens,))
@@ -161,14 +172,21 @@ class TokenShard:
             return None
         return np.memmap(self.dir / "mask.bin", dtype=np.uint8, mode="r", shape=(self.n_tokens,))
 
+    def doc_ends(self) -> np.ndarray | None:
+        """Token offset just past each document (its EOS), increasing; None without docs.bin."""
+        if not self.has_docs:
+            return None
+        return np.fromfile(self.dir / "docs.bin", dtype=np.uint64).astype(np.int64)
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dir": str(self.dir), "n_tokens": self.n_tokens, "weight": self.weight,
-                "seq_len": self.seq_len, "has_mask": self.has_mask}
+                "seq_len": self.seq_len, "has_mask": self.has_mask, "has_docs": self.has_docs}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TokenShard:
         return cls(name=d["name"], dir=Path(d["dir"]), n_tokens=int(d["n_tokens"]),
-                   weight=float(d["weight"]), seq_len=d.get("seq_len"), has_mask=bool(d["has_mask"]))
+                   weight=float(d["weight"]), seq_len=d.get("seq_len"), has_mask=bool(d["has_mask"]),
+                   has_docs=bool(d.get("has_docs", False)))
 
 
 def _load_shard(d: Path, name: str, weight: float) -> TokenShard | None:
@@ -181,7 +199,9 @@ def _load_shard(d: Path, name: str, weight: float) -> TokenShard | None:
         meta = json.loads(idx.read_text())
         n = int(meta["n_tokens"])
         has_mask = bool(meta.get("has_mask", False))
-        want = {"tokens.bin": 4 * n, **({"mask.bin": n} if has_mask else {})}
+        has_docs = bool(meta.get("has_docs", False))
+        want = {"tokens.bin": 4 * n, **({"mask.bin": n} if has_mask else {}),
+                **({"docs.bin": 8 * int(meta["n_docs"])} if has_docs else {})}
         for fname, size in want.items():
             f = d / fname
             if f.stat().st_size != size:
@@ -195,7 +215,7 @@ def _load_shard(d: Path, name: str, weight: float) -> TokenShard | None:
         log.warning("%s: token cache is damaged (%s); tokenizing %s again", d, e, name)
         return None
     return TokenShard(name=name, dir=d, n_tokens=n, weight=weight,
-                      seq_len=meta.get("seq_len"), has_mask=has_mask)
+                      seq_len=meta.get("seq_len"), has_mask=has_mask, has_docs=has_docs)
 
 
 def _encode_batch(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
@@ -204,14 +224,103 @@ def _encode_batch(tokenizer: Any, texts: list[str], special: bool) -> list[list[
     return [list(x) for x in out]
 
 
+def _split_long(text: str, piece: int) -> list[str]:
+    """``text`` in pieces of at most ``piece`` characters, cut after a line end where there is one
+    in the second half of the piece (else after a space, else anywhere)."""
+    if len(text) <= piece:
+        return [text]
+    out = []
+    i = 0
+    while len(text) - i > piece:
+        j = i + piece
+        k = text.rfind("\n", i + piece // 2, j)
+        if k < 0:
+            k = text.rfind(" ", i + piece // 2, j)
+        j = k + 1 if k >= 0 else j
+        out.append(text[i:j])
+        i = j
+    out.append(text[i:])
+    return out
+
+
+def _text_file_pieces(file: Path, piece: int) -> Iterator[str]:
+    """A text file (one document) as pieces of at most ``piece`` characters, read incrementally."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    buf = ""
+    line = 1
+    with open(file, "rb") as f:
+        while True:
+            block = f.read(piece)
+            try:
+                buf += dec.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = line + block[: max(e.start, 0)].count(b"\n")
+                raise DataError(f"{file}:{at}: not valid UTF-8 ({e.reason}); re-encode the file as "
+                                "UTF-8") from None
+            line += block.count(b"\n")
+            if not block:
+                break
+            if len(buf) > piece:
+                parts = _split_long(buf, piece)
+                yield from parts[:-1]
+                buf = parts[-1]
+    if buf:
+        yield buf
+
+
+def iter_document_pieces(ref: DatasetRef, piece: int) -> Iterator[tuple[str, bool, bool]]:
+    """(text, first, last) for every document of a text dataset, each document in pieces of at
+    most ``piece`` characters, so that memory does not grow with the size of one document."""
+    if ref.format != "text":
+        for file, line, rec in iter_records(ref):
+            parts = _split_long(_field(rec, ref.text_field, file, line), piece)
+            for k, part in enumerate(parts):
+                yield part, k == 0, k == len(parts) - 1
+        return
+    if not ref.files:
+        raise DataError(f"dataset {ref.name!r}: no files")
+    for file in ref.files:
+        if not file.is_file():
+            raise DataError(f"dataset {ref.name!r}: {file}: file not found")
+        held: list[str] = []  # pieces not yet yielded: leading whitespace, or the latest piece
+        has_text = False
+        first = True
+        for part in _text_file_pieces(file, piece):
+            if not has_text and part.strip():
+                has_text = True
+            held.append(part)
+            # Yield all but the latest piece (the last one must be flagged), once there is text.
+            while has_text and len(held) > 1:
+                yield held.pop(0), first, False
+                first = False
+        if not has_text:  # no document (whitespace only)
+            raise DataError(f"{file}: empty file (no documents); remove it from dataset {ref.name!r} "
+                            "or add data")
+        yield held[0], first, True
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (e.g. BOS), for documents tokenized in
+    pieces without special tokens."""
+    ids = list(tokenizer("", add_special_tokens=True, return_attention_mask=False)["input_ids"])
+    while ids and ids[-1] == tokenizer.eos_token_id:
+        ids.pop()
+    return ids
+
+
 def tokenize_pretraining(ref: DatasetRef, tokenizer: Any, cache_dir: Path,
                          progress: Progress | None = None, weight: float | None = None) -> TokenShard:
-    """Tokenize a text dataset (EOS after every document) into the cache, or reuse it."""
+    """Tokenize a text dataset (EOS after every document) into the cache, or reuse it.
+
+    Documents longer than ``PIECE_CHARS`` characters are tokenized in pieces (cut at line ends
+    where possible; the tokenizer's special prefix once, EOS after the last piece), and batches
+    hold at most ``BATCH_CHARS`` characters, so memory stays bounded whatever the size of one
+    document. ``docs.bin`` records where each document ends."""
     progress = progress or NullProgress()
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"{tokenizer.name_or_path}: the tokenizer has no EOS token; set eos_token")
-    key_src = {"v": DATA_VERSION, "kind": "pretrain", "tok": tokenizer_fingerprint(tokenizer),
+    key_src = {"v": PRETRAIN_VERSION, "kind": "pretrain", "tok": tokenizer_fingerprint(tokenizer),
                "data": dataset_fingerprint(ref), "format": ref.format, "field": ref.text_field}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
     dest = cache_dir / "tokens" / key
@@ -219,38 +328,62 @@ def tokenize_pretraining(ref: DatasetRef, tokenizer: Any, cache_dir: Path,
     hit = _load_shard(dest, ref.name, w)
     if hit is not None:
         return hit
+    prefix = _special_prefix(tokenizer)
     n_tokens = n_docs = 0
+    h_tok, h_docs = hashlib.sha256(), hashlib.sha256()
     with atomic_dir(dest, overwrite=True) as tmp, open(tmp / "tokens.bin", "wb") as out, \
+            open(tmp / "docs.bin", "wb") as docs_out, \
             progress.task(f"tokenize {ref.name}", total=None, unit="doc") as task:
-        batch: list[str] = []
+        batch: list[tuple[str, bool, bool]] = []
+        chars = 0
 
         def flush() -> None:
-            nonlocal n_tokens, n_docs
-            ids = _encode_batch(tokenizer, batch, True)
+            nonlocal n_tokens, n_docs, chars
+            whole = [k for k, (_, first, last) in enumerate(batch) if first and last]
+            parts = [k for k, (_, first, last) in enumerate(batch) if not (first and last)]
+            ids: dict[int, list[int]] = {}
+            if whole:
+                ids.update(zip(whole, _encode_batch(tokenizer, [batch[k][0] for k in whole], True), strict=True))
+            if parts:
+                ids.update(zip(parts, _encode_batch(tokenizer, [batch[k][0] for k in parts], False), strict=True))
             flat: list[int] = []
-            for x in ids:
+            ends: list[int] = []
+            for k, (_, first, last) in enumerate(batch):
+                x = ids[k]
+                if first and not last:
+                    flat.extend(prefix)
                 flat.extend(x)
-                if not x or x[-1] != eos:
-                    flat.append(eos)
-            np.asarray(flat, dtype=np.uint32).tofile(out)
+                if last:
+                    if not (first and x and x[-1] == eos):
+                        flat.append(eos)
+                    ends.append(n_tokens + len(flat))
+            arr = np.asarray(flat, dtype=np.uint32).tobytes()
+            out.write(arr)
+            h_tok.update(arr)
+            darr = np.asarray(ends, dtype=np.uint64).tobytes()
+            docs_out.write(darr)
+            h_docs.update(darr)
             n_tokens += len(flat)
-            n_docs += len(batch)
-            task.update(advance=len(batch))
+            n_docs += len(ends)
+            task.update(advance=len(ends))
             batch.clear()
+            chars = 0
 
-        for file, line, rec in iter_records(ref):
-            batch.append(_field(rec, ref.text_field, file, line))
-            if len(batch) >= TOKENIZE_BATCH:
+        for text, first, last in iter_document_pieces(ref, PIECE_CHARS):
+            batch.append((text, first, last))
+            chars += len(text)
+            if len(batch) >= TOKENIZE_BATCH or chars >= BATCH_CHARS:
                 flush()
         if batch:
             flush()
-        out.flush()
-        os.fsync(out.fileno())
+        for f in (out, docs_out):
+            f.flush()
+            os.fsync(f.fileno())
         write_json_atomic(tmp / "index.json", {
-            **key_src, "n_tokens": n_tokens, "n_docs": n_docs, "has_mask": False,
-            "sha256": {"tokens.bin": _file_sha256(tmp / "tokens.bin")},
+            **key_src, "n_tokens": n_tokens, "n_docs": n_docs, "has_mask": False, "has_docs": True,
+            "sha256": {"tokens.bin": h_tok.hexdigest(), "docs.bin": h_docs.hexdigest()},
             "files": [str(f) for f in ref.files]}, indent=1)
-    return TokenShard(name=ref.name, dir=dest, n_tokens=n_tokens, weight=w)
+    return TokenShard(name=ref.name, dir=dest, n_tokens=n_tokens, weight=w, has_docs=True)
 
 
 def tokenize_instructions(ref: DatasetRef, tokenizer: Any, cache_dir: Path, *, template: str,
@@ -310,34 +443,98 @@ def tokenize_instructions(ref: DatasetRef, tokenizer: Any, cache_dir: Path, *, t
 
 # ------------------------------------------------------------------------ sequences, mix, split
 class SequenceSet:
-    """Fixed-length sequences cut from several token shards, addressed by one global id."""
+    """Fixed-length sequences cut from several token shards, addressed by one global id.
 
-    def __init__(self, shards: Sequence[TokenShard], seq_len: int) -> None:
+    ``views`` (one per shard, optional): the ``[start, end)`` token ranges of the shard the
+    sequences are cut from, as if they were one stream (whole documents, e.g. the training or the
+    held-out documents); default: the whole shard. ``get`` also returns where documents start
+    inside the sequence (from the shard's docs.bin and the joins between ranges)."""
+
+    def __init__(self, shards: Sequence[TokenShard], seq_len: int,
+                 views: Sequence[np.ndarray | None] | None = None, allow_empty: bool = False) -> None:
         self.shards = list(shards)
         self.seq_len = seq_len
         self._tokens = [s.tokens() for s in self.shards]
         self._masks = [s.mask() for s in self.shards]
-        self.counts = [s.n_tokens // seq_len for s in self.shards]
+        self._ends = [s.doc_ends() for s in self.shards]
+        vs = list(views) if views is not None else [None] * len(self.shards)
+        self._runs = [np.array([[0, s.n_tokens]], dtype=np.int64) if v is None else np.asarray(v, dtype=np.int64)
+                      .reshape(-1, 2) for s, v in zip(self.shards, vs, strict=True)]
+        self._run_starts = [np.concatenate([[0], np.cumsum(r[:, 1] - r[:, 0])]) for r in self._runs]
+        self.counts = [int(rs[-1]) // seq_len for rs in self._run_starts]
         self.offsets = np.cumsum([0, *self.counts])
         for s, c in zip(self.shards, self.counts, strict=True):
-            if c == 0:
+            if c == 0 and not allow_empty:
                 raise DataError(f"dataset {s.name!r} has {s.n_tokens} tokens, fewer than one sequence "
                                 f"of seq_len={seq_len}; add data or lower seq_len")
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def get(self, gid: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Tokens (int64, seq_len) and loss mask (uint8 or None) of a global sequence id."""
+    def get(self, gid: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Tokens (int64, seq_len), loss mask (uint8 or None) and the positions (> 0) inside the
+        sequence where a document starts, of a global sequence id."""
         i = int(np.searchsorted(self.offsets, gid, side="right") - 1)
         j = gid - int(self.offsets[i])
         a, b = j * self.seq_len, (j + 1) * self.seq_len
-        m = self._masks[i]
-        return np.asarray(self._tokens[i][a:b], dtype=np.int64), (None if m is None else np.asarray(m[a:b]))
+        runs, rs, m, ends = self._runs[i], self._run_starts[i], self._masks[i], self._ends[i]
+        if len(runs) == 1:  # one stream: a plain slice
+            p = int(runs[0, 0])
+            pieces = [(p + a, p + b)]
+        else:
+            pieces = []
+            k = int(np.searchsorted(rs, a, side="right") - 1)
+            pos = a
+            while pos < b:
+                lo = int(runs[k, 0]) + pos - int(rs[k])
+                hi = min(int(runs[k, 1]), lo + b - pos)
+                pieces.append((lo, hi))
+                pos += hi - lo
+                k += 1
+        toks = np.concatenate([np.asarray(self._tokens[i][lo:hi], dtype=np.int64) for lo, hi in pieces])
+        mask = None if m is None else np.concatenate([np.asarray(m[lo:hi]) for lo, hi in pieces])
+        starts: list[int] = []
+        at = 0
+        for lo, hi in pieces:
+            if at > 0:
+                starts.append(at)  # ranges hold whole documents: a join starts one
+            if ends is not None:
+                inside = ends[np.searchsorted(ends, lo, side="right"):np.searchsorted(ends, hi, side="left")]
+                starts.extend(int(e - lo + at) for e in inside)
+            at += hi - lo
+        return toks, mask, np.asarray(sorted(set(starts)), dtype=np.int64)
+
+
+def split_documents(doc_ends: np.ndarray, fraction: float, seed: int, index: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a seeded random set of whole documents with about ``fraction`` of the tokens (at
+    least one document, never all). Returns (train ranges, held-out ranges), each an (n, 2) array
+    of ``[start, end)`` token ranges in order, adjacent documents merged."""
+    n = len(doc_ends)
+    starts = np.concatenate([[0], doc_ends[:-1]])
+    lengths = doc_ends - starts
+    held = np.zeros(n, dtype=bool)
+    if fraction > 0 and n > 1:
+        perm = np.random.default_rng([seed, 7919, index]).permutation(n)
+        want = fraction * float(doc_ends[-1])
+        k = int(np.searchsorted(np.cumsum(lengths[perm]), want, side="left")) + 1
+        held[perm[:min(max(k, 1), n - 1)]] = True
+
+    def ranges(sel: np.ndarray) -> np.ndarray:
+        idx = np.flatnonzero(sel)
+        if len(idx) == 0:
+            return np.zeros((0, 2), dtype=np.int64)
+        brk = np.flatnonzero(np.diff(idx) != 1) + 1
+        first = np.concatenate([[0], brk])
+        last = np.concatenate([brk - 1, [len(idx) - 1]])
+        return np.stack([starts[idx[first]], doc_ends[idx[last]]], axis=1).astype(np.int64)
+
+    return ranges(~held), ranges(held)
 
 
 def split_heldout(counts: Sequence[int], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per dataset: (train local ids, held-out local ids); held-out is a seeded random ``fraction``."""
+    """Per dataset: (train local ids, held-out local ids); held-out is a seeded random ``fraction``
+    of the sequences (data without document boundaries: instruction rows)."""
     train, val = [], []
     for i, n in enumerate(counts):
         k = int(math.floor(n * fraction))

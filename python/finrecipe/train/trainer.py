@@ -29,7 +29,7 @@ from finrecipe.progress import NullProgress, Progress
 from finrecipe.train import distributed as tdist
 from finrecipe.train.checkpoint import Checkpointer
 from finrecipe.train.config import RunSpec, TrainConfig
-from finrecipe.train.data import SequenceSet, TokenShard, build_order, split_heldout
+from finrecipe.train.data import SequenceSet, TokenShard, build_order, split_documents, split_heldout
 from finrecipe.train.metrics import MetricsLog, mfu, model_flops_per_token, peak_flops, plot_loss_curve
 from finrecipe.train.schedule import lr_factor
 from finrecipe.util.fs import atomic_dir, write_json_atomic
@@ -92,20 +92,36 @@ def _source_dtype(model_dir: Path) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
 
 
-def _make_batch(seqs: SequenceSet, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """input ids (n, L) and next-token targets (n, L): target t is token t+1, -100 where there is
-    no loss (the last position, masked prompt tokens). Padding the targets instead of slicing the
-    logits saves a copy of the largest activation."""
-    toks, tgts = [], []
+def _make_batch(seqs: SequenceSet, ids: np.ndarray, documents: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """input ids (n, L), next-token targets (n, L) and position ids (n, L) or None.
+
+    Target t is token t+1, -100 where there is no loss (the last position, masked prompt tokens).
+    Padding the targets instead of slicing the logits saves a copy of the largest activation.
+    ``documents`` (document-masked packing): each document's segment starts at the EOS that ends
+    the previous one (position 0), so a document's first token is still a target, predicted from
+    that separator alone (evaluations score it too, after a BOS or EOS prefix), and no token sees
+    another document; given these position ids, transformers' attention keeps attention within
+    each segment (packed sequences)."""
+    toks, tgts, poss = [], [], []
     for gid in ids:
-        t, m = seqs.get(int(gid))
+        t, m, starts = seqs.get(int(gid))
         toks.append(t)
         tgt = np.full_like(t, -100)
         tgt[:-1] = t[1:]
         if m is not None:
             tgt[:-1][m[1:] == 0] = -100
+        if documents:
+            seg = starts - 1  # the previous document's EOS opens the next segment
+            seg = seg[seg > 0]
+            pos = np.arange(len(t), dtype=np.int64)
+            first = np.zeros(len(t), dtype=np.int64)
+            first[seg] = seg
+            pos -= np.maximum.accumulate(first)
+            poss.append(pos)
         tgts.append(tgt)
-    return torch.from_numpy(np.stack(toks)), torch.from_numpy(np.stack(tgts))
+    pos_t = torch.from_numpy(np.stack(poss)) if documents else None
+    return torch.from_numpy(np.stack(toks)), torch.from_numpy(np.stack(tgts)), pos_t
 
 
 class Trainer:
@@ -123,9 +139,25 @@ class Trainer:
     def _setup_data(self, world: int) -> None:
         cfg, seed = self.cfg, self.spec.seed
         shards = [TokenShard.from_json(s) for s in self.spec.train_shards]
-        self.train_set = SequenceSet(shards, cfg.seq_len)
+        self.documents = self.spec.packing == "documents"
+        if self.documents and not all(s.has_docs for s in shards):
+            raise DataError("packing: documents needs document boundaries (docs.bin) in the token cache; "
+                            "the data was tokenized by an older finrecipe: delete its .cache/tokens and rerun")
         frac = cfg.validation.fraction if cfg.validation else 0.0
-        train_ids, held = split_heldout(self.train_set.counts, frac, seed)
+        self.val_items: list[tuple[SequenceSet, int]] = []
+        if frac > 0 and all(s.has_docs for s in shards):
+            # Hold out whole documents: no document has sequences in both sets.
+            parts = [split_documents(s.doc_ends(), frac, seed, i)  # type: ignore[arg-type]
+                     for i, s in enumerate(shards)]
+            self.train_set = SequenceSet(shards, cfg.seq_len, views=[t for t, _ in parts])
+            held_set = SequenceSet(shards, cfg.seq_len, views=[v for _, v in parts], allow_empty=True)
+            train_ids = [np.arange(c) for c in self.train_set.counts]
+            self.val_items += [(held_set, j) for j in range(len(held_set))]
+        else:
+            self.train_set = SequenceSet(shards, cfg.seq_len)
+            train_ids, held = split_heldout(self.train_set.counts, frac, seed)
+            for i, ids in enumerate(held):
+                self.val_items += [(self.train_set, int(self.train_set.offsets[i]) + int(j)) for j in ids]
         self.micro, self.grad_accum, self.batch_seqs = batch_plan(cfg, world)
         total = cfg.max_tokens // cfg.seq_len if cfg.max_tokens is not None else None
         epochs = cfg.epochs if cfg.epochs is not None else (None if total is not None else 1.0)
@@ -137,9 +169,6 @@ class Trainer:
                 f"{len(self.order)} training sequences of {cfg.seq_len} tokens are fewer than one global "
                 f"batch ({self.batch_seqs} sequences); add data, raise epochs or lower the batch size")
         # Validation: held-out sequences of the training data, then separate datasets.
-        self.val_items: list[tuple[SequenceSet, int]] = []
-        for i, ids in enumerate(held):
-            self.val_items += [(self.train_set, int(self.train_set.offsets[i]) + int(j)) for j in ids]
         if self.spec.val_shards:
             vset = SequenceSet([TokenShard.from_json(s) for s in self.spec.val_shards], cfg.seq_len)
             self.val_items += [(vset, j) for j in range(len(vset))]
@@ -191,9 +220,11 @@ class Trainer:
             return torch.autocast(device_type=d.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _loss_sum(self, d: tdist.Dist, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss_sum(self, d: tdist.Dist, x: torch.Tensor, y: torch.Tensor,
+                  pos: torch.Tensor | None = None) -> torch.Tensor:
+        kw = {} if pos is None else {"position_ids": pos.to(d.device, non_blocking=True)}
         with self._autocast(d):
-            logits = self.model(input_ids=x.to(d.device, non_blocking=True)).logits
+            logits = self.model(input_ids=x.to(d.device, non_blocking=True), **kw).logits
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                y.to(d.device, non_blocking=True).reshape(-1),
                                ignore_index=-100, reduction="sum")
@@ -204,16 +235,16 @@ class Trainer:
         micro = []
         for m in range(accum):
             a = base + (m * world + d.rank) * mb
-            micro.append(_make_batch(self.train_set, self.order[a:a + mb]))
-        count = torch.tensor([float(sum(int((y != -100).sum()) for _, y in micro))], device=d.device)
+            micro.append(_make_batch(self.train_set, self.order[a:a + mb], self.documents))
+        count = torch.tensor([float(sum(int((y != -100).sum()) for _, y, _ in micro))], device=d.device)
         count = d.all_reduce_sum(count)
         n_targets = float(count.item())
         denom = max(n_targets, 1.0)
         total = torch.zeros((), device=d.device)
-        for m, (x, y) in enumerate(micro):
+        for m, (x, y, pos) in enumerate(micro):
             if d.enabled:
                 self.model.set_requires_gradient_sync(m == accum - 1)  # type: ignore[operator]
-            loss_sum = self._loss_sum(d, x, y)
+            loss_sum = self._loss_sum(d, x, y, pos)
             (loss_sum * (world / denom)).backward()
             total += loss_sum.detach()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -247,13 +278,10 @@ class Trainer:
             dummy = not chunk
             if dummy:  # every rank must run the same number of forwards under FSDP
                 chunk = self.val_items[:1]
-            toks, tgts = [], []
-            for sset, gid in chunk:
-                x, y = _make_batch(sset, np.array([gid]))
-                toks.append(x)
-                tgts.append(y)
-            x, y = torch.cat(toks), torch.cat(tgts)
-            ls = self._loss_sum(d, x, y)
+            rows = [_make_batch(sset, np.array([gid]), self.documents) for sset, gid in chunk]
+            x, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+            pos = torch.cat([r[2] for r in rows if r[2] is not None]) if self.documents else None
+            ls = self._loss_sum(d, x, y, pos)
             if not dummy:
                 tot[0] += ls
                 tot[1] += (y != -100).sum()
