@@ -1,7 +1,7 @@
 """The package's layering: every import (lazy ones included) points down or sideways within a layer,
 and no module takes part in an import cycle.
 
-    0  errors, progress, types, util, yamlio, _core      value types and helpers
+    0  errors, progress(_log), types, util, yamlio, _core value types and helpers
     1  node                                               the node protocol and registry
     2  merge, eval, train, analysis, report, search       the libraries (merging, scoring, training, reports)
     3  sources, stages                                    the node kinds
@@ -17,7 +17,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "python" / "finrecipe"
 
 LAYERS = {
-    "errors": 0, "progress": 0, "types": 0, "util": 0, "yamlio": 0, "_core": 0,
+    "errors": 0, "progress": 0, "progress_log": 0, "types": 0, "util": 0, "yamlio": 0, "_core": 0,
     "node": 1,
     "merge": 2, "eval": 2, "train": 2, "analysis": 2, "report": 2, "search": 2,
     "sources": 3, "stages": 3,
