@@ -24,7 +24,6 @@ class StageKind(NodeKind[ConfigT]):
     section: ClassVar[Section] = "stages"
 
 
-
 def get_kind(type_name: str) -> NodeKind[Any]:
     """The stage kind for a stage's `type:` string (imported on first use)."""
     return _node.get_kind("stages", type_name)
