@@ -209,7 +209,7 @@ def test_a_new_launch_waits_for_surviving_workers(tmp_path: Path) -> None:
     work.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c",
                                "import sys, time; from pathlib import Path; from finrecipe.train.runner import "
-                               f"hold_worker_lock; hold_worker_lock(Path({str(work)!r})); print('ok', flush=True); "
+                               f"hold_worker_lock; hold_worker_lock(Path({str(work)!r}), 0); print('ok', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
@@ -223,6 +223,8 @@ def test_a_new_launch_waits_for_surviving_workers(tmp_path: Path) -> None:
         finally:
             runner.ORPHAN_WAIT_S = old
         assert not (work / "launch.json").exists()  # nothing was launched
+        # A worker of another node of the same run (shared storage) does not block this node.
+        runner._wait_for_orphans(work, 1, runner.log)  # returns at once
     finally:
         holder.kill()
         holder.wait()

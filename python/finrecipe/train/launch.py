@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     # torchrun starts workers in sessions of their own: tie each to torchrun's life, and hold the
     # run's worker lock until exit so that a new launch waits for any survivor.
     die_with_parent()
-    hold_worker_lock(Path(args[0]).parent)
+    hold_worker_lock(Path(args[0]).parent, int(os.environ.get("GROUP_RANK", "0")))  # torchrun: node rank
     rank = int(os.environ.get("RANK", "0"))
     # Only rank 0 logs progress; the others report warnings and errors.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

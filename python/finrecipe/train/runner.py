@@ -95,20 +95,27 @@ def die_with_parent(expected_parent: int | None = None) -> None:
         os._exit(1)
 
 
-def hold_worker_lock(work: Path) -> int:
-    """Called by every worker: a shared lock on ``work/workers.lock``, held until the worker exits."""
+def worker_lock_path(work: Path, node_rank: int) -> Path:
+    """One lock per node: on shared storage, the workers of the other nodes of the same run are
+    not survivors of an earlier launch."""
+    return work / f"workers-node{node_rank}.lock"
+
+
+def hold_worker_lock(work: Path, node_rank: int) -> int:
+    """Called by every worker: a shared lock on its node's worker lock, held until it exits."""
     import fcntl
 
-    fd = os.open(work / "workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(worker_lock_path(work, node_rank), os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
 
-def _wait_for_orphans(work: Path, logger: logging.Logger) -> None:
-    """Wait until no worker of an earlier launch holds ``work/workers.lock``."""
+def _wait_for_orphans(work: Path, node_rank: int, logger: logging.Logger) -> None:
+    """Wait until no worker of an earlier launch on this node holds the node's worker lock."""
     import fcntl
 
-    fd = os.open(work / "workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = worker_lock_path(work, node_rank)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + ORPHAN_WAIT_S
         warned = False
@@ -121,8 +128,7 @@ def _wait_for_orphans(work: Path, logger: logging.Logger) -> None:
                 if time.monotonic() > deadline:
                     raise StageError(
                         f"{work}: training workers of an earlier launch are still running (they hold "
-                        f"{work / 'workers.lock'}); stop them (e.g. `fuser -k {work / 'workers.lock'}`) "
-                        "and run again") from None
+                        f"{lock}); stop them (e.g. `fuser -k {lock}`) and run again") from None
                 if not warned:
                     logger.warning("%s: waiting for the workers of an earlier launch to exit", work)
                     warned = True
@@ -137,7 +143,7 @@ def _torchrun(la: LaunchConfig, spec: RunSpec, progress: Progress, logger: loggi
     (the workers checkpoint and stop)."""
     out_dir = Path(spec.out_dir)
     work = out_dir / "work"
-    _wait_for_orphans(work, logger)
+    _wait_for_orphans(work, la.node_rank, logger)
     spec_path = work / "launch.json"
     write_text_atomic(spec_path, spec.model_dump_json(indent=1))
     log_path = work / "torchrun.log"
