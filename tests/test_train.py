@@ -384,3 +384,32 @@ def test_stage_modules_do_not_import_torch() -> None:
     code = ("import sys, finrecipe.stages.continual_pretraining, finrecipe.stages.finetune, "
             "finrecipe.train.runner; print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_tied_embeddings_export_stores_them_once(tiny_model: Callable[..., Path], corpus: Path,
+                                                 tmp_path: Path) -> None:
+    """A model with tied input/output embeddings (like the demo's) is exported as it came: one
+    embedding tensor, no lm_head.weight, so a merge with its base sees the same tensor names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_model("llama"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(src / "model.safetensors"))
+    sd.pop("lm_head.weight")
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    res = _run("continual_pretraining", {**BASE_CFG, "max_tokens": 32 * 4 * 2}, src, corpus, tmp_path / "out",
+               tmp_path / "cache")
+    out = _tensors(res.model_dir)  # type: ignore[arg-type]
+    assert set(out) == set(sd)
+    from finrecipe.merge.config import MergeConfig
+    from finrecipe.merge.run import run_merge
+
+    mcfg = MergeConfig.from_dict({"merge_method": "task_arithmetic", "base_model": "base",
+                                  "models": [{"model": "cpt", "parameters": {"weight": 1.0}}], "dtype": "float32"})
+    merged = run_merge(mcfg, tmp_path / "merged", {"base": src, "cpt": res.model_dir})  # type: ignore[dict-item]
+    assert set(_tensors(merged.out_dir)) == set(sd)
