@@ -183,9 +183,18 @@ class Trainer:
         cfg = self.cfg
         self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda")
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
-                                                         attn_implementation="sdpa",
-                                                         trust_remote_code=self.spec.trust_remote_code)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
+                                                             attn_implementation="sdpa",
+                                                             trust_remote_code=self.spec.trust_remote_code)
+            except ValueError as e:
+                if "attention implementation" not in str(e) and "sdpa" not in str(e):
+                    raise
+                # architectures without SDPA support (Gemma 2): the eager implementation, which
+                # honours position_ids the same way (document-masked packing)
+                model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
+                                                             attn_implementation="eager",
+                                                             trust_remote_code=self.spec.trust_remote_code)
         except (OSError, ValueError) as e:
             raise StageError(f"{self.model_dir}: cannot load the model for training: {e}") from None
         model.config.use_cache = False
@@ -224,10 +233,18 @@ class Trainer:
                   pos: torch.Tensor | None = None) -> torch.Tensor:
         kw = {} if pos is None else {"position_ids": pos.to(d.device, non_blocking=True)}
         with self._autocast(d):
-            logits = self.model(input_ids=x.to(d.device, non_blocking=True), **kw).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                               y.to(d.device, non_blocking=True).reshape(-1),
+            out = self.model(input_ids=x.to(d.device, non_blocking=True), **kw)
+        logits = out.logits
+        y = y.to(d.device, non_blocking=True)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                ignore_index=-100, reduction="sum")
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and getattr(self.model.config, "output_router_logits", False):
+            # mixture of experts: the router's load-balancing loss, as transformers adds it to the
+            # mean loss (router_aux_loss_coef × aux); here per target, as this is a sum
+            coef = float(getattr(self.model.config, "router_aux_loss_coef", 0.0) or 0.0)
+            loss = loss + coef * aux.float() * (y != -100).sum()
+        return loss
 
     def _train_step(self, d: tdist.Dist, step: int) -> tuple[float, float, int]:
         mb, world, accum = self.micro, d.world, self.grad_accum
@@ -291,7 +308,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- export
     def _export(self, d: tdist.Dist) -> Path:
-        from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -302,33 +318,21 @@ class Trainer:
             return dest
         config = self.model.config
         dtype = _source_dtype(self.model_dir)
-        if getattr(config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
+        if getattr(config, "tie_word_embeddings", False):  # tied weights are stored once, as loaded
+            tied = getattr(self.model, "_tied_weights_keys", None) or {}
+            for k in [*(tied.keys() if isinstance(tied, dict) else tied), "lm_head.weight"]:
+                sd.pop(k, None)
         tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in sd.items()
                    if isinstance(v, torch.Tensor)}
         with atomic_dir(dest, overwrite=True) as tmp:
-            shards: list[dict[str, torch.Tensor]] = [{}]
-            size = 0
-            for k, v in tensors.items():
-                nb = v.numel() * v.element_size()
-                if size + nb > SHARD_BYTES and shards[-1]:
-                    shards.append({})
-                    size = 0
-                shards[-1][k] = v
-                size += nb
-            if len(shards) == 1:
-                save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            else:
-                wmap = {}
-                for i, sh in enumerate(shards, 1):
-                    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                    save_file(sh, str(tmp / name), metadata={"format": "pt"})
-                    wmap.update({k: name for k in sh})
-                total = sum(v.numel() * v.element_size() for v in tensors.values())
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                    {"metadata": {"total_size": total}, "weight_map": wmap}, indent=1))
+            # transformers' own writer: the checkpoint layout the input had (it reverts in-memory
+            # conversions such as fused mixture-of-experts weights, and leaves tied weights out)
             config.use_cache = True
             config.dtype = dtype
+            self.model.save_pretrained(tmp, state_dict=tensors, max_shard_size=SHARD_BYTES,
+                                       is_main_process=True)
+            del tensors
+            config.dtype = dtype  # the saved weights' dtype (save_pretrained writes the in-memory one)
             config.save_pretrained(tmp)
             try:
                 gen = GenerationConfig.from_pretrained(self.model_dir)
