@@ -168,3 +168,15 @@ def test_a_model_listed_as_a_training_dataset_is_refused(rdir: Path) -> None:
         "    seq_len: 8\n    epochs: 1\n")
     res = CliRunner().invoke(main, ["validate", str(rdir / "t.yaml")])
     assert res.exit_code == 2 and "'base' is a model (models.base), but a dataset is expected" in res.output
+
+
+@pytest.mark.parametrize("override", ["stages.cpt.epochs=.inf", "stages.cpt.optimizer.lr=.nan",
+                                      "stages.cpt.schedule.warmup_ratio=.inf"])
+def test_non_finite_training_settings_are_refused(rdir: Path, override: str) -> None:
+    (rdir / "data.jsonl").write_text('{"text": "x"}\n')
+    (rdir / "t.yaml").write_text(
+        "finrecipe: 1\nname: v\nmodels:\n  base: {path: models/base}\ndatasets:\n  c: {files: data.jsonl}\n"
+        "stages:\n  cpt:\n    type: continual_pretraining\n    model: base\n    datasets: [c]\n"
+        "    seq_len: 8\n    epochs: 1\n")
+    res = CliRunner().invoke(main, ["validate", str(rdir / "t.yaml"), "--set", override])
+    assert res.exit_code == 2 and "finite" in res.output and "Traceback" not in res.output, res.output

@@ -15,7 +15,7 @@ from finrecipe.train.schedule import ScheduleConfig
 
 
 class OptimizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
@@ -24,7 +24,7 @@ class OptimizerConfig(BaseModel):
 
 
 class ValidationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # Held-out share of each training dataset's sequences, or separate datasets (names), or both.
     fraction: float = Field(default=0.0, ge=0, lt=1)
@@ -38,7 +38,7 @@ class LaunchConfig(BaseModel):
     nodes of one run: they are runtime settings, outside the cache key, and the environment
     (FINRECIPE_NODE_RANK, FINRECIPE_MASTER_ADDR, FINRECIPE_MASTER_PORT) overrides them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     nproc_per_node: int = Field(default=1, ge=1)
     nnodes: int = Field(default=1, ge=1)
@@ -73,7 +73,7 @@ class TrainConfig(BaseModel):
     process runs micro-batches of at most ``micro_batch_size`` sequences and accumulates the rest
     of its share (see finrecipe.train.trainer.batch_plan)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     datasets: list[str] | dict[str, float]
@@ -118,7 +118,7 @@ class TrainConfig(BaseModel):
 class RunSpec(BaseModel):
     """Everything a training process needs; written to a JSON file for torchrun workers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     config: dict[str, Any]
     model_dir: str

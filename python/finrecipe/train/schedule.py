@@ -19,7 +19,7 @@ from finrecipe.errors import ConfigError
 
 
 class ScheduleConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     warmup_steps: int | None = Field(default=None, ge=0)
