@@ -433,3 +433,19 @@ print(sh.n_tokens, sh.doc_ends().tolist(), (peak - base) // 1024)
     assert int(n_tokens) == n_words + 1 and json.loads(ends) == [n_words + 1]
     assert big.stat().st_size > 200 * 1000 * 1000
     assert grew_mb < 100, f"memory grew by {grew_mb} MB while tokenizing a 200 MB document"
+
+
+def test_launcher_follows_only_new_metrics(tmp_path: Path) -> None:
+    from finrecipe.train.runner import _Follow
+
+    p = tmp_path / "metrics.jsonl"
+    f = _Follow(p)
+    assert f.new_records() == []
+    p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert f.new_records() == [{"step": 1, "loss": 2.0}]
+    with open(p, "a") as fh:
+        fh.write('ss": 1.5}\n')
+    assert f.new_records() == [{"step": 2, "loss": 1.5}]
+    assert f.new_records() == []
+    p.write_text('{"step": 1, "loss": 2.0}\n')  # rewritten shorter (a resume truncates)
+    assert f.new_records() == [{"step": 1, "loss": 2.0}]

@@ -172,7 +172,7 @@ def _torchrun(la: LaunchConfig, spec: RunSpec, progress: Progress, logger: loggi
             old = None
         try:
             with progress.task(spec.title, total=None, unit="step") as task:
-                seen = 0
+                follow = _Follow(metrics_path)
                 total = None
                 while True:
                     rc = proc.poll()
@@ -180,15 +180,8 @@ def _torchrun(la: LaunchConfig, spec: RunSpec, progress: Progress, logger: loggi
                         with contextlib.suppress(OSError, ValueError):
                             total = int(json.loads(plan_path.read_text())["total_steps"])
                             task.update(total=total)
-                    if metrics_path.exists():
-                        lines = metrics_path.read_text().splitlines()
-                        for ln in lines[seen:]:
-                            try:
-                                rec = json.loads(ln)
-                            except json.JSONDecodeError:
-                                break
-                            task.update(completed=rec.get("step", 0), info=_info(rec))
-                            seen += 1
+                    for rec in follow.new_records():
+                        task.update(completed=rec.get("step", 0), info=_info(rec))
                     if rc is not None:
                         break
                     time.sleep(0.5)
@@ -208,6 +201,37 @@ def _torchrun(la: LaunchConfig, spec: RunSpec, progress: Progress, logger: loggi
     if not res.is_file():
         raise StageError(f"torchrun finished but wrote no {res}; see {log_path}")
     return dict(json.loads(res.read_text()))
+
+
+class _Follow:
+    """The records appended to a metrics.jsonl since the last call (reads only what is new; starts
+    over when the file was rewritten shorter, as a resume does)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pos = 0
+
+    def new_records(self) -> list[dict[str, Any]]:
+        try:
+            size = self.path.stat().st_size
+            if size < self.pos:
+                self.pos = 0
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except OSError:
+            return []
+        out = []
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        for ln in data[:end].splitlines():
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        self.pos += end
+        return out
 
 
 def _info(rec: dict[str, Any]) -> str | None:
