@@ -93,6 +93,31 @@ def test_disk_full_during_training_is_one_line_io_error(tiny_model: Callable[...
     assert not (tmp_path / "out" / "work" / "ckpt" / "step-2").exists()
 
 
+def test_disk_full_while_tokenizing_is_one_line_io_error(tiny_model: Callable[..., Path], corpus: Path,
+                                                         tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import json, resource, signal, sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from pathlib import Path
+        from test_train import _run, BASE_CFG
+        from finrecipe.errors import FinrecipeError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+        try:
+            _run("continual_pretraining", BASE_CFG, Path({str(tiny_model('llama'))!r}), Path({str(corpus)!r}),
+                 Path({str(tmp_path / 'out')!r}), Path({str(tmp_path / 'cache')!r}))
+        except FinrecipeError as e:
+            sys.stderr.write(f"{{type(e).__name__}}: {{e}}\\n")
+            sys.exit(e.exit_code)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    errs = [ln for ln in p.stderr.splitlines() if "Error" in ln or "Traceback" in ln]
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert len(errs) == 1 and errs[0].startswith("IoError: "), p.stderr[-3000:]
+    assert "tokens.bin: File too large; free disk space" in errs[0]
+    assert not list((tmp_path / "cache" / "tokens").iterdir())  # the partial shard is gone
+
+
 def test_os_errors_read_as_one_line() -> None:
     from finrecipe.train.runner import describe_os_error
 

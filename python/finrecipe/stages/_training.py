@@ -76,6 +76,13 @@ class TrainingStage(StageKind[TC]):
 
     def run(self, config: TC, inputs: Mapping[str, InputRef], out_dir: Path,
             ctx: StageContext) -> StageResult:
+        from finrecipe.train.runner import io_errors
+
+        with io_errors():  # disk full, unwritable cache or output: one line, no traceback
+            return self._run(config, inputs, out_dir, ctx)
+
+    def _run(self, config: TC, inputs: Mapping[str, InputRef], out_dir: Path,
+             ctx: StageContext) -> StageResult:
         done = _finished(out_dir)
         if done is not None:  # finished before the engine could write its marker
             _drop_checkpoints(config, out_dir)

@@ -299,6 +299,18 @@ def iter_document_pieces(ref: DatasetRef, piece: int) -> Iterator[tuple[str, boo
         yield held[0], first, True
 
 
+def _write(f: Any, data: bytes, path: Path, sync: bool = False) -> None:
+    """Write (and optionally flush + fsync) an open file; an OSError names ``path`` (a write on
+    an open file does not say which file failed)."""
+    try:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def _special_prefix(tokenizer: Any) -> list[int]:
     """The special tokens the tokenizer puts before a text (e.g. BOS), for documents tokenized in
     pieces without special tokens."""
@@ -358,10 +370,10 @@ def tokenize_pretraining(ref: DatasetRef, tokenizer: Any, cache_dir: Path,
                         flat.append(eos)
                     ends.append(n_tokens + len(flat))
             arr = np.asarray(flat, dtype=np.uint32).tobytes()
-            out.write(arr)
+            _write(out, arr, dest / "tokens.bin")
             h_tok.update(arr)
             darr = np.asarray(ends, dtype=np.uint64).tobytes()
-            docs_out.write(darr)
+            _write(docs_out, darr, dest / "docs.bin")
             h_docs.update(darr)
             n_tokens += len(flat)
             n_docs += len(ends)
@@ -376,9 +388,8 @@ def tokenize_pretraining(ref: DatasetRef, tokenizer: Any, cache_dir: Path,
                 flush()
         if batch:
             flush()
-        for f in (out, docs_out):
-            f.flush()
-            os.fsync(f.fileno())
+        for f, name in ((out, "tokens.bin"), (docs_out, "docs.bin")):
+            _write(f, b"", dest / name, sync=True)
         write_json_atomic(tmp / "index.json", {
             **key_src, "n_tokens": n_tokens, "n_docs": n_docs, "has_mask": False, "has_docs": True,
             "sha256": {"tokens.bin": h_tok.hexdigest(), "docs.bin": h_docs.hexdigest()},
@@ -431,8 +442,10 @@ def tokenize_instructions(ref: DatasetRef, tokenizer: Any, cache_dir: Path, *, t
             n_docs += len(chunk)
             task.update(advance=len(chunk))
     with atomic_dir(dest, overwrite=True) as tmp:
-        np.asarray(tokens, dtype=np.uint32).tofile(tmp / "tokens.bin")
-        np.asarray(mask, dtype=np.uint8).tofile(tmp / "mask.bin")
+        for name, arr in (("tokens.bin", np.asarray(tokens, dtype=np.uint32)),
+                          ("mask.bin", np.asarray(mask, dtype=np.uint8))):
+            with open(tmp / name, "wb") as f:
+                _write(f, arr.tobytes(), dest / name, sync=True)
         write_json_atomic(tmp / "index.json", {
             **key_src, "n_tokens": len(tokens), "n_docs": n_docs, "has_mask": True,
             "sha256": {f: _file_sha256(tmp / f) for f in ("tokens.bin", "mask.bin")},

@@ -87,8 +87,11 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, rec: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(finite_or_null(rec), allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(finite_or_null(rec), allow_nan=False) + "\n")
+        except OSError as e:  # a failed write does not name its file
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self._tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
