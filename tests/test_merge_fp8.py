@@ -100,14 +100,22 @@ def reference(base: Path, m1: Path, m2: Path) -> dict[str, torch.Tensor]:
     return {k: v + 1.0 * (x1[k] - v) + 0.5 * (x2[k] - v) for k, v in b.items()}
 
 
+def ordered(x: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns on a monotone integer line (ulp distance = difference; ±0 both 0)."""
+    b = x.view(torch.int16).to(torch.int32) & 0xFFFF
+    return torch.where(b >= 0x8000, -(b - 0x8000), b)
+
+
 def assert_within_one_bf16_ulp(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    """Every element within one bf16 ulp of the float32 reference rounded to bf16, except where the
+    result cancels to ~0 and the two float32 summation orders leave different tiny residues."""
     assert sorted(out) == sorted(ref)
     for k, r in ref.items():
         o = out[k]
         assert o.dtype == torch.bfloat16, k
-        rb = r.to(torch.bfloat16)
-        ulps = (o.view(torch.int16).int() - rb.view(torch.int16).int()).abs()
-        assert int(ulps.max()) <= 1, k
+        ulps = (ordered(o) - ordered(r.to(torch.bfloat16))).abs()
+        cancels = (o.float() - r).abs() <= 1e-6 * r.abs().max()
+        assert bool(((ulps <= 1) | cancels).all()), k
 
 
 @pytest.mark.parametrize("combo", ["all_fp8", "mixed"])
