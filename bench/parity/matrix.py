@@ -30,6 +30,9 @@ class Case:
     rule: str  # exact | topk | random
     config: dict[str, Any]
     ci: bool = False  # part of the CI-sized subset run by `make test`
+    # mergekit writes float32 although the config says bfloat16 (a torch type promotion in its
+    # kernel): its output is rounded to bf16 before comparing (a documented mergekit bug)
+    mk_f32_promotion: bool = False
     note: str = ""
     dtypes: tuple[str, ...] = DTYPES
     tags: tuple[str, ...] = field(default_factory=tuple)
@@ -98,7 +101,7 @@ CASES: list[Case] = [
          cfg("ties", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=1.0, density=0.5)]), ci=True),
     Case("ties-uneven", "qwen2", "topk",
          cfg("ties", [m("instruct", weight=0.6, density=0.3), m("cpt", weight=0.4, density=0.8)]), ci=True),
-    Case("ties-nonorm-lambda", "mixtral", "topk",
+    Case("ties-nonorm-lambda-moe", "mixtral", "topk",
          cfg("ties", [m("instruct", weight=0.7, density=0.4), m("cpt", weight=0.5, density=0.6)],
              parameters={"normalize": False, "lambda": 1.5})),
     Case("ties-base-listed-int8", "llama", "topk",
@@ -116,7 +119,7 @@ CASES: list[Case] = [
                              m("cpt", weight=1.0, density=0.6, gamma=0.02)])),
     Case("breadcrumbs-default-gamma", "qwen2", "topk",
          cfg("breadcrumbs", [m("instruct", weight=0.6, density=0.5), m("cpt", weight=0.6, density=0.9)])),
-    Case("breadcrumbs-rescale", "mixtral", "topk",
+    Case("breadcrumbs-rescale", "llama", "topk",
          cfg("breadcrumbs", [m("instruct", weight=1.0, density=0.5, gamma=0.1), m("cpt", weight=1.0, density=0.5)],
              parameters={"rescale": True})),
     Case("breadcrumbs_ties", "llama", "topk",
@@ -178,7 +181,8 @@ CASES: list[Case] = [
     Case("arcee_fusion", "llama", "topk", cfg("arcee_fusion", [m("far")])),
     Case("ram", "llama", "exact", cfg("ram", [m("instruct"), m("cpt")], parameters={"epsilon": 1e-3})),
     Case("ramplus_tl", "qwen2", "exact", cfg("ramplus_tl", [m("instruct"), m("cpt")],
-                                              parameters={"epsilon": 1e-3, "r": 0.2, "alpha": 0.5})),
+                                              parameters={"epsilon": 1e-3, "r": 0.2, "alpha": 0.5}),
+         mk_f32_promotion=True, note="bf16: mergekit writes float32 (type promotion bug), compared after rounding"),
 ]
 
 

@@ -145,7 +145,8 @@ def main() -> int:
             r = Result("mergekit-error", detail=err.read_text()[:200])
         else:
             ok, msg, _ = run_finrecipe(exe, d / "config.yml", d / "finrecipe")
-            r = compare(cfg, case.rule, d / "finrecipe", d / "mergekit") if ok else Result("refused", detail=msg)
+            r = (compare(cfg, case.rule, d / "finrecipe", d / "mergekit", case.mk_f32_promotion) if ok
+                 else Result("refused", detail=msg))
         rows.append((case, dt, r))
         log(f"{case.name:34s} {dt:4s} {case.rule:6s} {r.verdict:8s} differing {r.differing:>8d} "
             f"beyond-1ulp {r.beyond:>7d} explained {r.explained:>8d} unexplained {r.unexplained:>7d} "

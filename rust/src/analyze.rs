@@ -139,6 +139,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
             filter_wise: false,
             scale: 1.0,
             bf16_compute: false,
+            nums: Default::default(),
             copy: false,
             nbytes: 0,
             out_block: None,

@@ -147,6 +147,23 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
     MethodDef("passthrough", "passthrough", (_p("scale", "model", 1.0, doc="multiply the tensor"),),
               needs_base=False, min_sources=1, max_sources=1, explicit_copy=True,
               doc="copy one model (optionally scaled)"),
+    # mergekit 0.1.5's newer methods (kernels in rust/src/merge/methods_mk.rs)
+    MethodDef("nearswap", "nearswap", (_p("t", "global", doc="distance below which the other model's value is taken"),),
+              needs_base=True, min_sources=1, max_sources=1, bf16_compute=True,
+              doc="interpolate towards the other model where the two are within t of each other"),
+    MethodDef("ram", "ram", (_p("epsilon", "global", 1e-5, doc="|delta| at or below this counts as zero"),),
+              needs_base=True, bf16_compute=True,
+              doc="unique task-vector entries kept, overlapping ones averaged"),
+    MethodDef("ramplus_tl", "ramplus_tl",
+              (_p("r", "global", 0.1, doc="rescaling strength of unique entries"),
+               _p("alpha", "global", 0.2, doc="upper clamp of the overlap ratio"),
+               _p("epsilon", "global", 1e-5, doc="|delta| at or below this counts as zero")),
+              needs_base=True, bf16_compute=True,
+              doc="ram with unique entries rescaled by the tensor's overlap ratio"),
+    MethodDef("karcher", "karcher",
+              (_p("max_iter", "global", 10.0, lo=0.0, doc="iterations of the Karcher mean"),
+               _p("tol", "global", 1e-5, lo=0.0, doc="convergence tolerance")),
+              needs_base=False, doc="Riemannian (Karcher) mean of the models' directions, mean norm"),
 )}
 
 

@@ -42,6 +42,7 @@ pub fn needs_stats(job: &Job) -> bool {
         Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies => sparse(job),
         Kernel::DareLinear | Kernel::DareTies => job.rescale && sparse(job),
         Kernel::Slerp | Kernel::ModelStock => true,
+        k if super::methods_mk::handles(k) => super::methods_mk::needs_stats(job),
         _ => false,
     }
 }
@@ -468,6 +469,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                 .collect();
             Ok(Stats::Stock { row_len, t })
         }
+        k if super::methods_mk::handles(k) => super::methods_mk::compute_stats(ctx, ctl),
         _ => Ok(Stats::None),
     }
 }
@@ -750,6 +752,9 @@ fn compute_generic(
                 }
                 j = end;
             }
+        }
+        k if super::methods_mk::handles(k) => {
+            super::methods_mk::compute(job, stats, m, base, srcs, out)
         }
         Kernel::TaskArithmetic if job.bf16_compute => {
             super::bf16::task_arithmetic(job, m, base, srcs, out)

@@ -7,6 +7,7 @@
 
 pub mod bf16;
 pub mod kernels;
+pub mod methods_mk;
 pub mod plan;
 pub mod rng;
 pub mod select;

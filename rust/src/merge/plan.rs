@@ -109,6 +109,11 @@ pub enum Kernel {
     Slerp,
     ModelStock,
     Passthrough,
+    // mergekit 0.1.5's newer methods (merge/methods_mk.rs)
+    Nearswap,
+    Ram,
+    RamplusTl,
+    Karcher,
 }
 
 impl Kernel {
@@ -299,6 +304,42 @@ pub static KERNELS: &[KernelSpec] = &[
         source_params: &[num("scale")],
         tensor_params: &[],
     },
+    KernelSpec {
+        kernel: Kernel::Nearswap,
+        name: "nearswap",
+        base: true,
+        min_sources: 1,
+        max_sources: Some(1),
+        source_params: &[],
+        tensor_params: &[num("t")],
+    },
+    KernelSpec {
+        kernel: Kernel::Ram,
+        name: "ram",
+        base: true,
+        min_sources: 1,
+        max_sources: None,
+        source_params: &[],
+        tensor_params: &[num("epsilon")],
+    },
+    KernelSpec {
+        kernel: Kernel::RamplusTl,
+        name: "ramplus_tl",
+        base: true,
+        min_sources: 1,
+        max_sources: None,
+        source_params: &[],
+        tensor_params: &[num("r"), num("alpha"), num("epsilon")],
+    },
+    KernelSpec {
+        kernel: Kernel::Karcher,
+        name: "karcher",
+        base: false,
+        min_sources: 1,
+        max_sources: None,
+        source_params: &[],
+        tensor_params: &[num("max_iter"), num("tol")],
+    },
 ];
 
 /// The kernel table as JSON (what `finrecipe._core.kernels()` returns).
@@ -389,6 +430,8 @@ pub struct Job {
     pub scale: f32,
     /// Round every intermediate to bf16 as mergekit's bf16 torch ops do (task-arithmetic kernels).
     pub bf16_compute: bool,
+    /// The tensor parameters as numbers (booleans 0/1), for kernels without fields of their own.
+    pub nums: BTreeMap<String, f64>,
     /// Passthrough with identical dtype and scale 1: bytes are copied.
     pub copy: bool,
     /// Bytes of the (first) source tensor: the work units of a copy.
@@ -656,7 +699,7 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
         })?;
         let bf16_compute = match tp.compute_dtype.as_deref() {
             None | Some("F32") => false,
-            Some("BF16") if kernel.is_gta() => true,
+            Some("BF16") if kernel.is_gta() || super::methods_mk::bf16_ok(kernel) => true,
             Some(other) => {
                 return Err(Error::Config(format!(
                     "{where_}: compute_dtype '{other}' is not supported by kernel '{}' (F32, or \
@@ -839,6 +882,15 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             filter_wise: pflag(&tp.params, "filter_wise").unwrap_or(false),
             scale,
             bf16_compute,
+            nums: tp
+                .params
+                .iter()
+                .filter_map(|(k, v)| {
+                    v.as_f64()
+                        .or_else(|| v.as_bool().map(|b| f64::from(u8::from(b))))
+                        .map(|x| (k.clone(), x))
+                })
+                .collect(),
             copy,
             nbytes: first.nbytes(),
             out_block,

@@ -1,0 +1,312 @@
+//! Kernels of mergekit 0.1.5's newer methods: nearswap, ram, ramplus_tl and karcher.
+//!
+//! Semantics follow mergekit's merge methods (docs/merge-plan.md); like the other kernels they are
+//! planned before any data is read, stream chunk by chunk, and need at most small per-tensor
+//! statistics (ramplus_tl: two counts per source; karcher: the sources' Gram matrix):
+//!
+//! - nearswap (base a, one source b, `t`): w = clamp(t / max(|a − b|, 1e-6), 0, 1); w·b + (1 − w)·a
+//!   (t / x evaluated as torch does it, (1/x)·t).
+//! - ram (base, sources, `epsilon`): δ_i = θ_i − θ_b, zeroed where |δ_i| ≤ ε; per element the count
+//!   c of nonzero δ_i; a δ_i that is alone (c = 1) is added as it is, overlapping ones (c > 1) are
+//!   averaged (δ_i / c); θ_b + Σ.
+//! - ramplus_tl (`r`, `alpha`, `epsilon`): as ram, but a source's unique entries are scaled by
+//!   λ_i = 1 + r·clamp(ρ_i, 0, α), ρ_i = (its nonzero entries that overlap) / max(its unique ones, ε),
+//!   counted over the whole tensor (one statistics pass).
+//! - karcher (`max_iter`, `tol`, no base): the weighted Karcher mean (equal weights) of the sources'
+//!   directions on the unit sphere, scaled by the mean of their norms. Every iterate is a linear
+//!   combination of the sources, so the iteration runs on the coefficient vector with the Gram
+//!   matrix ⟨θ_i, θ_j⟩ (one f64 pass); the output is Σ c_i·θ_i.
+
+use super::bf16::rb;
+use super::kernels::Stats;
+use super::plan::{Job, Kernel};
+use super::{Control, Ctx};
+use crate::error::Result;
+
+/// Whether this module computes `k`.
+pub fn handles(k: Kernel) -> bool {
+    matches!(
+        k,
+        Kernel::Nearswap | Kernel::Ram | Kernel::RamplusTl | Kernel::Karcher
+    )
+}
+
+/// Kernels of this module that also compute in bf16 when the plan asks (elementwise ones).
+pub fn bf16_ok(k: Kernel) -> bool {
+    matches!(k, Kernel::Nearswap | Kernel::Ram | Kernel::RamplusTl)
+}
+
+pub fn needs_stats(job: &Job) -> bool {
+    matches!(job.kernel, Kernel::RamplusTl | Kernel::Karcher)
+}
+
+fn num(job: &Job, k: &str, default: f64) -> f64 {
+    job.nums.get(k).copied().unwrap_or(default)
+}
+
+/// Whole-tensor statistics: per-source λ (ramplus_tl) or coefficients (karcher).
+pub(crate) fn compute_stats(ctx: &Ctx, ctl: &Control) -> Result<Stats> {
+    let job = ctx.job;
+    let nsrc = job.sources.len();
+    match job.kernel {
+        Kernel::RamplusTl => {
+            let eps = num(job, "epsilon", 1e-5) as f32;
+            // per source: (nonzero and overlapping, nonzero and unique)
+            let counts = ctx.fold(
+                ctl,
+                true,
+                || vec![0u64; 2 * nsrc],
+                |acc, _c, _a, s, m| {
+                    for j in 0..m {
+                        let c = (0..nsrc).filter(|&i| s.srcs[i][j].abs() > eps).count();
+                        if c == 0 {
+                            continue;
+                        }
+                        for i in 0..nsrc {
+                            if s.srcs[i][j].abs() > eps {
+                                acc[2 * i + usize::from(c == 1)] += 1;
+                            }
+                        }
+                    }
+                },
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                },
+            )?;
+            let (r, alpha) = (num(job, "r", 0.1) as f32, num(job, "alpha", 0.2) as f32);
+            let lam = (0..nsrc)
+                .map(|i| {
+                    let shared = counts[2 * i] as f32;
+                    let unique = (counts[2 * i + 1] as f32).max(eps);
+                    1.0 + r * (shared / unique).clamp(0.0, alpha)
+                })
+                .collect();
+            Ok(Stats::Dare(lam))
+        }
+        Kernel::Karcher => {
+            let k = nsrc * (nsrc + 1) / 2;
+            let g = ctx.fold(
+                ctl,
+                false,
+                || vec![0f64; k],
+                |acc, _c, _a, s, m| {
+                    let mut p = 0;
+                    for x in 0..nsrc {
+                        for y in x..nsrc {
+                            acc[p] += super::kernels::dot(&s.srcs[x][..m], &s.srcs[y][..m]);
+                            p += 1;
+                        }
+                    }
+                },
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                },
+            )?;
+            let mut gram = vec![0f64; nsrc * nsrc];
+            let mut p = 0;
+            for x in 0..nsrc {
+                for y in x..nsrc {
+                    gram[x * nsrc + y] = g[p];
+                    gram[y * nsrc + x] = g[p];
+                    p += 1;
+                }
+            }
+            let max_iter = num(job, "max_iter", 10.0).max(0.0) as usize;
+            let tol = num(job, "tol", 1e-5);
+            Ok(Stats::Dare(
+                karcher_coefficients(&gram, nsrc, max_iter, tol)
+                    .into_iter()
+                    .map(|c| c as f32)
+                    .collect(),
+            ))
+        }
+        _ => Ok(Stats::None),
+    }
+}
+
+/// Coefficients c with Karcher mean · scale = Σ c_i θ_i, from the Gram matrix of the θ_i.
+pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -> Vec<f64> {
+    let norms: Vec<f64> = (0..n).map(|i| gram[i * n + i].max(0.0).sqrt()).collect();
+    if n == 1 {
+        return vec![1.0];
+    }
+    let alphas = vec![1.0 / n as f64; n];
+    let valid: Vec<usize> = (0..n).filter(|&i| norms[i] > tol).collect();
+    if valid.is_empty() {
+        return vec![0.0; n];
+    }
+    let asum: f64 = valid.iter().map(|&i| alphas[i]).sum();
+    // ⟨u_i, u_j⟩ of the unit directions
+    let u = |i: usize, j: usize| gram[i * n + j] / (norms[i] * norms[j]);
+    // a vector in the span of the unit directions: coefficients over u_i
+    let dot_vv = |a: &[f64], b: &[f64]| -> f64 {
+        let mut s = 0.0;
+        for i in 0..n {
+            if a[i] == 0.0 {
+                continue;
+            }
+            for j in 0..n {
+                if b[j] != 0.0 {
+                    s += a[i] * b[j] * u(i, j);
+                }
+            }
+        }
+        s
+    };
+    let mut mean = vec![0f64; n];
+    for &i in &valid {
+        mean[i] = alphas[i] / asum;
+    }
+    let mn = dot_vv(&mean, &mean).max(0.0).sqrt();
+    if mn < tol {
+        mean = vec![0.0; n];
+        mean[valid[0]] = 1.0;
+    } else {
+        mean.iter_mut().for_each(|x| *x /= mn);
+    }
+    for _ in 0..max_iter {
+        let mut tangent = vec![0f64; n];
+        for &i in &valid {
+            let mut e = vec![0f64; n];
+            e[i] = 1.0;
+            let d = dot_vv(&mean, &e).clamp(-1.0, 1.0);
+            let theta = d.acos();
+            if theta < tol {
+                continue;
+            }
+            let k = alphas[i] / asum * theta / theta.sin();
+            tangent[i] += k;
+            for j in 0..n {
+                tangent[j] -= k * d * mean[j];
+            }
+        }
+        let tn = dot_vv(&tangent, &tangent).max(0.0).sqrt();
+        if tn < tol {
+            break;
+        }
+        for j in 0..n {
+            mean[j] = tn.cos() * mean[j] + tn.sin() * tangent[j] / tn;
+        }
+        let un = dot_vv(&mean, &mean).max(0.0).sqrt();
+        if un > tol {
+            mean.iter_mut().for_each(|x| *x /= un);
+        }
+    }
+    let scale: f64 = (0..n).map(|i| alphas[i] * norms[i]).sum();
+    (0..n)
+        .map(|i| {
+            if norms[i] > 0.0 {
+                scale * mean[i] / norms[i]
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// One chunk: raw θ in `srcs` (and `base`), result in `out`.
+pub fn compute(
+    job: &Job,
+    stats: &Stats,
+    m: usize,
+    base: &[f32],
+    srcs: &[Vec<f32>],
+    out: &mut [f32],
+) {
+    let nsrc = job.sources.len();
+    let bf = job.bf16_compute;
+    let r = |x: f32| if bf { rb(x) } else { x };
+    match job.kernel {
+        Kernel::Nearswap => {
+            let t = num(job, "t", 0.0) as f32;
+            for ((o, &a), &b) in out[..m].iter_mut().zip(base).zip(&srcs[0][..m]) {
+                let d = r((a - b).abs());
+                // torch evaluates `t / tensor` as reciprocal(tensor) · t
+                let w = r(r(1.0 / d.max(r(1e-6))) * t).clamp(0.0, 1.0);
+                *o = r(r(w * b) + r(r(1.0 - w) * a));
+            }
+        }
+        Kernel::Ram | Kernel::RamplusTl => {
+            let eps = num(job, "epsilon", 1e-5) as f32;
+            let lam: &[f32] = match stats {
+                Stats::Dare(l) => l,
+                _ => &[],
+            };
+            for j in 0..m {
+                let b0 = base[j];
+                let c = (0..nsrc)
+                    .filter(|&i| r(srcs[i][j] - b0).abs() > eps)
+                    .count();
+                let mut acc = 0f32;
+                for (i, src) in srcs.iter().enumerate().take(nsrc) {
+                    let d = r(src[j] - b0);
+                    if d.abs() <= eps {
+                        continue;
+                    }
+                    acc += if c == 1 {
+                        if lam.is_empty() {
+                            d
+                        } else {
+                            d * lam[i]
+                        }
+                    } else {
+                        r(d / c as f32)
+                    };
+                }
+                // ramplus_tl: λ is a float32 tensor, so under bf16 compute mergekit's sum and the
+                // final add are float32 (promoted); ram stays in bf16
+                *o_at(out, j) = if lam.is_empty() {
+                    r(b0 + r(acc))
+                } else {
+                    b0 + acc
+                };
+            }
+        }
+        Kernel::Karcher => {
+            let c = match stats {
+                Stats::Dare(c) => c,
+                _ => unreachable!("karcher without stats"),
+            };
+            out[..m].fill(0.0);
+            for (src, &ci) in srcs.iter().zip(c).take(nsrc) {
+                for (o, &x) in out[..m].iter_mut().zip(&src[..m]) {
+                    *o += ci * x;
+                }
+            }
+        }
+        _ => unreachable!("not a kernel of methods_mk"),
+    }
+}
+
+#[inline(always)]
+fn o_at(out: &mut [f32], j: usize) -> &mut f32 {
+    &mut out[j]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn karcher_of_orthogonal_equal_vectors_is_their_normalised_mean() {
+        // θ_1 = e1, θ_2 = e2: the mean direction is (e1 + e2)/√2, scale 1 → c = (1/√2, 1/√2)
+        let gram = [1.0, 0.0, 0.0, 1.0];
+        let c = karcher_coefficients(&gram, 2, 10, 1e-5);
+        let h = std::f64::consts::FRAC_1_SQRT_2;
+        assert!((c[0] - h).abs() < 1e-9 && (c[1] - h).abs() < 1e-9, "{c:?}");
+    }
+
+    #[test]
+    fn karcher_of_parallel_vectors_averages_norms() {
+        // θ_2 = 3·θ_1: one direction; scale = (1 + 3)/2 = 2 → 2·θ_1 = c1·θ_1 + c2·θ_2
+        let gram = [1.0, 3.0, 3.0, 9.0];
+        let c = karcher_coefficients(&gram, 2, 10, 1e-5);
+        assert!((c[0] + 3.0 * c[1] - 2.0).abs() < 1e-9, "{c:?}");
+    }
+}

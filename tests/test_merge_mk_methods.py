@@ -1,0 +1,91 @@
+"""mergekit 0.1.5's newer methods (nearswap, ram, ramplus_tl, karcher) against torch references
+written from their definitions; `make parity` compares them with mergekit's own output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import load_state_dict
+from finrecipe.errors import RecipeError
+from finrecipe.merge import MergeConfig, run_merge
+
+
+def _merge(tmp_path: Path, d: dict[str, Any], name: str = "out") -> dict[str, torch.Tensor]:
+    return load_state_dict(run_merge(MergeConfig.from_dict(d), tmp_path / name).out_dir)
+
+
+def _cfg(method: str, ms: dict[str, Path], names: list[str], params: dict[str, Any] | None = None,
+         base: bool = True) -> dict[str, Any]:
+    d: dict[str, Any] = {"merge_method": method, "models": [{"model": str(ms[n])} for n in names]}
+    if base:
+        d["base_model"] = str(ms["base"])
+    if params:
+        d["parameters"] = params
+    return d
+
+
+def test_nearswap(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "float32")
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    out = _merge(tmp_path, _cfg("nearswap", ms, ["m1"], {"t": 0.004}))
+    for k, a in S["base"].items():
+        b = S["m1"][k]
+        w = ((1.0 / (a - b).abs().clamp(min=1e-6)) * 0.004).clamp(0, 1)
+        torch.testing.assert_close(out[k], w * b + (1 - w) * a, rtol=1e-6, atol=1e-7, msg=k)
+    with pytest.raises(RecipeError, match="'t'"):  # t is required
+        _merge(tmp_path, _cfg("nearswap", ms, ["m1"]), "no-t")
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram(related_models: Any, tmp_path: Path, method: str) -> None:
+    ms = related_models("llama", "float32", n=3)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    eps, r, alpha = 0.01, 0.3, 0.5
+    params: dict[str, Any] = {"epsilon": eps} | ({"r": r, "alpha": alpha} if method == "ramplus_tl" else {})
+    out = _merge(tmp_path, _cfg(method, ms, ["m1", "m2", "m3"], params))
+    for k, b in S["base"].items():
+        tv = torch.stack([S[f"m{i}"][k] - b for i in (1, 2, 3)])
+        nz = tv.abs() > eps
+        c = nz.sum(0)
+        unique, overlap = c == 1, c > 1
+        lam = torch.ones(3)
+        if method == "ramplus_tl":
+            shared = (nz & overlap).reshape(3, -1).sum(1).float()
+            uniq = (nz & unique).reshape(3, -1).sum(1).float().clamp(min=eps)
+            lam = 1 + r * (shared / uniq).clamp(0, alpha)
+        lam = lam.reshape(-1, *([1] * b.dim()))
+        tvz = tv * nz
+        ref = b + (tvz * unique * lam + tvz * overlap / c.clamp(min=1)).sum(0)
+        torch.testing.assert_close(out[k], ref, rtol=1e-6, atol=1e-7, msg=k)
+        assert bool(unique.any()) and bool(overlap.any()), "the fixture should have both kinds"
+
+
+def test_karcher(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "float32", n=3, scale=0.05)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    out = _merge(tmp_path, _cfg("karcher", ms, ["m1", "m2", "m3"], base=False))
+    for k in S["base"]:
+        xs = [S[f"m{i}"][k].double() for i in (1, 2, 3)]
+        norms = [x.norm() for x in xs]
+        units = [x / n for x, n in zip(xs, norms, strict=True)]
+        mean = sum(units) / 3
+        mean = mean / mean.norm()
+        for _ in range(10):
+            tangent = torch.zeros_like(mean)
+            for u in units:
+                d = torch.clamp((mean * u).sum(), -1, 1)
+                th = torch.arccos(d)
+                if th < 1e-5:
+                    continue
+                tangent = tangent + (th / torch.sin(th)) * (u - d * mean) / 3
+            tn = tangent.norm()
+            if tn < 1e-5:
+                break
+            mean = torch.cos(tn) * mean + torch.sin(tn) * tangent / tn
+            mean = mean / mean.norm()
+        ref = (sum(norms) / 3 * mean).float()
+        torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6, msg=k)
