@@ -147,13 +147,13 @@ pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -
     // a vector in the span of the unit directions: coefficients over u_i
     let dot_vv = |a: &[f64], b: &[f64]| -> f64 {
         let mut s = 0.0;
-        for i in 0..n {
-            if a[i] == 0.0 {
+        for (i, &ai) in a.iter().enumerate().take(n) {
+            if ai == 0.0 {
                 continue;
             }
-            for j in 0..n {
-                if b[j] != 0.0 {
-                    s += a[i] * b[j] * u(i, j);
+            for (j, &bj) in b.iter().enumerate().take(n) {
+                if bj != 0.0 {
+                    s += ai * bj * u(i, j);
                 }
             }
         }
