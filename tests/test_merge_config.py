@@ -123,7 +123,7 @@ def test_plan_resolves_precedence_gradients_and_filters(related_models: Any) -> 
     assert up1["sources"][0]["params"]["density"] == pytest.approx(0.6)  # gradient at t = 0.5
     assert by["model.layers.2.mlp.up_proj.weight"]["sources"][0]["params"]["density"] == 1.0
     assert by["model.layers.0.self_attn.q_proj.weight"]["sources"][1]["params"]["density"] == 0.7
-    assert up1["params"] == {"lambda": 1.0, "normalize": True}  # defaults filled in
+    assert up1["params"] == {"lambda": 1.0, "normalize": True, "rescale": False}  # defaults filled in
     assert all(t["out_dtype"] == "F16" for t in plan["tensors"])
     assert plan["models"] == [str(ms[k]) for k in ("base", "m1", "m2")]
     assert up1["base"] == {"model": 0, "tensor": "model.layers.1.mlp.up_proj.weight"}
