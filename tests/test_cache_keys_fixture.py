@@ -6,6 +6,10 @@ a kind produces, bump that kind's `version` and update these keys in the same co
 Changes so far: continual_pretraining version 2 (document-masked packing by default, validation
 held out by document): the keys of demo.yaml's base and finance, and of what depends on them
 (instruct, merged, eval), changed.
+
+merge_search in the demo: the new dataset finance_dev and stage searched have keys of their own; the
+eval stage evaluates `searched` too, so its config (models) and therefore its key changed. No other
+key changed.
 """
 
 from pathlib import Path
@@ -27,7 +31,9 @@ KEYS = {
         "instruct": "c29c93e96d85af1f",
         "finance": "f6c71f08ff1501ea",
         "merged": "050ed3e44c34b42e",
-        "eval": "991b22020b225672",
+        "finance_dev": "5a404adb1748708d",
+        "searched": "e07948f7ff7efb5d",
+        "eval": "f47a8360960f62b5",
     },
     "merge_tiny.yaml": {
         "base": "97d24008029adbe4",

@@ -33,6 +33,8 @@ SMALL = {
     "stages.eval.tasks.1.max_new_tokens": 3,
     "stages.eval.tasks.2.limit": 6,
     "stages.eval.tasks.3.limit": 6,
+    "stages.searched.trials": 3,
+    "stages.searched.objective.instruction.limit": 6,
 }
 
 
@@ -104,22 +106,23 @@ def test_demo_runs_end_to_end_with_reduced_sizes(tmp_path: Path) -> None:
     report = json.loads((state / "report.json").read_text())
     nodes = report["nodes"] if isinstance(report.get("nodes"), list) else list(report["nodes"].values())
     names = {n["name"] for n in nodes}
-    assert {"scratch", "base", "instruct", "finance", "merged", "eval"} <= names
+    assert {"scratch", "base", "instruct", "finance", "merged", "searched", "eval"} <= names
     assert all(n["status"] in ("ran", "cached", "local") for n in nodes), nodes
     assert (state / "report.md").is_file()
     assert any(state.glob("report*.html")) or any(state.rglob("*.html"))
-    # the evaluation covered all four models and every task, plus the task-vector analysis
+    # the evaluation covered all five models (the searched merge beside the fixed one) and every task,
+    # plus the task-vector analysis
     ev = next(n for n in nodes if n["name"] == "eval")
     metrics = ev.get("metrics") or json.loads(
         next(state.glob("eval/*/result.json")).read_text())["metrics"]
-    assert set(metrics["models"]) == {"base", "instruct", "finance", "merged"}
+    assert set(metrics["models"]) == {"base", "instruct", "finance", "merged", "searched"}
     for m in metrics["models"].values():
         assert {"custom:finance_qa", "custom:general_qa", "custom:finance_mc", "ppl:finance_heldout"} <= set(
             m["tasks"])
     assert metrics["analysis"] is not None
-    # it ends with the results table (all four models) and the path of the HTML report
+    # it ends with the results table (all five models) and the path of the HTML report
     out = res.output[res.output.index("results: eval"):]
-    assert all(f"│ {m} " in out for m in ("base", "instruct", "finance", "merged"))
+    assert all(f"│ {m} " in out for m in ("base", "instruct", "finance", "merged", "searched"))
     assert out.rstrip().splitlines()[-1] == f"report: {state / 'report.html'}"
     # a second apply reuses everything, and shows the same table
     res2 = CliRunner().invoke(main, args)

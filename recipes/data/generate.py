@@ -41,6 +41,7 @@ N_KNOWN = 30          # well-known companies (general corpus)
 N_NICHE = 30          # niche companies (finance corpus)
 DOCS_PER_ENTITY = 12  # prose documents per entity (varied templates and order)
 HELDOUT_DOCS_PER_NICHE = 2
+DEV_DOCS_PER_NICHE = 2  # development prose for selection (merge_search), from its own generator
 GENERAL_TRAIN_FRACTION = 0.7  # of (entity, attribute) pairs used for instruction tuning
 FAQ_PER_DOC = 3  # question-answer pairs per FAQ-style document of the general corpus
 
@@ -239,6 +240,13 @@ def generate() -> dict[str, list[dict[str, object]]]:
             fmc.append({"question": qs[0], "context": stem, "choices": opts, "answer": opts.index(value)})
     files["finance/eval_questions.jsonl"] = fq
     files["finance/eval_mc.jsonl"] = fmc
+
+    # Development prose for choosing merges (the demo's merge_search): more documents about the niche
+    # companies, drawn from a generator of their own so that every file above stays as it was. No
+    # stage trains on them and no evaluation reports them.
+    dev_rng = random.Random(SEED + 1)
+    files["finance/dev.jsonl"] = [{"text": prose_doc(dev_rng, ent, finance=True)}
+                                  for ent in niche for _ in range(DEV_DOCS_PER_NICHE)]
     return files
 
 
