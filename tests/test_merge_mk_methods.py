@@ -89,3 +89,24 @@ def test_karcher(related_models: Any, tmp_path: Path) -> None:
             mean = mean / mean.norm()
         ref = (sum(norms) / 3 * mean).float()
         torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_della_keeps_by_magnitude_rank_and_rescales(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "float32", n=1)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    d = _cfg("della_linear", ms, ["m1"])
+    d["models"][0]["parameters"] = {"weight": 1.0, "density": 0.5, "epsilon": 0.3}
+    out = _merge(tmp_path, d)
+    again = _merge(tmp_path, d, "again")
+    w = "model.layers.1.mlp.down_proj.weight"
+    delta = S["m1"][w] - S["base"][w]
+    got = out[w] - S["base"][w]
+    kept = got != 0
+    ranks = delta.abs().argsort(dim=1).argsort(dim=1).float() / (delta.shape[1] - 1)
+    low, high = kept[ranks < 0.5].float().mean().item(), kept[ranks >= 0.5].float().mean().item()
+    assert abs(low - 0.35) < 0.04 and abs(high - 0.65) < 0.04, (low, high)  # p = 0.2 + 0.6·rank
+    assert abs(got.abs().sum().item() / delta.abs().sum().item() - 1) < 1e-3  # L1 rescale
+    assert all(torch.equal(out[k], again[k]) for k in out)
+    with pytest.raises(RecipeError, match="epsilon"):
+        d["models"][0]["parameters"]["epsilon"] = 0.6
+        _merge(tmp_path, d, "bad")

@@ -141,9 +141,9 @@ CASES: list[Case] = [
          cfg("dare_ties", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=1.0, density=0.5)])),
     Case("della-1", "llama", "random",
          cfg("della", [m("instruct", weight=1.0, density=0.5, epsilon=0.2)])),
-    Case("della-2", "qwen2", "random",
+    Case("della-2", "llama", "random",
          cfg("della", [m("instruct", weight=1.0, density=0.6), m("cpt", weight=0.7, density=0.4, epsilon=0.1)])),
-    Case("della_linear-1", "mixtral", "random",
+    Case("della_linear-1", "llama", "random",
          cfg("della_linear", [m("cpt", weight=0.9, density=0.7, epsilon=0.1)])),
     # ---- SLERP family --------------------------------------------------------------------------------------
     Case("slerp", "llama", "exact", cfg("slerp", [m("base"), m("far")], parameters={"t": 0.3}), ci=True),

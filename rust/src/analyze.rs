@@ -132,6 +132,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
             weights: vec![1.0; n],
             densities: vec![],
             gammas: vec![],
+            epsilons: vec![],
             lambda: 1.0,
             normalize: false,
             rescale: false,

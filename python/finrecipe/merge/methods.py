@@ -108,6 +108,8 @@ DENSITY = _p("density", "model", 1.0, lo=0.0, hi=1.0, doc="fraction of the task 
 GAMMA = _p("gamma", "model", 0.01, lo=0.0, hi=1.0, hi_open=True,
            doc="fraction of the largest |delta| dropped as outliers")
 LAMBDA = _p("lambda", "global", 1.0, doc="scale of the merged task vector")
+EPSILON = _p("epsilon", "model", 0.15, lo=0.0, hi=1.0,
+             doc="DELLA: keep probabilities spread over density ± epsilon by magnitude rank")
 RESCALE = _p("rescale", "global", True, bool, doc="rescale kept DARE deltas to the original L1 norm")
 # mergekit accepts `rescale` for every task-arithmetic method; off by default where it prunes by magnitude.
 RESCALE_OFF = _p("rescale", "global", False, bool, doc="rescale kept deltas to the original L1 norm")
@@ -139,6 +141,12 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
               (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), RESCALE_OFF, INT8_MASK), needs_base=True,
               bf16_compute=True,
               doc="breadcrumbs sparsification with TIES sign election"),
+    MethodDef("della", "della", (WEIGHT, DENSITY, EPSILON, LAMBDA, normalize(True), RESCALE, INT8_MASK),
+              needs_base=True, bf16_compute=True,
+              doc="magnitude-ranked random drop (DELLA) and rescale, then TIES sign election"),
+    MethodDef("della_linear", "della_linear", (WEIGHT, DENSITY, EPSILON, LAMBDA, normalize(False), RESCALE,
+                                               INT8_MASK),
+              needs_base=True, bf16_compute=True, doc="magnitude-ranked random drop (DELLA), then task arithmetic"),
     MethodDef("slerp", "slerp", (_p("t", "global", lo=0.0, hi=1.0, doc="0: the base, 1: the other model"),),
               needs_base=True, min_sources=1, max_sources=1, doc="spherical interpolation of two models"),
     MethodDef("model_stock", "model_stock", (_p("filter_wise", "global", False, bool,

@@ -457,6 +457,13 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                 for pd in m.kernel_params("model"):
                     sp[pd.name] = _resolve(pd, [s.params] + gl, out_name, t, cfg, f"model {s.model!r}")
                 sources.append({**ref_of(s, tname), "params": sp})
+            if m.kernel in ("della", "della_linear"):
+                for s, src in zip(part.sources, sources, strict=True):
+                    dd, ee = float(src["params"]["density"]), float(src["params"]["epsilon"])
+                    if 0 < dd < 1 and not (0 < dd - ee and dd + ee < 1):
+                        raise cfg.error(f"model {s.model!r}, tensor {out_name!r}: {m.name} keeps entries with "
+                                        f"probabilities density ± epsilon = {dd:g} ± {ee:g}, which must lie "
+                                        "inside (0, 1); lower epsilon", ("models",) if cfg.models is not None else ("slices",))
             if m.refuse_zero_weight_sum and tparams.get("normalize"):
                 wsum = sum(float(src["params"]["weight"]) for src in sources)
                 if abs(wsum) < 1e-8:

@@ -469,7 +469,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                 .collect();
             Ok(Stats::Stock { row_len, t })
         }
-        k if super::methods_mk::handles(k) => super::methods_mk::compute_stats(ctx, ctl),
+        k if super::methods_mk::handles(k) => super::methods_mk::compute_stats(ctx, seed, ctl),
         _ => Ok(Stats::None),
     }
 }
@@ -597,6 +597,9 @@ pub(crate) fn run_chunk(
         // task_arithmetic subtracts the base inside its fused loop.
         let deltas = job.kernel.is_gta() && job.kernel != Kernel::TaskArithmetic;
         let (_, m) = ctx.load_chunk(c, s, deltas);
+        if super::methods_mk::is_della(job.kernel) {
+            super::methods_mk::della_mask(ctx, stats, seed, c, a, m, s);
+        }
         compute(job, stats, seed, c, a, m, s);
         let Scratch { out, bytes, .. } = s;
         if let Some(ob) = job.out_block {
@@ -753,7 +756,7 @@ fn compute_generic(
                 j = end;
             }
         }
-        k if super::methods_mk::handles(k) => {
+        k if super::methods_mk::handles(k) && !super::methods_mk::is_della(k) => {
             super::methods_mk::compute(job, stats, m, base, srcs, out)
         }
         Kernel::TaskArithmetic if job.bf16_compute => {
@@ -802,7 +805,7 @@ fn task_arithmetic(job: &Job, m: usize, base: &[f32], srcs: &[Vec<f32>], out: &m
 /// scale by λ, add to the base.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn gta(
+pub(crate) fn gta(
     job: &Job,
     stats: &Stats,
     seed: u64,

@@ -20,15 +20,121 @@
 use super::bf16::rb;
 use super::kernels::Stats;
 use super::plan::{Job, Kernel};
+use super::rng::KeepStream;
 use super::{Control, Ctx};
 use crate::error::Result;
 
-/// Whether this module computes `k`.
+/// Whether this module computes `k` (della's masks; its combination is the task-arithmetic one).
 pub fn handles(k: Kernel) -> bool {
     matches!(
         k,
-        Kernel::Nearswap | Kernel::Ram | Kernel::RamplusTl | Kernel::Karcher
+        Kernel::Nearswap
+            | Kernel::Ram
+            | Kernel::RamplusTl
+            | Kernel::Karcher
+            | Kernel::Della
+            | Kernel::DellaLinear
     )
+}
+
+pub fn is_della(k: Kernel) -> bool {
+    matches!(k, Kernel::Della | Kernel::DellaLinear)
+}
+
+/// Rows of DELLA's ranking: mergekit ranks |δ| along dim 1 of a 2-D tensor (within each row);
+/// a 1-D tensor is one row. (Tensors of more dimensions are ranked within their last dimension.)
+fn della_row_len(job: &Job) -> usize {
+    if job.shape.len() >= 2 {
+        *job.shape.last().unwrap()
+    } else {
+        job.numel.max(1)
+    }
+}
+
+/// DELLA's magnitude-dependent drop for source i on chunk c (elements a.., deltas in `d`): each
+/// element is kept with probability p = (density − ε) + 2ε·(rank − 1)/(n − 1), rank 1..n of its |δ|
+/// within its row (equal magnitudes ranked by index), then multiplied by `f` (the rescale factor).
+/// The row is loaded whole (a bounded per-row buffer), so ranks do not depend on the chunking.
+fn della_source(ctx: &Ctx, seed: u64, i: usize, _c: usize, a: usize, d: &mut [f32], f: f32) {
+    let job = ctx.job;
+    let dens = job.densities[i];
+    if dens >= 1.0 {
+        return;
+    }
+    if dens <= 0.0 {
+        d.fill(0.0);
+        return;
+    }
+    let eps = job.epsilons.get(i).copied().unwrap_or(0.15);
+    let bf = job.bf16_compute;
+    let stream = KeepStream::new(seed, &job.name, i, dens);
+    let n = della_row_len(job);
+    let m = d.len();
+    let (mut rb_, mut rs) = (vec![0f32; n], vec![0f32; n]);
+    let mut order: Vec<u32> = Vec::with_capacity(n);
+    let mut rank = vec![0u32; n];
+    let mut j = 0;
+    while j < m {
+        let e = a + j;
+        let row = e / n;
+        let (r0, r1) = (row * n, (row + 1) * n);
+        let end = (r1 - a).min(m);
+        // the whole row's deltas, as the chunk loader computes them
+        if let Some(b) = job.base {
+            ctx.load(b, r0, r1, &mut rb_);
+        } else {
+            rb_.fill(0.0);
+        }
+        ctx.load(job.sources[i], r0, r1, &mut rs);
+        for (x, &y) in rs.iter_mut().zip(&rb_) {
+            let (x0, y0) = if bf { (rb(*x), rb(y)) } else { (*x, y) };
+            *x = if bf { rb(x0 - y0) } else { x0 - y0 };
+        }
+        order.clear();
+        order.extend(0..n as u32);
+        order.sort_by(|&p, &q| rs[p as usize].abs().total_cmp(&rs[q as usize].abs()));
+        for (rk, &p) in order.iter().enumerate() {
+            rank[p as usize] = rk as u32;
+        }
+        let denom = if n > 1 { (n - 1) as f64 } else { 1.0 };
+        for (jj, x) in d[j..end].iter_mut().enumerate() {
+            let col = e + jj - r0;
+            let p = (dens - eps) + 2.0 * eps * rank[col] as f64 / denom;
+            let thr = (p.clamp(0.0, 1.0) * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+            let keep = stream.draw((e + jj) as u64) < thr || p >= 1.0;
+            *x = if !keep {
+                0.0
+            } else if f == 1.0 {
+                *x
+            } else if bf {
+                rb(*x * f)
+            } else {
+                *x * f
+            };
+        }
+        j = end;
+    }
+}
+
+/// Applies DELLA's masks (and rescale factors) to the chunk's deltas before the task-arithmetic
+/// combination runs on them.
+pub(crate) fn della_mask(
+    ctx: &Ctx,
+    stats: &Stats,
+    seed: u64,
+    c: usize,
+    a: usize,
+    m: usize,
+    s: &mut super::Scratch,
+) {
+    let nsrc = ctx.job.sources.len();
+    for i in 0..nsrc {
+        let f = match stats {
+            Stats::Dare(f) => f[i],
+            _ => 1.0,
+        };
+        della_source(ctx, seed, i, c, a, &mut s.srcs[i][..m], f);
+    }
 }
 
 /// Kernels of this module that also compute in bf16 when the plan asks (elementwise ones).
@@ -37,7 +143,13 @@ pub fn bf16_ok(k: Kernel) -> bool {
 }
 
 pub fn needs_stats(job: &Job) -> bool {
-    matches!(job.kernel, Kernel::RamplusTl | Kernel::Karcher)
+    match job.kernel {
+        Kernel::RamplusTl | Kernel::Karcher => true,
+        Kernel::Della | Kernel::DellaLinear => {
+            job.rescale && job.densities.iter().any(|&d| d > 0.0 && d < 1.0)
+        }
+        _ => false,
+    }
 }
 
 fn num(job: &Job, k: &str, default: f64) -> f64 {
@@ -45,10 +157,51 @@ fn num(job: &Job, k: &str, default: f64) -> f64 {
 }
 
 /// Whole-tensor statistics: per-source λ (ramplus_tl) or coefficients (karcher).
-pub(crate) fn compute_stats(ctx: &Ctx, ctl: &Control) -> Result<Stats> {
+pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats> {
     let job = ctx.job;
     let nsrc = job.sources.len();
     match job.kernel {
+        Kernel::Della | Kernel::DellaLinear => {
+            // L1 of each δ and of its kept part, with the masks della_mask draws
+            let sums = ctx.fold(
+                ctl,
+                true,
+                || vec![0f64; 2 * nsrc],
+                |acc, c, a, s, m| {
+                    let mut d = Vec::with_capacity(m);
+                    for i in 0..nsrc {
+                        d.clear();
+                        d.extend_from_slice(&s.srcs[i][..m]);
+                        acc[2 * i] += d.iter().map(|&x| x.abs() as f64).sum::<f64>();
+                        della_source(ctx, seed, i, c, a, &mut d, 1.0);
+                        acc[2 * i + 1] += d.iter().map(|&x| x.abs() as f64).sum::<f64>();
+                    }
+                },
+                |mut x, y| {
+                    for (p, q) in x.iter_mut().zip(y) {
+                        *p += q;
+                    }
+                    x
+                },
+            )?;
+            Ok(Stats::Dare(
+                (0..nsrc)
+                    .map(|i| {
+                        let (b, a) = (sums[2 * i], sums[2 * i + 1]);
+                        let d = job.densities[i];
+                        if !job.rescale || d >= 1.0 || d <= 0.0 {
+                            1.0
+                        } else if job.bf16_compute {
+                            super::bf16::rescale_factor(b, a)
+                        } else if b < 1e-7 || a < 1e-7 {
+                            1.0
+                        } else {
+                            (b / a) as f32
+                        }
+                    })
+                    .collect(),
+            ))
+        }
         Kernel::RamplusTl => {
             let eps = num(job, "epsilon", 1e-5) as f32;
             // per source: (nonzero and overlapping, nonzero and unique)
@@ -81,7 +234,8 @@ pub(crate) fn compute_stats(ctx: &Ctx, ctl: &Control) -> Result<Stats> {
                 .map(|i| {
                     let shared = counts[2 * i] as f32;
                     let unique = (counts[2 * i + 1] as f32).max(eps);
-                    1.0 + r * (shared / unique).clamp(0.0, alpha)
+                    // torch's clamp(min=0, max=alpha): min first, then max (no panic for alpha < 0)
+                    1.0 + r * (shared / unique).max(0.0).min(alpha)
                 })
                 .collect();
             Ok(Stats::Dare(lam))
@@ -117,7 +271,8 @@ pub(crate) fn compute_stats(ctx: &Ctx, ctl: &Control) -> Result<Stats> {
                     p += 1;
                 }
             }
-            let max_iter = num(job, "max_iter", 10.0).max(0.0) as usize;
+            // capped so that a hostile plan cannot keep a worker busy for ever
+            let max_iter = num(job, "max_iter", 10.0).clamp(0.0, 10_000.0) as usize;
             let tol = num(job, "tol", 1e-5);
             Ok(Stats::Dare(
                 karcher_coefficients(&gram, nsrc, max_iter, tol)

@@ -114,6 +114,8 @@ pub enum Kernel {
     Ram,
     RamplusTl,
     Karcher,
+    Della,
+    DellaLinear,
 }
 
 impl Kernel {
@@ -138,12 +140,14 @@ impl Kernel {
                 | Kernel::DareTies
                 | Kernel::Breadcrumbs
                 | Kernel::BreadcrumbsTies
+                | Kernel::Della
+                | Kernel::DellaLinear
         )
     }
     pub fn consensus(self) -> bool {
         matches!(
             self,
-            Kernel::Ties | Kernel::DareTies | Kernel::BreadcrumbsTies
+            Kernel::Ties | Kernel::DareTies | Kernel::BreadcrumbsTies | Kernel::Della
         )
     }
 }
@@ -331,6 +335,18 @@ pub static KERNELS: &[KernelSpec] = &[
         source_params: &[],
         tensor_params: &[num("r"), num("alpha"), num("epsilon")],
     },
+    gta(
+        Kernel::Della,
+        "della",
+        &[WEIGHT, DENSITY, unit("epsilon")],
+        &[LAMBDA, NORMALIZE, RESCALE],
+    ),
+    gta(
+        Kernel::DellaLinear,
+        "della_linear",
+        &[WEIGHT, DENSITY, unit("epsilon")],
+        &[LAMBDA, NORMALIZE, RESCALE],
+    ),
     KernelSpec {
         kernel: Kernel::Karcher,
         name: "karcher",
@@ -422,6 +438,8 @@ pub struct Job {
     pub weights: Vec<f32>,
     pub densities: Vec<f64>,
     pub gammas: Vec<f64>,
+    /// Per source DELLA ε (della, della_linear).
+    pub epsilons: Vec<f64>,
     pub lambda: f32,
     pub normalize: bool,
     pub rescale: bool,
@@ -745,6 +763,7 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
         let mut weights = Vec::new();
         let mut densities = Vec::new();
         let mut gammas = Vec::new();
+        let mut epsilons = Vec::new();
         let mut scale = 1.0f32;
         for (si, s) in tp.sources.iter().enumerate() {
             let sw = format!("{where_} sources[{si}]");
@@ -760,6 +779,9 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             }
             if let Some(g) = pnum(&s.params, "gamma") {
                 gammas.push(g);
+            }
+            if let Some(e) = pnum(&s.params, "epsilon") {
+                epsilons.push(e);
             }
             if let Some(k) = pnum(&s.params, "scale") {
                 scale = k as f32;
@@ -875,6 +897,7 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             weights,
             densities,
             gammas,
+            epsilons,
             lambda: pnum(&tp.params, "lambda").unwrap_or(1.0) as f32,
             normalize,
             rescale: pflag(&tp.params, "rescale").unwrap_or(false),

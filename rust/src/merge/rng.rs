@@ -61,12 +61,17 @@ impl KeepStream {
 
     #[inline(always)]
     pub fn keep(&self, index: u64) -> bool {
+        (self.draw(index) < self.threshold) | self.all
+    }
+
+    /// The stream's uniform 32-bit draw for element `index` (`keep` compares it with p·2^32).
+    #[inline(always)]
+    pub fn draw(&self, index: u64) -> u32 {
         let lo = index as u32;
         let hi = (index >> 32) as u32;
         let h = fmix32(lo.wrapping_mul(0x9E37_79B1) ^ self.k1);
         let h = fmix32(h ^ self.k2 ^ hi.wrapping_mul(0x85EB_CA77));
-        let h = fmix32(h ^ self.k3);
-        (h < self.threshold) | self.all
+        fmix32(h ^ self.k3)
     }
 }
 
