@@ -44,7 +44,7 @@ class TrainingStage(StageKind[TC]):
             names += [(n, "dataset") for n in config.validation.datasets]
         out: list[tuple[str, InputKind]] = []
         for name, kind in names:
-            if all(name != n for n, _ in out):
+            if (name, kind) not in out:  # a name used as a model and as a dataset stays twice: an error
                 out.append((name, kind))
         return out
 
