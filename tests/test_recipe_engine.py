@@ -633,3 +633,34 @@ def test_leftovers_of_killed_runs_are_swept(rdir: Path) -> None:
     load_recipe(rdir / "r.yaml").apply()
     assert not (merged / f".model.finrecipe-tmp-{dead}-ffff").exists()
     live.unlink()
+
+
+def test_multi_node_ranks_share_one_workdir(rdir: Path) -> None:
+    """Every machine runs the same apply on shared storage: rank 1 waits for rank 0 to build the
+    inputs, joins the multi-node stage only, and leaves markers, records and the report to rank 0."""
+    text = (rdir / "r.yaml").read_text() + (
+        f"  dist:\n    type: fake_dist\n    models: [cpt]\n    nnodes: 2\n    count_file: {rdir.parent / 'count.log'}\n")
+    (rdir / "m.yaml").write_text(text)
+    code = ("import sys, test_recipe_fakes; from finrecipe.cli import main; "
+            "sys.argv = ['finrecipe', 'apply', sys.argv[1], '--node-rank', '1', '-q']; main()")
+    env = {**_env(), "FINRECIPE_WORKER_POLL_SECONDS": "0.1"}
+    worker = subprocess.Popen([sys.executable, "-c", code, str(rdir / "m.yaml")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((rdir / "runs" / "t").glob(".apply.node1.lock")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert worker.poll() is None  # waiting for rank 0 to build cpt
+        assert not (rdir / "runs" / "t" / "run.json").exists()
+        res = load_recipe(rdir / "m.yaml").apply()  # rank 0, concurrently: its own lock
+        out, _ = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, out
+    assert "dist rank 1" in _count(rdir) and "dist rank 0" in _count(rdir)
+    assert res.ran == ["cpt", "merged", "ev", "dist"]
+    markers = list((rdir / "runs" / "t" / "dist").glob("*/DONE.json"))
+    assert len(markers) == 1  # one node, one output directory, one marker: rank 0's
+    assert load_recipe(rdir / "m.yaml").apply().noop

@@ -113,3 +113,40 @@ class FakeEval(StageKind[EvalConfig]):
         _log_run(config.count_file, f"done {ctx.node}")
         w = (ref.path / "weights.txt").read_text()
         return StageResult(metrics={"score": int(w[:4], 16) / 65535})
+
+
+class DistConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[str]
+    nnodes: int = 1
+    count_file: str | None = None
+
+
+@register
+class FakeDist(StageKind[DistConfig]):
+    """A stage that runs on every machine of a multi-node job (like training with launch.nnodes > 1)."""
+
+    type = "fake_dist"
+    version = "1"
+    Config = DistConfig
+
+    def inputs(self, config: DistConfig) -> Sequence[tuple[str, InputKind]]:
+        return [(m, "model") for m in config.models]
+
+    def cache_config(self, config: DistConfig) -> object:
+        return config.model_dump(mode="json", exclude={"count_file"})
+
+    def node_rank(self, config: DistConfig) -> int | None:
+        import os
+
+        return int(os.environ.get("FINRECIPE_NODE_RANK", "0")) if config.nnodes > 1 else None
+
+    def run(self, config: DistConfig, inputs: Mapping[str, ModelRef | DatasetRef], out_dir: Path,
+            ctx: StageContext) -> StageResult:
+        rank = self.node_rank(config) or 0
+        _log_run(config.count_file, f"{ctx.node} rank {rank}")
+        if rank:
+            return StageResult()  # a worker: rank 0 writes the model
+        with atomic_dir(out_dir / "model", overwrite=True) as tmp:
+            (tmp / "weights.txt").write_text("dist")
+        return StageResult(model_dir=out_dir / "model")

@@ -176,6 +176,13 @@ class NodeKind(Generic[ConfigT]):
         """Best-effort size of the output, for `finrecipe plan`; None when unknown."""
         return None
 
+    def node_rank(self, config: ConfigT) -> int | None:
+        """For a node that runs on every machine of a multi-node job (a training stage launched
+        with `nnodes > 1`): this machine's rank in the job; None for a node that runs once. An
+        `apply` on a machine of rank > 0 runs only such nodes, waits for their inputs to be built
+        by rank 0, and leaves markers, records and the report to rank 0 (shared storage)."""
+        return None
+
     def trusts_remote_code(self, config: ConfigT) -> bool | None:
         """Whether models this node provides need the model directory's own code to load;
         None (the default for stages): inherited from the node's model inputs."""

@@ -148,9 +148,16 @@ def plan_cmd(recipe: Path, overrides: tuple[str, ...], lock_file: Path | None, a
               help="Do not write the lockfile (it is still read for pinned hub commits and --locked).")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress bars (a line still says when each node starts).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=None,
+              help="This machine's rank in the recipe's multi-node training (launch.nnodes > 1); run "
+                   "the same apply on every machine, on a workdir they share. Rank 0 builds "
+                   "everything; other ranks join the multi-node stages only.")
+@click.option("--master-addr", default=None, metavar="HOST", help="Rank 0's address for torchrun.")
+@click.option("--master-port", type=click.IntRange(1, 65535), default=None, help="Rank 0's port for torchrun.")
 @_grant_options
 def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], force: tuple[str, ...],
               dry_run: bool, locked: bool, lock_file: Path | None, no_lock: bool, quiet: bool,
+              node_rank: int | None, master_addr: str | None, master_port: int | None,
               allow_code: tuple[str, ...], allow_hosts: tuple[str, ...], allow_paths: tuple[str, ...],
               judge_key_env: str | None) -> None:
     """Build what RECIPE describes: run every node that is not cached, in dependency order.
@@ -164,6 +171,12 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
     from finrecipe.cli.ui import console, console_err, progress_for
     from finrecipe.recipe import load_recipe
 
+    import os
+
+    for var, val in (("FINRECIPE_NODE_RANK", node_rank), ("FINRECIPE_MASTER_ADDR", master_addr),
+                     ("FINRECIPE_MASTER_PORT", master_port)):
+        if val is not None:  # per-node runtime settings: outside the cache key (docs/training.md)
+            os.environ[var] = str(val)
     r = load_recipe(recipe, overrides=list(overrides), lock_file=lock_file)
     grants = _grants(allow_code, allow_hosts, allow_paths, judge_key_env)
     if dry_run:

@@ -51,13 +51,13 @@ SHA_CACHE = ".cache/sha256.json"
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[None]:
+def workdir_lock(workdir: Path, name: str = ".apply.lock") -> Iterator[None]:
     """Refuse a second concurrent apply on the same workdir (the OS drops the lock on SIGKILL)."""
     import fcntl
 
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(workdir / ".apply.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(workdir / name, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise IoError(f"{workdir}: cannot create the workdir: {e.strerror}") from None
     try:
@@ -153,6 +153,9 @@ def apply(recipe: RecipeGraph, *, only: list[str], force: list[str], locked: boo
     """Run what is not cached. The caller has checked `grants` against the recipe's requests."""
     progress = progress or NullProgress()
     grants = grants or Grants()
+    rank = worker_rank(recipe)
+    if rank:
+        return _apply_worker(recipe, rank, progress, grants)
     with workdir_lock(recipe.workdir), log_to(recipe.workdir) as logfile:
         log.info("apply %s (%s), finrecipe %s", recipe.name, recipe.file, __version__)
         for p in sweep_stale_temps(recipe.workdir):
@@ -247,6 +250,63 @@ def _apply_locked(recipe: RecipeGraph, only: list[str], force: list[str], locked
     if failure is None and not result_.ran:
         log.info("nothing ran; %s", "lockfile updated" if lock_written else "lockfile unchanged")
     return result_
+
+
+def worker_rank(recipe: RecipeGraph) -> int:
+    """This machine's rank in the recipe's multi-node jobs (0 when it has none, or is rank 0)."""
+    ranks = {r for n in recipe if (r := n.kind.node_rank(n.config)) is not None}
+    if len(ranks) > 1:
+        raise FinrecipeError(f"{recipe.file.name}: the multi-node stages disagree on this machine's node "
+                             f"rank ({sorted(ranks)}); set it once with --node-rank")
+    return ranks.pop() if ranks else 0
+
+
+def _apply_worker(recipe: RecipeGraph, rank: int, progress: Progress, grants: Grants) -> ApplyResult:
+    """`apply` on a machine of rank > 0 of a multi-node job (the workdir on shared storage): run the
+    multi-node stages only — each waits for its inputs, which rank 0 builds — and write no marker,
+    record, lockfile or report: rank 0 does, once the job (which waits for every rank) is done."""
+    t0, started = time.monotonic(), now()
+    poll_seconds = float(os.environ.get("FINRECIPE_WORKER_POLL_SECONDS", "5"))
+    # a lock per rank: rank 0's apply holds the workdir's own lock at the same time
+    with workdir_lock(recipe.workdir, name=f".apply.node{rank}.lock"), log_to(recipe.workdir) as logfile:
+        log.info("apply %s on node rank %d (multi-node stages only)", recipe.name, rank)
+        res = resolve(recipe, shas=ShaCache(None), lock=lockfile.load_lock(recipe))
+        states = states_for(recipe, res, allowed_code=grants.remote_code)
+        for node in recipe:
+            st = states[node.name]
+            if node.kind.node_rank(node.config) is None or st.done:
+                continue
+            waited = False
+            while True:  # the inputs are rank 0's to build
+                for d in node.deps:
+                    if not states[d].done:
+                        states[d] = node_state(recipe, recipe.nodes[d], res[d], {}, states,
+                                               allowed_code=grants.remote_code)
+                missing = [d for d in node.deps if not states[d].done]
+                if not missing:
+                    break
+                if not waited:
+                    progress.log(f"{node.name}: waiting for rank 0 to build {', '.join(missing)}")
+                    waited = True
+                time.sleep(poll_seconds)
+            progress.log(f"[bold]{node.name}[/] ({node.type}): node rank {rank} joins → {res[node.name].out_dir}")
+            t1 = time.monotonic()
+            out_dir = res[node.name].out_dir
+            assert out_dir is not None
+            out_dir.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(node=node.name, workdir=recipe.workdir, cache_dir=recipe.workdir / ".cache",
+                               progress=progress, logger=logging.getLogger(f"finrecipe.stages.{node.kind.type}"),
+                               recipe_dir=recipe.base_dir(node.name), material=res[node.name].material,
+                               facts=res[node.name].facts, grants=grants)
+            node.kind.run(node.config, input_refs(node, states), out_dir, ctx)
+            st.status, st.seconds = "ran", time.monotonic() - t1
+        for st in states.values():
+            if st.status == "local":
+                st.status = "cached"
+            elif st.status not in ("cached", "ran"):
+                st.status = "pending"
+        return ApplyResult(recipe.name, recipe.workdir, [states[n] for n in recipe.order], started, now(),
+                           time.monotonic() - t0, log_file=logfile)
 
 
 def run_node(recipe: RecipeGraph, node: Node, r: Resolved, states: dict[str, NodeState], *, force: bool,

@@ -48,6 +48,13 @@ class TrainingStage(StageKind[TC]):
                 out.append((name, kind))
         return out
 
+    def node_rank(self, config: TC) -> int | None:
+        if config.launch is None or config.launch.nnodes <= 1:
+            return None
+        import os
+
+        return config.launch.with_runtime(os.environ).node_rank
+
     def cache_config(self, config: TC) -> Any:
         d = config.model_dump(mode="json")
         for k in NOT_IN_KEY:
