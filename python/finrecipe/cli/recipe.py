@@ -168,10 +168,10 @@ def apply_cmd(recipe: Path, overrides: tuple[str, ...], only: tuple[str, ...], f
     the HTML report (<workdir>/report.html; report.md, report.json and logs/ are beside it); a
     re-apply with nothing to do prints the same scores from the cache. RECIPE.lock is rewritten
     when what the recipe resolves to changed, unless --locked or --no-lock is given."""
+    import os
+
     from finrecipe.cli.ui import console, console_err, progress_for
     from finrecipe.recipe import load_recipe
-
-    import os
 
     for var, val in (("FINRECIPE_NODE_RANK", node_rank), ("FINRECIPE_MASTER_ADDR", master_addr),
                      ("FINRECIPE_MASTER_PORT", master_port)):
