@@ -5,7 +5,8 @@
 
 Contenders (run alternately, `--repeats` times each, on the same models and development data):
 
-- **finrecipe**: `finrecipe.search.run_search` (what a `merge_search` stage runs): one model load,
+- **finrecipe**: `finrecipe.search.run_search` (what a `merge_search` stage runs) in one process
+  (imports included, as `finrecipe apply` pays them once): one model load,
   the development data tokenized once, each candidate merged into the loaded weights (task
   arithmetic and TIES in memory), scored, cached (a fresh trial cache per run).
 - **loop**: for each candidate, `finrecipe merge cfg.yml out/` as its own process (the Rust core,
@@ -138,14 +139,36 @@ def run_loop(trio: dict[str, Path], cands: list[Any], data_file: Path, work: Pat
 
 # -- finrecipe ----------------------------------------------------------------------------------------
 
-def run_finrecipe(setup_kw: dict[str, Any], work: Path) -> tuple[float, Any]:
+def fin_one(spec_file: str, out_file: str) -> None:
+    """The finrecipe contender as its own process (so it pays its imports once, as `apply` does)."""
+    from finrecipe.search.objective import InstructionObjective, SelectRule
     from finrecipe.search.runner import SearchSetup, run_search
+    from finrecipe.search.space import SearchSpace
 
+    d = json.loads(Path(spec_file).read_text())
+    kw = dict(d["setup"])
+    kw["paths"] = {k: Path(v) for k, v in kw["paths"].items()}
+    kw["space"] = SearchSpace.model_validate(kw["space"])
+    kw["instruction"] = InstructionObjective.model_validate(kw["instruction"])
+    kw["rule"] = SelectRule.model_validate(kw["rule"])
+    res = run_search(SearchSetup(cache_dir=Path(d["cache_dir"]), **kw))
+    Path(out_file).write_text(json.dumps({"trials": [{"key": t.candidate.key, **t.scores.to_json(),
+                                                      "seconds": t.seconds} for t in res.trials],
+                                          "search_seconds": res.seconds}))
+
+
+def run_finrecipe(setup_kw: dict[str, Any], work: Path) -> tuple[float, dict[str, Any]]:
     if work.exists():
         shutil.rmtree(work)  # a fresh trial cache: every trial runs
+    work.mkdir(parents=True)
+    kw = dict(setup_kw)
+    kw["paths"] = {k: str(v) for k, v in kw["paths"].items()}
+    for k in ("space", "instruction", "rule"):
+        kw[k] = kw[k].model_dump(mode="json")
+    (work / "spec.json").write_text(json.dumps({"setup": kw, "cache_dir": str(work / "cache")}))
     t0 = time.monotonic()
-    res = run_search(SearchSetup(cache_dir=work, **setup_kw))
-    return time.monotonic() - t0, res
+    subprocess.run([PY, __file__, "--fin-one", str(work / "spec.json"), str(work / "out.json")], check=True)
+    return time.monotonic() - t0, json.loads((work / "out.json").read_text())
 
 
 def loadavg() -> str:
@@ -163,12 +186,21 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=12)
     ap.add_argument("--words", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of both contenders' torch (0: torch's default); the merge core's "
+                         "threads are its own")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--eval-one", nargs=3, metavar=("MODEL", "DATA", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--fin-one", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.eval_one:
         eval_one(*a.eval_one)
         return 0
+    if a.fin_one:
+        fin_one(*a.fin_one)
+        return 0
+    if a.torch_threads:
+        os.environ["OMP_NUM_THREADS"] = str(a.torch_threads)  # inherited by both contenders' processes
 
     from finrecipe.eval.model import load_model
     from finrecipe.search.objective import InstructionObjective, SelectRule, generate_responses
@@ -206,7 +238,7 @@ def main() -> int:
     fin_t: list[float] = []
     loop_t: list[float] = []
     loads: list[str] = []
-    fin_res = None
+    fin_res: dict[str, Any] = {}
     loop_scores: list[dict[str, Any]] = []
     loop_per: list[float] = []
     for r in range(a.repeats):
@@ -219,23 +251,28 @@ def main() -> int:
         loop_t.append(t)
         loop_per += per
         log(f"repeat {r + 1}: loop {t:.1f} s (load {loads[-1]})")
-    assert fin_res is not None
-    by_key = {t.candidate.key: t for t in fin_res.trials}
-    d_bpb = max(abs(by_key[c.key].scores.bits_per_byte - s["bits_per_byte"]) for c, s in zip(cands, loop_scores,
-                                                                                              strict=True))
-    d_agr = max(abs((by_key[c.key].scores.agreement or 0) - s["agreement"]) for c, s in zip(cands, loop_scores,
-                                                                                            strict=True))
-    fin_per = [t.seconds for t in fin_res.trials]
+    by_key = {t["key"]: t for t in fin_res["trials"]}
+    d_bpb = max(abs(by_key[c.key]["bits_per_byte"] - s["bits_per_byte"]) for c, s in zip(cands, loop_scores,
+                                                                                           strict=True))
+    d_agr = max(abs((by_key[c.key]["agreement"] or 0) - s["agreement"]) for c, s in zip(cands, loop_scores,
+                                                                                         strict=True))
+    fin_per = [t["seconds"] for t in fin_res["trials"]]
     med_f, med_l = statistics.median(fin_t), statistics.median(loop_t)
     ratio = med_l / med_f
     log(f"median finrecipe {med_f:.1f} s, loop {med_l:.1f} s: {ratio:.1f}x; per trial {statistics.median(fin_per):.2f}"
         f" s vs {statistics.median(loop_per):.2f} s; max |d bits/byte| {d_bpb:.2e}, max |d agreement| {d_agr:.2e}")
+    for method in sorted({c.method for c in cands}):
+        f_m = [by_key[c.key]["seconds"] for c in cands if c.method == method]
+        l_m = [t for i, t in enumerate(loop_per) if cands[i % len(cands)].method == method]
+        log(f"  {method}: per trial median {statistics.median(f_m):.2f} s (finrecipe) vs "
+            f"{statistics.median(l_m):.2f} s (loop): {statistics.median(l_m) / statistics.median(f_m):.1f}x")
     if a.no_write:
         return 0
     row = (f"| {dt.date.today()} | {trio['base'].parent.name} ({n_params / 1e6:.0f}M, bf16) | {len(cands)} "
            f"({n_ta} TA / {len(cands) - n_ta} TIES) | {a.docs}x{a.words} words, {a.prompts} prompts | "
            f"{med_f:.1f} | {med_l:.1f} | **{ratio:.1f}x** | {statistics.median(fin_per):.2f} / "
-           f"{statistics.median(loop_per):.2f} | {d_bpb:.1e} / {d_agr:.1e} | {a.repeats} | {', '.join(loads)} |")
+           f"{statistics.median(loop_per):.2f} | {d_bpb:.1e} / {d_agr:.1e} | {a.repeats} | {a.torch_threads or 'default'} | "
+           f"{', '.join(loads)} |")
     write_section(row, platform.processor() or platform.machine(), os.cpu_count() or 0)
     return 0
 
@@ -251,14 +288,15 @@ def write_section(row: str, cpu: str, cores: int) -> None:
             "any trial's scores between the two (bits per byte / agreement), and the load average "
             f"(1/5/15 min) before each run. Machine: {cores} cores ({cpu}), shared.\n\n"
             "| date | models | trials | dev data | finrecipe s | loop s | ratio | per trial s | max diff | "
-            "repeats | load |\n|---|---|---|---|---:|---:|---:|---|---|---:|---|\n")
+            "repeats | torch threads | load |\n|---|---|---|---|---:|---:|---:|---|---|---:|---|---|\n")
     if SECTION in text:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
         end = len(text) if nxt < 0 else nxt + 1
-        body = text[start:end].rstrip("\n")
-        new = body + "\n" + row + "\n"
-        text = text[:start] + new + ("\n" + text[end:] if end < len(text) else "")
+        lines = text[start:end].split("\n")
+        last = max(i for i, ln in enumerate(lines) if ln.startswith("| "))  # the table's last row
+        lines.insert(last + 1, row)
+        text = text[:start] + "\n".join(lines) + text[end:]
     else:
         text = text.rstrip("\n") + "\n\n" + head + row + "\n"
     path.write_text(text, encoding="utf-8")

@@ -54,8 +54,10 @@ def _bayesian(space: SearchSpace, instruct: str, domains: Sequence[str], trials:
     def constraints(ft: Any) -> Sequence[float]:
         return list(ft.user_attrs.get("constraint", [0.0]))
 
-    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints if constrained else None,
-                                         n_startup_trials=max(2, min(10, trials // 3)))
+    # optuna >= 5: Trial.set_constraint (constraints_func is deprecated); optuna 4: constraints_func
+    native = hasattr(optuna.trial.Trial, "set_constraint")
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)),
+                                         constraints_func=constraints if constrained and not native else None)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     for _ in range(trials):
         t = study.ask()
@@ -72,7 +74,10 @@ def _bayesian(space: SearchSpace, instruct: str, domains: Sequence[str], trials:
             lo, hi = space.density
             d = round(t.suggest_float("density", lo, hi), ROUND) if hi > lo else lo
         value, constraint = evaluate(Candidate(str(method), str(dom), w, d))
-        t.set_user_attr("constraint", [constraint])
+        if constrained and native:
+            t.set_constraint("agreement", constraint)
+        else:
+            t.set_user_attr("constraint", [constraint])
         study.tell(t, value)
 
 
