@@ -20,10 +20,10 @@ Where finrecipe deliberately differs from mergekit:
 from finrecipe.merge.config import MergeConfig, load_merge_config
 from finrecipe.merge.headers import ModelInfo, TensorInfo, read_model
 from finrecipe.merge.methods import METHODS, MethodDef, ParamDef, check_kernels
-from finrecipe.merge.plan import MergePlanInfo, build_plan
+from finrecipe.merge.plan import PLAN_VERSION, MergePlanInfo, build_plan
 from finrecipe.merge.run import MergeResult, run_merge, validate_merge
 
-check_kernels()
+check_kernels(PLAN_VERSION)
 
 __all__ = [
     "METHODS",

@@ -227,15 +227,14 @@ def kernel_mismatches(kernels: Sequence[Mapping[str, Any]],
     return problems
 
 
-def check_kernels() -> None:
+def check_kernels(plan_version: int) -> None:
     """Raise if the compiled core and the method table disagree (called at import)."""
     from finrecipe import _core
-    from finrecipe.merge.plan import PLAN_VERSION
 
     problems = kernel_mismatches(_core.kernels())
-    if getattr(_core, "PLAN_VERSION", None) != PLAN_VERSION:
+    if getattr(_core, "PLAN_VERSION", None) != plan_version:
         problems.append(f"the core executes plan version {getattr(_core, 'PLAN_VERSION', None)}, "
-                        f"the planner writes {PLAN_VERSION}")
+                        f"the planner writes {plan_version}")
     if problems:
         raise FinrecipeError("finrecipe._core does not match finrecipe.merge.methods ("
                              + "; ".join(problems) + "); rebuild the extension: make build")
