@@ -32,8 +32,8 @@ KEYS = {
         "finance": "f6c71f08ff1501ea",
         "merged": "050ed3e44c34b42e",
         "finance_dev": "5a404adb1748708d",
-        "searched": "e07948f7ff7efb5d",
-        "eval": "f47a8360960f62b5",
+        "searched": "ff9eba8e2c3bf257",
+        "eval": "0167026fcbf11326",
     },
     "merge_tiny.yaml": {
         "base": "97d24008029adbe4",
