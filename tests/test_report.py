@@ -149,3 +149,24 @@ def test_bar_series_has_average_group_only_when_there_is_one() -> None:
     assert labels == ["a"] and series == {"m": [50.0]}
     labels, series = bar_series(metrics(40.0))
     assert labels == ["a", "Ave."] and series == {"m": [50.0, 40.0]}
+
+
+def test_eval_notes_take_scale_and_direction_from_the_suites_and_results() -> None:
+    from finrecipe.report import eval_notes, eval_tables
+
+    def task(metric: str, v: float, higher: bool = True) -> dict:
+        return {"metric": metric, "value": v, "stderr": None, "n": 3, "higher_is_better": higher}
+
+    met = {"task_order": ["fp2", "ppl:h", "gen:p"], "models": {
+        "a": {"average": 30.0, "average_complete": False,
+              "tasks": {"fp2": task("acc", 0.3), "ppl:h": task("bits_per_byte", 1.25, False),
+                        "gen:p": task("judge_score", 6.5)}},
+        "b": {"average": None, "tasks": {"fp2": task("acc", 0.2), "ppl:h": task("bits_per_byte", 1.5, False),
+                                         "gen:p": task("judge_score", 7.0)}}}}
+    assert eval_notes(met) == ["scores ×100", "bits/byte as is (lower is better)", "judge scores as is",
+                               "bold = best in the column", "† = average over the tasks with data only"]
+    header, rows, marks, _ = eval_tables(met)
+    assert header == ["model", "Ave.", "fp2", "ppl:h", "gen:p"]
+    assert rows == [["a", "30.00†", "30.00", "1.250", "6.500"], ["b", "—", "20.00", "1.500", "7.000"]]
+    # best per column in each result's own direction: a's lower bits/byte, b's higher judge score
+    assert marks == [[False, False, True, True, False], [False, False, False, False, True]]
