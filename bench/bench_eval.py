@@ -6,8 +6,9 @@
    under bench/out/eval/model.
 2. Writes an lm-eval task directory reproducing the jfin `fp2` and `security_sales_1` default prompts
    (description + the rendered question as `doc_to_text`, the choices, the gold index,
-   target_delimiter "") and runs lm-eval 0.4.9 in its own venv (.venv-lmeval, `lm_eval` must not be
-   installed into .venv) through its Python API, logging per-choice log-likelihoods.
+   target_delimiter "") and runs lm-eval 0.4.9.1 in its own venv (.venv-lmeval, built on first use as
+   `make parity-eval` builds it; `lm_eval` is never installed into .venv) through its Python API,
+   logging per-choice log-likelihoods.
 3. Runs finrecipe on the same items, checks that acc / acc_norm are identical and the per-choice
    log-likelihoods agree, and times both alternately (after a warm-up run of each, model loading
    excluded); reports the medians and their ratio as a Markdown table.
@@ -162,9 +163,10 @@ def main() -> None:
     ap.add_argument("--model-vocab", type=int, default=32000,
                     help="output-layer rows (padded beyond the tokenizer, as real models have)")
     args = ap.parse_args()
-    if not LMEVAL_PY.exists():
-        raise SystemExit("create .venv-lmeval first: python3 -m venv .venv-lmeval && .venv-lmeval/bin/pip "
-                         "install lm-eval==0.4.9 'transformers<5' 'datasets<4'")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from parity_eval import ensure_lmeval  # the one .venv-lmeval (lm-eval 0.4.9.1), built once
+
+    ensure_lmeval()
     global VERSION
     VERSION = args.version
     model_dir, items, task_dir, n_items = build_inputs(args.limit, args.hidden, args.layers, args.vocab,
