@@ -55,11 +55,11 @@ def _table_lines(output: str) -> list[str]:
 
 
 def _expected_rows(d: Path) -> list[list[str]]:
-    from finrecipe.report import _eval_tables
+    from finrecipe.report import eval_tables
 
     run = json.loads((d / "runs" / "merge_tiny" / "run.json").read_text())
     ev = next(n for n in run["nodes"] if n["name"] == "eval")
-    header, rows, _marks, _deltas = _eval_tables(ev["metrics"])
+    header, rows, _marks, _deltas = eval_tables(ev["metrics"])
     assert header == ["model", "custom:exam", "ppl:held"]
     return rows
 

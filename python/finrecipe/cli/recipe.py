@@ -222,10 +222,10 @@ def _print_results(res: ApplyResult) -> None:
     from rich.table import Table
 
     from finrecipe.cli.ui import console
-    from finrecipe.report import _eval_tables  # the report's table: same cells, same order
+    from finrecipe.report import eval_notes, eval_tables  # the report's table: same cells, same order
 
     for n in res.evaluations:
-        header, rows, marks, _deltas = _eval_tables(n.metrics)
+        header, rows, marks, _deltas = eval_tables(n.metrics)
         t = Table(title=f"results: {n.name}", title_justify="left")
         for i, h in enumerate(header):
             # "custom:finance_qa" → two header lines, so that 80 columns show whole task names
@@ -233,16 +233,7 @@ def _print_results(res: ApplyResult) -> None:
         for row, mark in zip(rows, marks, strict=True):
             t.add_row(*[f"[bold]{escape(c)}[/]" if m else escape(c) for c, m in zip(row, mark, strict=True)])
         console().print(t)
-        raw = {r.get("metric") for e in n.metrics["models"].values() if isinstance(e, dict)
-               for r in (e.get("tasks") or {}).values() if isinstance(r, dict)}
-        note = ["scores ×100"]
-        if "bits_per_byte" in raw:
-            note.append("bits/byte as is (lower is better)")
-        if "judge_score" in raw:
-            note.append("judge scores as is")
-        note.append("bold = best in the column")
-        if any(c.endswith("†") for row in rows for c in row):
-            note.append("† = average over the tasks with data only")
+        note = eval_notes(n.metrics)
         console().print("[dim]" + "; ".join(note) + "[/]")
         an = n.metrics.get("analysis")
         if not isinstance(an, dict):

@@ -26,8 +26,6 @@ from finrecipe.report.tables import eval_notes, eval_tables
 from finrecipe.util.fs import write_bytes_atomic, write_text_atomic
 
 # Transitional: `finrecipe.cli.recipe` imports the table under its old private name.
-_eval_tables = eval_tables
-
 
 def build_report(workdir: str | Path) -> dict[str, Path]:
     """Write report.md, report.json and report.html (+ report_assets/*.png for the Markdown)."""
