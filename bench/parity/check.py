@@ -342,9 +342,10 @@ class Inputs:
         for i, sc in enumerate(scales):
             if sc is None:
                 continue
-            if self.dt == torch.bfloat16:
-                up = (sc.float() * (1 + 2 ** -7)).to(self.dt)
-                down = (sc.float() * (1 - 2 ** -8)).to(self.dt)
+            if self.dt == torch.bfloat16:  # the adjacent bf16 values (positive factor)
+                bits = sc.reshape(1).view(torch.int16)
+                up = (bits + 1).view(torch.bfloat16).reshape(())
+                down = (bits - 1).view(torch.bfloat16).reshape(())
             else:
                 up = torch.nextafter(sc, torch.tensor(math.inf))
                 down = torch.nextafter(sc, torch.tensor(-math.inf))
