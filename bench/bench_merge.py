@@ -4,7 +4,7 @@
     python bench/bench_merge.py --small    # quick: hidden 1024, 4 layers
 
 Builds the base/instruct/cpt trio once (cached under bench/out/), installs mergekit into its own
-venv (.venv-bench), then runs `mergekit-yaml` and `finrecipe merge` alternately N times on the same
+venv (.venv-mergekit, shared with `make parity`: mergekit 0.1.5, torch from the project venv), then runs `mergekit-yaml` and `finrecipe merge` alternately N times on the same
 configs (task_arithmetic and ties; dtype float32, out_dtype bfloat16), measures the I/O floor
 (read every input byte once + write the output size once with fsync), compares the last outputs
 tensor by tensor, and writes the table into the merge section of BENCHMARKS.md.
@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 MAKE_MODELS = ROOT.parent / "shared" / "tools" / "make_models.py"
-BENCH_VENV = ROOT / ".venv-bench"
+BENCH_VENV = ROOT / ".venv-mergekit"  # shared with bench/parity (make parity)
 FINRECIPE = ROOT / ".venv" / "bin" / "finrecipe"
 
 
@@ -109,13 +109,13 @@ def ensure_models(small: bool) -> Path:
 
 
 def ensure_mergekit() -> Path:
-    exe = BENCH_VENV / "bin" / "mergekit-yaml"
-    if not exe.exists():
-        log("installing mergekit into .venv-bench (once)")
-        if not (BENCH_VENV / "bin" / "python").exists():
-            subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
-        subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
-    return exe
+    """mergekit-yaml from the parity harness's venv (.venv-mergekit: the pinned mergekit 0.1.5, torch
+    reused from the project venv), so the bench and `make parity` measure the same mergekit."""
+    sys.path.insert(0, str(ROOT / "bench" / "parity"))
+    from run import ensure_mergekit as ensure_parity_venv
+
+    ensure_parity_venv()
+    return BENCH_VENV / "bin" / "mergekit-yaml"
 
 
 def mergekit_version() -> str:
