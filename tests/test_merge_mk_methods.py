@@ -110,3 +110,19 @@ def test_della_keeps_by_magnitude_rank_and_rescales(related_models: Any, tmp_pat
     with pytest.raises(RecipeError, match="epsilon"):
         d["models"][0]["parameters"]["epsilon"] = 0.6
         _merge(tmp_path, d, "bad")
+
+
+def test_sce_weights_by_mean_square_and_elects_signs(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "float32", n=3)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    out = _merge(tmp_path, _cfg("sce", ms, ["m1", "m2", "m3"]))
+    for k, b in S["base"].items():
+        tv = torch.stack([S[f"m{i}"][k] - b for i in (1, 2, 3)])
+        w = tv.square().reshape(3, -1).mean(dim=1)
+        w = w / w.sum()
+        w = w.reshape(-1, *([1] * b.dim()))
+        mask = tv.sign() == (tv.sum(0) >= 0).float() * 2 - 1
+        ref = b + (tv * w * mask).sum(0) / (w * mask).sum(0).clamp(min=1e-6)
+        torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-7, msg=k)
+    with pytest.raises(RecipeError, match="select_topk"):
+        _merge(tmp_path, _cfg("sce", ms, ["m1", "m2"], {"select_topk": 0.5}), "topk")

@@ -457,6 +457,10 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                 for pd in m.kernel_params("model"):
                     sp[pd.name] = _resolve(pd, [s.params] + gl, out_name, t, cfg, f"model {s.model!r}")
                 sources.append({**ref_of(s, tname), "params": sp})
+            if m.kernel == "sce" and float(tparams["select_topk"]) < 1:
+                raise cfg.error(f"tensor {out_name!r}: sce with select_topk {float(tparams['select_topk']):g} (a "
+                                "top-k over the variance across the models) is not supported yet; use "
+                                "select_topk: 1", ("parameters",))
             if m.kernel in ("della", "della_linear"):
                 for s, src in zip(part.sources, sources, strict=True):
                     dd, ee = float(src["params"]["density"]), float(src["params"]["epsilon"])

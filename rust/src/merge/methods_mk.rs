@@ -12,6 +12,9 @@
 //! - ramplus_tl (`r`, `alpha`, `epsilon`): as ram, but a source's unique entries are scaled by
 //!   λ_i = 1 + r·clamp(ρ_i, 0, α), ρ_i = (its nonzero entries that overlap) / max(its unique ones, ε),
 //!   counted over the whole tensor (one statistics pass).
+//! - sce (`select_topk` = 1): per source the weight mean(δ_i²) / Σ_j mean(δ_j²) (one pass; 1/N
+//!   when that sum is below 1e-6); sign election on Σ δ_i; θ_b + Σ agreeing w_i·δ_i / max(Σ agreeing
+//!   w_i, 1e-6). (`select_topk` < 1, a top-k over the variance across sources, is refused for now.)
 //! - karcher (`max_iter`, `tol`, no base): the weighted Karcher mean (equal weights) of the sources'
 //!   directions on the unit sphere, scaled by the mean of their norms. Every iterate is a linear
 //!   combination of the sources, so the iteration runs on the coefficient vector with the Gram
@@ -34,6 +37,7 @@ pub fn handles(k: Kernel) -> bool {
             | Kernel::Karcher
             | Kernel::Della
             | Kernel::DellaLinear
+            | Kernel::Sce
     )
 }
 
@@ -144,7 +148,7 @@ pub fn bf16_ok(k: Kernel) -> bool {
 
 pub fn needs_stats(job: &Job) -> bool {
     match job.kernel {
-        Kernel::RamplusTl | Kernel::Karcher => true,
+        Kernel::RamplusTl | Kernel::Karcher | Kernel::Sce => true,
         Kernel::Della | Kernel::DellaLinear => {
             job.rescale && job.densities.iter().any(|&d| d > 0.0 && d < 1.0)
         }
@@ -239,6 +243,35 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                 })
                 .collect();
             Ok(Stats::Dare(lam))
+        }
+        Kernel::Sce => {
+            // per source: Σ δ² → the source's weight mean(δ²) / Σ_j mean(δ_j²)
+            let sq = ctx.fold(
+                ctl,
+                true,
+                || vec![0f64; nsrc],
+                |acc, _c, _a, s, m| {
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a += super::kernels::dot(&s.srcs[i][..m], &s.srcs[i][..m]);
+                    }
+                },
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                },
+            )?;
+            let means: Vec<f32> = sq
+                .iter()
+                .map(|&v| (v / job.numel.max(1) as f64) as f32)
+                .collect();
+            let total: f32 = means.iter().sum();
+            Ok(Stats::Dare(if total.abs() < 1e-6 {
+                vec![1.0 / nsrc as f32; nsrc]
+            } else {
+                means.iter().map(|&v| v / total).collect()
+            }))
         }
         Kernel::Karcher => {
             let k = nsrc * (nsrc + 1) / 2;
@@ -421,6 +454,31 @@ pub fn compute(
                 } else {
                     b0 + acc
                 };
+            }
+        }
+        Kernel::Sce => {
+            // select_topk = 1 (the planner refuses less): sign election on Σ δ_i (unweighted),
+            // agreeing δ_i weighted by their source's weight, divided by the agreeing weights
+            let w = match stats {
+                Stats::Dare(w) => w,
+                _ => unreachable!("sce without stats"),
+            };
+            for j in 0..m {
+                let b0 = base[j];
+                let mut sum = 0f32;
+                for src in srcs.iter().take(nsrc) {
+                    sum += src[j] - b0;
+                }
+                let pos = sum >= 0.0;
+                let (mut num, mut den) = (0f32, 0f32);
+                for (src, &wi) in srcs.iter().zip(w).take(nsrc) {
+                    let d = src[j] - b0;
+                    if (d > 0.0 && pos) || (d < 0.0 && !pos) {
+                        num += d * wi;
+                        den += wi;
+                    }
+                }
+                out[j] = b0 + num / den.max(1e-6);
             }
         }
         Kernel::Karcher => {

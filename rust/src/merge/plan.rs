@@ -116,6 +116,7 @@ pub enum Kernel {
     Karcher,
     Della,
     DellaLinear,
+    Sce,
 }
 
 impl Kernel {
@@ -347,6 +348,15 @@ pub static KERNELS: &[KernelSpec] = &[
         &[WEIGHT, DENSITY, unit("epsilon")],
         &[LAMBDA, NORMALIZE, RESCALE],
     ),
+    KernelSpec {
+        kernel: Kernel::Sce,
+        name: "sce",
+        base: true,
+        min_sources: 1,
+        max_sources: None,
+        source_params: &[],
+        tensor_params: &[unit("select_topk")],
+    },
     KernelSpec {
         kernel: Kernel::Karcher,
         name: "karcher",
