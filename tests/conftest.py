@@ -194,14 +194,3 @@ def related_models(tiny_model: Callable[..., Path],
         return out
 
     return get
-
-
-@pytest.fixture(params=["rust", "python"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a merge test on both executors: the Rust core and the plain-torch reference."""
-    import finrecipe._core as core
-
-    if request.param == "rust" and not hasattr(core, "merge"):
-        pytest.skip("finrecipe._core has no merge")
-    monkeypatch.setenv("FINRECIPE_MERGE_BACKEND", request.param)
-    return str(request.param)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,15 @@ def test_non_finite_training_settings_are_refused(rdir: Path, override: str) -> 
         "    seq_len: 8\n    epochs: 1\n")
     res = CliRunner().invoke(main, ["validate", str(rdir / "t.yaml"), "--set", override])
     assert res.exit_code == 2 and "finite" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_an_unbounded_iteration_count_is_refused(tmp_path: Path,
+                                                 related_models: Callable[..., dict[str, Path]]) -> None:
+    m = related_models("llama", n=2)
+    cfg = tmp_path / "k.yaml"
+    cfg.write_text(f"merge_method: karcher\nmodels:\n  - model: {m['m1']}\n  - model: {m['m2']}\n"
+                   "parameters: {max_iter: 1.0e18}\ndtype: float32\n")
+    t0 = time.monotonic()
+    res = CliRunner().invoke(main, ["merge", str(cfg), str(tmp_path / "out")])
+    assert res.exit_code == 2 and "max_iter" in res.output, res.output
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "out").exists()

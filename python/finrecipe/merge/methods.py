@@ -173,7 +173,7 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
                              INT8_MASK),
               needs_base=True, doc="sign election, models weighted by their task vectors' mean square"),
     MethodDef("karcher", "karcher",
-              (_p("max_iter", "global", 10.0, lo=0.0, doc="iterations of the Karcher mean"),
+              (_p("max_iter", "global", 10.0, lo=0.0, hi=10_000.0, doc="iterations of the Karcher mean"),
                _p("tol", "global", 1e-5, lo=0.0, doc="convergence tolerance")),
               needs_base=False, doc="Riemannian (Karcher) mean of the models' directions, mean norm"),
 )}

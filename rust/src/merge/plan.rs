@@ -364,7 +364,16 @@ pub static KERNELS: &[KernelSpec] = &[
         min_sources: 1,
         max_sources: None,
         source_params: &[],
-        tensor_params: &[num("max_iter"), num("tol")],
+        tensor_params: &[
+            ParamSpec {
+                name: "max_iter",
+                kind: ParamKind::Number,
+                min: Some(0.0),
+                // bounded: an iteration count from a shared config must not run forever
+                max: Some(10_000.0),
+            },
+            num("tol"),
+        ],
     },
 ];
 
