@@ -19,8 +19,9 @@ def test_intervals_do_not_change_keys_but_lr_does() -> None:
     assert same == ref
     lr = _keys("stages.finance.optimizer.lr=1.234e-3")
     changed = {n for n in ref if lr[n] != ref[n]}
-    # the finance stage and everything downstream of it, nothing else
-    assert changed == {"finance", "merged", "eval"}
+    # the finance stage and everything downstream of it (the fixed merge, the merge search, the
+    # evaluation), nothing else
+    assert changed == {"finance", "merged", "searched", "eval"}
 
 
 def test_eval_batch_size_does_not_change_key() -> None:
