@@ -186,6 +186,7 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=12)
     ap.add_argument("--words", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--methods", default="task_arithmetic,ties", help="comma list of the methods searched")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="OMP_NUM_THREADS of both contenders' torch (0: torch's default); the merge core's "
                          "threads are its own")
@@ -219,7 +220,7 @@ def main() -> int:
     model, tok = load_model(trio["instruct"], device="cpu", dtype="float32")
     responses = generate_responses(model, tok, prompts, max_new_tokens=16, chat=True)
     del model
-    space = SearchSpace.model_validate({"methods": ["task_arithmetic", "ties"],
+    space = SearchSpace.model_validate({"methods": a.methods.split(","),
                                         "weights": {"instruct": [0.5, 1.5], "cpt": [0.5, 1.5]},
                                         "density": [0.3, 0.9]})
     cands = list(candidates_of("random", space, "instruct", ["cpt"], a.trials, 0))
