@@ -170,3 +170,31 @@ def test_eval_notes_take_scale_and_direction_from_the_suites_and_results() -> No
     assert rows == [["a", "30.00†", "30.00", "1.250", "6.500"], ["b", "—", "20.00", "1.500", "7.000"]]
     # best per column in each result's own direction: a's lower bits/byte, b's higher judge score
     assert marks == [[False, False, True, True, False], [False, False, False, False, True]]
+
+
+def test_a_merge_search_gets_its_own_section(tmp_path: Path) -> None:
+    wd = _run(tmp_path)
+    sd = wd / "searched" / "k4"
+    sd.mkdir(parents=True)
+    _png(sd, "pareto.png")
+    (sd / "trials.md").write_text("| trial | role | merge | bits/byte | agreement |\n|---|---|---|---|---|\n"
+                                  "| a1 | fixed | task_arithmetic (instruct 1, finance 1) | 0.6483 | 0.8572 |\n"
+                                  "| b2 | search | ties (instruct 1.1, finance 1.0) | 0.4044 | 0.0787 |\n")
+    run = json.loads((wd / "run.json").read_text())
+    run["nodes"].append({
+        "name": "searched", "type": "merge_search", "key": "4" * 64, "status": "ran", "inputs": ["base"],
+        "out_dir": str(sd), "model_dir": str(sd / "model"), "seconds": 48.0,
+        "metrics": {"schema": "finrecipe.merge_search/1", "summary": "Selected task_arithmetic (x).",
+                    "protected": ["jfin"],
+                    "selection_data": {"domain": {"what": "finance_dev", "documents": 60},
+                                       "instruction": {"prompts": "instruct.jsonl", "count": 60}, "tasks": []}},
+        "artifacts": {"pareto_plot": "pareto.png", "trials_table": "trials.md"}})
+    (wd / "run.json").write_text(json.dumps(run))
+    paths = build_report(wd)
+    md = paths["markdown"].read_text()
+    assert "## Merge search: searched" in md and "Selected task_arithmetic (x)." in md
+    assert "bits/byte on finance_dev (60 documents)" in md and "Protected (never optimised on): jfin" in md
+    assert "| b2 | search | ties (instruct 1.1, finance 1.0) | 0.4044 | 0.0787 |" in md
+    html = paths["html"].read_text()
+    assert "Merge search: searched" in html and "domain score against instruction agreement" in html
+    assert len(re.findall(r"src='data:image/png;base64,", html)) == 5  # the Pareto plot besides the four

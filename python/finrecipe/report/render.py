@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+from typing import Any
 
 from finrecipe.eval.results import EvalMetrics
 from finrecipe.report.run import NodeRecord, RunRecord, fmt_seconds
@@ -59,7 +60,45 @@ def images(run: RunRecord) -> list[Image]:
             hp = n.artifact(k)
             if k.startswith("analysis_heatmap") and hp is not None and hp.is_file():
                 imgs.append((f"analysis:{n.name}", f"{n.name}: {k}", hp.read_bytes()))
+    for n in searches(run):
+        pp = n.artifact("pareto_plot")
+        if pp is not None and pp.is_file():
+            imgs.append((f"search:{n.name}", f"{n.name}: domain score against instruction agreement "
+                         "(the selected and the fixed 1.0/1.0 merge marked)", pp.read_bytes()))
     return imgs
+
+
+def searches(run: RunRecord) -> list[NodeRecord]:
+    """The merge searches that finished (metrics schema `finrecipe.merge_search/...`), in order."""
+    return [n for n in run.nodes if n.status in ("ran", "cached")
+            and str(n.metrics.get("schema", "")).startswith("finrecipe.merge_search")]
+
+
+def _search_text(n: NodeRecord) -> tuple[str, str, list[list[str]]]:
+    """(the search's summary sentence, what data the selection used, the trial table rows)."""
+    m = n.metrics
+    raw_sel = m.get("selection_data")
+    sel: dict[str, Any] = raw_sel if isinstance(raw_sel, dict) else {}
+    used = []
+    dom = sel.get("domain")
+    if isinstance(dom, dict):
+        used.append(f"domain: bits/byte on {dom.get('what')} ({dom.get('documents')} documents)")
+    ins = sel.get("instruction")
+    if isinstance(ins, dict):
+        used.append(f"instruction agreement on the instruct model's answers to {ins.get('count')} prompts "
+                    f"of {ins.get('prompts')}")
+    if sel.get("tasks"):
+        used.append("development tasks: " + ", ".join(map(str, sel["tasks"])))
+    protected = ", ".join(map(str, m.get("protected") or [])) or "none"
+    data = "; ".join(used) + f". Protected (never optimised on): {protected}."
+    rows: list[list[str]] = []
+    tp = n.artifact("trials_table")
+    if tp is not None and tp.is_file():
+        for line in tp.read_text(encoding="utf-8").splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("|") and not all(set(c) <= {"-", ":", ""} for c in cells):
+                rows.append(cells)
+    return str(m.get("summary") or ""), data, rows
 
 
 def _node_rows(run: RunRecord) -> list[list[str]]:
@@ -107,6 +146,11 @@ def render_markdown(run: RunRecord, image_files: dict[int, str], imgs: list[Imag
         if em.analysis:
             lines += ["", "### Task-vector analysis", "", f"Base: `{em.analysis.get('base')}`", ""]
             lines += md_table(["pair", "cosine", "|δa|", "|δb|"], _pair_rows(em))
+    for n in searches(run):
+        summary, data, rows = _search_text(n)
+        lines += ["", f"## Merge search: {n.name}", "", summary, "", f"Selection data: {data}"]
+        if rows:
+            lines += [""] + md_table(rows[0], rows[1:])
     if imgs:
         lines += ["", "## Plots", ""]
         for i, (_sec, cap, _png) in enumerate(imgs):
@@ -178,6 +222,12 @@ def render_html(run: RunRecord, imgs: list[Image] | None = None) -> str:
             parts += ["<h2>Task-vector analysis</h2>", f"<p>Base: <code>{e(str(em.analysis.get('base')))}</code></p>",
                       html_table(["pair", "cosine", "|δa|", "|δb|"], _pair_rows(em)),
                       figs(f"analysis:{n.name}")]
+    for n in searches(run):
+        summary, data, rows = _search_text(n)
+        parts += [f"<h2>Merge search: {e(n.name)}</h2>", f"<p>{e(summary)}</p>",
+                  f"<p class='meta'>Selection data: {e(data)}</p>", figs(f"search:{n.name}")]
+        if rows:
+            parts.append(html_table(rows[0], rows[1:]))
     loss = figs("loss")
     if loss:
         parts += ["<h2>Continual pretraining: loss curves</h2>", loss]
@@ -188,4 +238,5 @@ def render_html(run: RunRecord, imgs: list[Image] | None = None) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["NODE_HEADER", "evaluations", "html_table", "images", "md_table", "render_html", "render_markdown"]
+__all__ = ["NODE_HEADER", "evaluations", "html_table", "images", "md_table", "render_html", "render_markdown",
+           "searches"]
