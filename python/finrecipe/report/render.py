@@ -226,8 +226,9 @@ def render_html(run: RunRecord, imgs: list[Image] | None = None) -> str:
         summary, data, rows = _search_text(n)
         parts += [f"<h2>Merge search: {e(n.name)}</h2>", f"<p>{e(summary)}</p>",
                   f"<p class='meta'>Selection data: {e(data)}</p>", figs(f"search:{n.name}")]
-        if rows:
-            parts.append(html_table(rows[0], rows[1:]))
+        if rows:  # (markdown emphasis in the trial table becomes plain text)
+            plain = [[c.replace("**", "") for c in r] for r in rows]
+            parts.append(html_table(plain[0], plain[1:]))
     loss = figs("loss")
     if loss:
         parts += ["<h2>Continual pretraining: loss curves</h2>", loss]
