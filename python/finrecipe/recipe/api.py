@@ -18,7 +18,6 @@ from finrecipe.recipe.loader import apply_override, read_recipe
 from finrecipe.recipe.records import ApplyResult, Plan
 from finrecipe.recipe.resolve import resolve
 from finrecipe.recipe.schema import RecipeSchema
-from finrecipe.recipe.status import NodeState, node_state
 from finrecipe.types import Grants, ModelRef
 from finrecipe.util.content import ShaCache
 
@@ -108,16 +107,13 @@ def check_grants(recipe: RecipeGraph, grants: Grants) -> None:
 
 
 def plan(recipe: RecipeGraph, grants: Grants | None = None) -> Plan:
-    from finrecipe.recipe.status import estimate, last_state
+    from finrecipe.recipe.status import estimate
 
-    shas = ShaCache(None)  # plan writes nothing; hashing unchanged files again is cheap enough
+    shas = ShaCache(recipe.workdir / execute.SHA_CACHE)  # read, never saved: plan writes nothing
     res = resolve(recipe, shas=shas, lock=lockfile.load_lock(recipe), allow_unresolved=True)
-    last = last_state(recipe)
-    states: dict[str, NodeState] = {}
-    for node in recipe:
-        st = node_state(recipe, node, res[node.name], last, states)
-        st.estimated_bytes = estimate(recipe, node, st, states)
-        states[node.name] = st
+    states = execute.states_for(recipe, res)
+    for node in recipe:  # in order: an estimate may use its inputs' estimates
+        states[node.name].estimated_bytes = estimate(recipe, node, states[node.name], states)
     g = grants if grants is not None else Grants.from_env()
     requests = [(r, g.allows(r)) for r in recipe.requests()]
     return Plan(recipe.name, recipe.file, recipe.workdir, [states[n] for n in recipe.order], requests)
@@ -165,7 +161,8 @@ def clean(recipe: RecipeGraph, *, unfinished: bool = False, unused: bool = False
         if unfinished or unused:
             current = {}
             if unused:
-                res = resolve(recipe, shas=ShaCache(None), lock=lockfile.load_lock(recipe), allow_unresolved=True)
+                res = resolve(recipe, shas=ShaCache(recipe.workdir / execute.SHA_CACHE),
+                              lock=lockfile.load_lock(recipe), allow_unresolved=True)
                 current = {n: r.key for n, r in res.items()}
             for name in recipe.order:
                 node_dir = recipe.workdir / name

@@ -102,14 +102,22 @@ def log_to(workdir: Path) -> Iterator[Path]:
 
 
 def states_for(recipe: RecipeGraph, res: dict[str, Resolved], *, force: frozenset[str] = frozenset(),
-               allowed_code: frozenset[str] | None = None) -> dict[str, NodeState]:
-    """Every node's state before anything runs (what plan, dry-run and apply all start from)."""
-    last = last_state(recipe)
-    states: dict[str, NodeState] = {}
-    for node in recipe:
-        states[node.name] = node_state(recipe, node, res[node.name], last, states,
-                                       allowed_code=allowed_code, force=node.name in force)
-    return states
+               allowed_code: frozenset[str] | None = None, last: dict[str, Any] | None = None
+               ) -> dict[str, NodeState]:
+    """Every node's state before anything runs (what plan, dry-run and apply all start from);
+    `last`: the key of each node's last build (default: read from `<workdir>/state.json`)."""
+    last = last_state(recipe) if last is None else last
+    return {node.name: node_state(recipe, node, res[node.name], last, allowed_code=allowed_code,
+                                  force=node.name in force) for node in recipe}
+
+
+def node_context(recipe: RecipeGraph, node: Node, r: Resolved, progress: Progress, grants: Grants
+                 ) -> StageContext:
+    """What a running node gets besides its config and inputs."""
+    return StageContext(node=node.name, workdir=recipe.workdir, cache_dir=recipe.workdir / ".cache",
+                        progress=progress, logger=logging.getLogger(f"finrecipe.stages.{node.kind.type}"),
+                        recipe_dir=recipe.base_dir(node.name), material=r.material, facts=r.facts,
+                        grants=grants)
 
 
 def selection(recipe: RecipeGraph, only: list[str]) -> set[str]:
@@ -120,7 +128,7 @@ def dry_run(recipe: RecipeGraph, *, only: list[str], force: list[str], locked: b
             grants: Grants | None = None) -> ApplyResult:
     allowed_code = grants.remote_code if grants is not None else None
     t0, started = time.monotonic(), now()
-    shas = ShaCache(None)  # a dry run writes nothing, not even the hash cache
+    shas = ShaCache(recipe.workdir / SHA_CACHE)  # read, never saved: a dry run writes nothing
     lock = lockfile.load_lock(recipe)
     res = resolve(recipe, shas=shas, lock=lock)
     states = states_for(recipe, res, force=frozenset(force), allowed_code=allowed_code)
@@ -171,7 +179,8 @@ def _apply_locked(recipe: RecipeGraph, only: list[str], force: list[str], locked
     lock = lockfile.load_lock(recipe)
     res = resolve(recipe, shas=shas, lock=lock)
     shas.save()
-    states = states_for(recipe, res, force=frozenset(force), allowed_code=allowed_code)
+    prev_state = last_state(recipe)
+    states = states_for(recipe, res, force=frozenset(force), allowed_code=allowed_code, last=prev_state)
     doc = lockfile.lock_document(recipe, lock_entries(recipe, res, states))
     if locked:
         diffs = lockfile.compare_lock(lock, doc, recipe.lock_path)
@@ -183,7 +192,6 @@ def _apply_locked(recipe: RecipeGraph, only: list[str], force: list[str], locked
         lock_written = lockfile.update_lock(recipe, lock, doc)
         lock = doc if lock_written else lock
     sel = selection(recipe, only)
-    prev_state = last_state(recipe)
     state: dict[str, Any] = dict(prev_state)
     todo: list[str] = []
     for name, st in states.items():
@@ -270,7 +278,7 @@ def _apply_worker(recipe: RecipeGraph, rank: int, progress: Progress, grants: Gr
     # a lock per rank: rank 0's apply holds the workdir's own lock at the same time
     with workdir_lock(recipe.workdir, name=f".apply.node{rank}.lock"), log_to(recipe.workdir) as logfile:
         log.info("apply %s on node rank %d (multi-node stages only)", recipe.name, rank)
-        res = resolve(recipe, shas=ShaCache(None), lock=lockfile.load_lock(recipe))
+        res = resolve(recipe, shas=ShaCache(recipe.workdir / SHA_CACHE), lock=lockfile.load_lock(recipe))
         states = states_for(recipe, res, allowed_code=grants.remote_code)
         for node in recipe:
             st = states[node.name]
@@ -280,7 +288,7 @@ def _apply_worker(recipe: RecipeGraph, rank: int, progress: Progress, grants: Gr
             while True:  # the inputs are rank 0's to build
                 for d in node.deps:
                     if not states[d].done:
-                        states[d] = node_state(recipe, recipe.nodes[d], res[d], {}, states,
+                        states[d] = node_state(recipe, recipe.nodes[d], res[d], {},
                                                allowed_code=grants.remote_code)
                 missing = [d for d in node.deps if not states[d].done]
                 if not missing:
@@ -294,11 +302,8 @@ def _apply_worker(recipe: RecipeGraph, rank: int, progress: Progress, grants: Gr
             out_dir = res[node.name].out_dir
             assert out_dir is not None
             out_dir.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(node=node.name, workdir=recipe.workdir, cache_dir=recipe.workdir / ".cache",
-                               progress=progress, logger=logging.getLogger(f"finrecipe.stages.{node.kind.type}"),
-                               recipe_dir=recipe.base_dir(node.name), material=res[node.name].material,
-                               facts=res[node.name].facts, grants=grants)
-            node.kind.run(node.config, input_refs(node, states), out_dir, ctx)
+            node.kind.run(node.config, input_refs(node, states), out_dir,
+                          node_context(recipe, node, res[node.name], progress, grants))
             st.status, st.seconds = "ran", time.monotonic() - t1
         for st in states.values():
             if st.status == "local":
@@ -321,10 +326,7 @@ def run_node(recipe: RecipeGraph, node: Node, r: Resolved, states: dict[str, Nod
         raise IoError(f"{r.out_dir}: cannot create the node's directory: {e.strerror}") from None
     clean_stale_temps(r.out_dir / "model")
     t1 = time.monotonic()
-    ctx = StageContext(node=node.name, workdir=recipe.workdir, cache_dir=recipe.workdir / ".cache",
-                       progress=progress, logger=logging.getLogger(f"finrecipe.stages.{node.kind.type}"),
-                       recipe_dir=recipe.base_dir(node.name), material=r.material, facts=r.facts,
-                       grants=grants or Grants())
+    ctx = node_context(recipe, node, r, progress, grants or Grants())
     try:
         sr = node.kind.run(node.config, input_refs(node, states), r.out_dir, ctx)
     except (FinrecipeError, KeyboardInterrupt):

@@ -127,8 +127,7 @@ def _reasons(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]
     return out
 
 
-def node_state(recipe: RecipeGraph, node: Node, r: Resolved, last: Mapping[str, Any],
-               states: Mapping[str, NodeState], *, allowed_code: frozenset[str] | None = None,
+def node_state(recipe: RecipeGraph, node: Node, r: Resolved, last: Mapping[str, Any], *, allowed_code: frozenset[str] | None = None,
                force: bool = False) -> NodeState:
     """The status of `node` (the one place it is decided), with its output when it is done."""
     st = NodeState(node.name, node.type, r.key, "to run", inputs=list(node.deps), out_dir=r.out_dir)
