@@ -47,6 +47,7 @@ from finrecipe.types import (
     StageResult,
 )
 from finrecipe.util.content import ShaCache, digest
+from finrecipe.util.plugins import import_entry_points
 
 Section = Literal["models", "datasets", "stages"]
 SECTIONS: tuple[Section, ...] = ("models", "datasets", "stages")
@@ -257,8 +258,6 @@ BUILTIN: dict[tuple[Section, str], str] = {
 }
 
 ENTRY_POINT_GROUP = "finrecipe.kinds"
-_entry_points_loaded = False
-
 K = TypeVar("K", bound=builtins.type[NodeKind[Any]])
 
 
@@ -269,18 +268,7 @@ def register(cls: K) -> K:
 
 
 def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            importlib.import_module(ep.value.split(":")[0])
-        except Exception as e:  # a broken plug-in must not break the built-in kinds
-            raise ConfigError(f"finrecipe kind plug-in {ep.name!r} ({ep.value}) failed to import: "
-                              f"{type(e).__name__}: {e}") from None
+    import_entry_points(ENTRY_POINT_GROUP, "kind")
 
 
 def known_types(section: Section) -> list[str]:

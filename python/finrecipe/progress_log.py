@@ -20,16 +20,7 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import TextIO
 
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
+from finrecipe.util.fmt import duration
 
 
 def _num(x: float) -> str:
@@ -76,7 +67,7 @@ class LogTask:
             parts.append(final)
         elif self.total and self._c0 is not None and self.completed > self._c0 and now > self._t0:
             rate = (self.completed - self._c0) / (now - self._t0)
-            parts.append(f"ETA {_duration(max(self.total - self.completed, 0) / rate)}")
+            parts.append(f"ETA {duration(max(self.total - self.completed, 0) / rate)}")
         return "  ".join(parts)
 
     def _emit(self, now: float, final: str | None = None) -> None:
@@ -89,7 +80,7 @@ class LogTask:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         now = self.owner.clock()
-        took = _duration(now - self._t0)
+        took = duration(now - self._t0)
         self._emit(now, f"done in {took}" if et is None else f"stopped after {took}")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from finrecipe.util.fmt import human_bytes
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
@@ -35,14 +37,6 @@ class _Size(click.ParamType):
             return parse_size(str(value))
         except ValueError as e:
             self.fail(str(e), param, ctx)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 @click.command("merge")
@@ -81,8 +75,8 @@ def merge_cmd(config: Path, out_dir: Path, threads: int, force_threads: bool, ou
     rate = res.total_bytes / res.seconds if res.seconds > 0 else 0.0
     if not quiet:
         console_err().print(
-            f"[green]merged[/] {res.method}: {res.tensors} tensors, {_human(res.total_bytes)} "
-            f"in {res.seconds:.1f}s ({_human(rate)}/s) -> {res.out_dir}")
+            f"[green]merged[/] {res.method}: {res.tensors} tensors, {human_bytes(res.total_bytes, 2)} "
+            f"in {res.seconds:.1f}s ({human_bytes(rate, 2)}/s) -> {res.out_dir}")
 
 
 @click.command("inspect")
@@ -123,7 +117,7 @@ def inspect_cmd(model_dir: Path, as_json: bool, limit: int) -> None:
         dts[t.dtype] = dts.get(t.dtype, 0) + t.numel
     c.print(f"{len(items)} tensors, {info.num_params:,} parameters "
             f"({', '.join(f'{k}: {v:,}' for k, v in dts.items())}), {len(info.files)} shard(s), "
-            f"{_human(info.total_bytes)}")
+            f"{human_bytes(info.total_bytes, 2)}")
 
 
 COMMANDS = [merge_cmd, inspect_cmd]

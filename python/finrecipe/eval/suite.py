@@ -44,6 +44,7 @@ from finrecipe.eval.results import MetricInfo, TaskResult
 from finrecipe.progress import NullProgress, Progress
 from finrecipe.types import DatasetRef, Grants, ModelRef
 from finrecipe.types import Request as Grant
+from finrecipe.util.plugins import import_entry_points
 
 if TYPE_CHECKING:
     from finrecipe.eval.lm import LM
@@ -157,8 +158,6 @@ BUILTIN_KEYS: dict[str, str] = {"custom": "custom", "perplexity": "perplexity", 
                                 "generate": "generate"}
 
 ENTRY_POINT_GROUP = "finrecipe.suites"
-_entry_points_loaded = False
-
 S = TypeVar("S", bound=builtins.type[Suite[Any]])
 
 
@@ -169,18 +168,7 @@ def register(cls: S) -> S:
 
 
 def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            importlib.import_module(ep.value.split(":")[0])
-        except Exception as e:  # a broken plug-in must not break the built-in suites
-            raise ConfigError(f"finrecipe suite plug-in {ep.name!r} ({ep.value}) failed to import: "
-                              f"{type(e).__name__}: {e}") from None
+    import_entry_points(ENTRY_POINT_GROUP, "suite")
 
 
 def known_suites() -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from finrecipe.errors import FormatError
 from finrecipe.eval.results import EvalMetrics
+from finrecipe.util.fmt import seconds
 
 
 @dataclass
@@ -110,9 +111,7 @@ def run_summary(run: RunRecord | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def fmt_seconds(s: float | None) -> str:
-    if not isinstance(s, (int, float)):
-        return "—"
-    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+    return seconds(s)
 
 
 __all__ = ["NodeRecord", "RunRecord", "fmt_seconds", "load_run", "run_summary"]
