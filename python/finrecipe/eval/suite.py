@@ -241,5 +241,24 @@ def selector_help() -> str:
             + "".join(f", `suite: {n}`" for n in sorted(REGISTRY) if n not in BUILTIN))
 
 
+def parse_task_entries(entries: list[Any]) -> list[Any]:
+    """Each task entry of a list validated by its suite's Spec, the suite picked by the entry's
+    distinguishing key (clear errors instead of union noise); specs and non-mappings pass through."""
+    out = []
+    for i, t in enumerate(entries):
+        if isinstance(t, BaseModel) or not isinstance(t, Mapping):
+            out.append(t)
+            continue
+        try:
+            suite = suite_for_entry(t)
+        except ConfigError as e:
+            raise ValueError(f"tasks[{i}]: {e}") from None
+        if suite is None:
+            raise ValueError(f"tasks[{i}]: say what to run with one of {selector_help()}")
+        out.append(suite.Spec.model_validate(t))
+    return out
+
+
 __all__ = ["BUILTIN", "REGISTRY", "InputKind", "Suite", "SuiteContext", "SuiteSpec", "Summary",
-           "all_suites", "file_requests", "get_suite", "known_suites", "metric_info", "register", "suite_for_entry", "suite_of_spec"]
+           "all_suites", "file_requests", "get_suite", "known_suites", "metric_info", "parse_task_entries", "register",
+           "suite_for_entry", "suite_of_spec"]

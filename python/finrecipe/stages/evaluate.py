@@ -60,7 +60,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 from finrecipe.errors import ConfigError
-from finrecipe.eval.suite import SuiteSpec, selector_help, suite_for_entry, suite_of_spec
+from finrecipe.eval.suite import SuiteSpec, parse_task_entries, suite_of_spec
 from finrecipe.stages.base import CheckContext, StageKind, register
 from finrecipe.types import DatasetRef, InputKind, ModelRef, Request, StageContext, StageResult
 from finrecipe.util.fs import write_bytes_atomic, write_text_atomic
@@ -90,19 +90,7 @@ class EvaluateConfig(_Strict):
         """Pick each task entry's suite by its distinguishing key (clear errors instead of union noise)."""
         if not isinstance(data, Mapping) or not isinstance(data.get("tasks"), list):
             return data
-        out = []
-        for i, t in enumerate(data["tasks"]):
-            if isinstance(t, BaseModel) or not isinstance(t, Mapping):
-                out.append(t)
-                continue
-            try:
-                suite = suite_for_entry(t)
-            except ConfigError as e:
-                raise ValueError(f"tasks[{i}]: {e}") from None
-            if suite is None:
-                raise ValueError(f"tasks[{i}]: say what to run with one of {selector_help()}")
-            out.append(suite.Spec.model_validate(t))
-        return {**data, "tasks": out}
+        return {**data, "tasks": parse_task_entries(data["tasks"])}
 
     @model_validator(mode="after")
     def _refs(self) -> EvaluateConfig:

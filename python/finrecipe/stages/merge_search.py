@@ -48,7 +48,7 @@ from pydantic import (
 )
 
 from finrecipe.errors import ConfigError
-from finrecipe.eval.suite import SuiteSpec, selector_help, suite_for_entry, suite_of_spec
+from finrecipe.eval.suite import SuiteSpec, parse_task_entries, suite_of_spec
 from finrecipe.node import Resolution, ResolveContext
 from finrecipe.search.objective import BUNDLED_PROMPTS, DomainObjective, InstructionObjective, SelectRule
 from finrecipe.search.space import SearchSpace, grid_size
@@ -71,21 +71,7 @@ class Objective(_Strict):
     @field_validator("tasks", mode="before")
     @classmethod
     def _dispatch(cls, v: Any, info: ValidationInfo) -> Any:
-        if not isinstance(v, list):
-            return v
-        out = []
-        for i, t in enumerate(v):
-            if isinstance(t, BaseModel) or not isinstance(t, Mapping):
-                out.append(t)
-                continue
-            try:
-                suite = suite_for_entry(t)
-            except ConfigError as e:
-                raise ValueError(f"tasks[{i}]: {e}") from None
-            if suite is None:
-                raise ValueError(f"tasks[{i}]: say what to run with one of {selector_help()}")
-            out.append(suite.Spec.model_validate(t))
-        return out
+        return parse_task_entries(v) if isinstance(v, list) else v
 
     @field_validator("tasks", mode="after")
     @classmethod
