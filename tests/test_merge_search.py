@@ -57,34 +57,106 @@ def trio(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFacto
 
 # ----------------------------------------------------------------------------- fast merge
 
-@pytest.mark.parametrize("method,params,groups", [
-    ("task_arithmetic", {}, 1),
-    ("task_arithmetic", {}, 2),
-    ("ties", {"density": 0.4}, 1),
-    ("dare_ties", {"density": 0.6}, 1),
+@pytest.mark.parametrize("method,params,top,how", [
+    ("task_arithmetic", {}, {}, "memory"),
+    ("task_arithmetic", {"weight": [0.4, 1.3]}, {"parameters": {"normalize": True, "lambda": 0.7}}, "memory"),
+    ("ties", {"density": 0.4}, {}, "memory"),
+    ("ties", {"density": [0.2, 0.9]}, {"out_dtype": "bfloat16", "parameters": {"normalize": False, "lambda": 1.2}},
+     "memory"),
+    ("ties", {"density": 0.001}, {}, "memory"),  # at least one element per tensor is kept
+    ("ties", {"density": 0.5}, {"dtype": "bfloat16"}, "core"),  # bf16 compute: the core's own kernel
+    ("dare_ties", {"density": 0.6}, {}, "core"),
 ])
+@pytest.mark.parametrize("keep", [True, False])
 def test_in_memory_merge_equals_the_core(trio: dict[str, Path], tmp_path: Path, method: str,
-                                         params: dict[str, Any], groups: int) -> None:
+                                         params: dict[str, Any], top: dict[str, Any], how: str, keep: bool) -> None:
+    """Bit for bit: a trial merged into the loaded float32 model is what `finrecipe merge` writes."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from finrecipe.merge import MergeConfig, run_merge
     from finrecipe.search.fastmerge import InMemoryMerger
 
-    w_i = 1.3 if groups == 1 else [0.4, 1.3]
-    cfg = {"merge_method": method, "base_model": "base", "dtype": "float32",
-           "models": [{"model": "instruct", "parameters": {"weight": w_i, **params}},
-                      {"model": "finance", "parameters": {"weight": 0.7, **params}}]}
+    cfg = {"merge_method": method, "base_model": "base", "dtype": "float32", **top,
+           "models": [{"model": "instruct", "parameters": {"weight": 1.3, **params}},
+                      {"model": "finance", "parameters": {"weight": 0.7, "density": 0.6} if "density" in params
+                       else {"weight": 0.7}}]}
     run_merge(MergeConfig.from_dict(cfg), tmp_path / "disk", trio, seed=3)
     want = load_state_dict(tmp_path / "disk")
     model = AutoModelForCausalLM.from_pretrained(trio["instruct"], dtype=torch.float32)
-    how = InMemoryMerger(model, trio, "base").apply(cfg, seed=3)
-    assert how == ("core" if method == "dare_ties" else "memory")
-    got = model.state_dict()
-    for k, v in want.items():
-        torch.testing.assert_close(got[k], v, rtol=0, atol=2e-6, msg=k)
+    merger = InMemoryMerger(model, trio, "base", keep_in_memory=keep)
+    for _ in range(2):  # the second trial reuses the kept task vectors and sorted keys
+        assert merger.apply(cfg, seed=3) == how
+        got = model.state_dict()
+        bad = [k for k, v in want.items() if not torch.equal(got[k], v.to(torch.float32))]
+        assert not bad, f"{len(bad)} tensors differ, e.g. {bad[0]}"
+    assert (merger.memory_bytes() > 0) == (keep and how == "memory")
     base = load_state_dict(trio["base"])
     assert any(not torch.equal(base[k], v) for k, v in want.items())
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.4})])
+def test_torch_path_merges_what_the_core_writes(trio: dict[str, Path], tmp_path: Path, method: str,
+                                                params: dict[str, Any]) -> None:
+    """The whole-tensor torch path (GPU, or parameters that are not float32): a bfloat16 model
+    holds the core's float32 merge rounded to bfloat16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finrecipe.merge import MergeConfig, run_merge
+    from finrecipe.search.fastmerge import InMemoryMerger
+
+    cfg = {"merge_method": method, "base_model": "base", "dtype": "float32",
+           "models": [{"model": "instruct", "parameters": {"weight": 1.3, **params}},
+                      {"model": "finance", "parameters": {"weight": 0.7, **params}}]}
+    run_merge(MergeConfig.from_dict(cfg), tmp_path / "disk", trio, seed=3)
+    want = load_state_dict(tmp_path / "disk")
+    model = AutoModelForCausalLM.from_pretrained(trio["instruct"], dtype=torch.bfloat16)
+    assert InMemoryMerger(model, trio, "base").apply(cfg) == "memory"
+    got = model.state_dict()
+    bad = [k for k, v in want.items() if not torch.equal(got[k], v.to(torch.bfloat16))]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[0]}"
+
+
+def test_core_in_place_kernel_refuses_bad_buffers() -> None:
+    import numpy as np
+
+    from finrecipe import _core
+
+    base = np.ones(8, dtype=np.float32)
+    d = np.full(8, 0.5, dtype=np.float32)
+    out = np.zeros(8, dtype=np.float32)
+    _core.merge_into("task_arithmetic", out, base, [d], [2.0], False, 1.0, "F32")
+    assert out.tolist() == [2.0] * 8
+    ro = np.zeros(8, dtype=np.float32)
+    ro.setflags(write=False)
+    cases: list[tuple[str, Callable[[], None]]] = [
+        ("read-only", lambda: _core.merge_into("task_arithmetic", ro, base, [d], [1.0], False, 1.0, "F32")),
+        ("expected element type", lambda: _core.merge_into("task_arithmetic", out.astype(np.float64), base, [d],
+                                                           [1.0], False, 1.0, "F32")),
+        ("out has 4 elements", lambda: _core.merge_into("task_arithmetic", out[:4], base, [d], [1.0], False, 1.0,
+                                                        "F32")),
+        ("not C-contiguous", lambda: _core.merge_into("task_arithmetic", np.zeros(16, np.float32)[::2], base, [d],
+                                                      [1.0], False, 1.0, "F32")),
+        ("out overlaps base", lambda: _core.merge_into("task_arithmetic", base, base, [d], [1.0], False, 1.0, "F32")),
+        ("needs sorted_keys", lambda: _core.merge_into("ties", out, base, [d], [1.0], True, 1.0, "F32",
+                                                        densities=[0.5])),
+        ("is not F32, BF16 or F16", lambda: _core.merge_into("task_arithmetic", out, base, [d], [1.0], False, 1.0,
+                                                             "I8")),
+        ("is not task_arithmetic or ties", lambda: _core.merge_into("slerp", out, base, [d], [1.0], False, 1.0,
+                                                                    "F32")),
+    ]
+    for msg, call in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
+    keys = np.empty(8, dtype=np.uint32)
+    x = np.array([0.5, -3.0, 0.0, 2.0, -0.25, 2.0, 1.0, -2.0], dtype=np.float32)
+    _core.sort_magnitudes([x], [keys])
+    assert keys.tolist() == sorted((np.abs(x).view(np.uint32)).tolist())
+    # TIES with density 3/8: keeps -3.0 and the first two 2.0 magnitudes (lower index first)
+    _core.merge_into("ties", out, np.zeros(8, np.float32), [x], [1.0], True, 1.0, "F32", densities=[0.375],
+                     sorted_keys=[keys])
+    assert out.tolist() == [0.0, -3.0, 0.0, 2.0, 0.0, 2.0, 0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- strategies, rule

@@ -37,3 +37,16 @@ def kernels() -> list[dict[str, Any]]:
 def rename_noreplace(src: str, dst: str) -> None:
     """Rename `src` to `dst` only if `dst` does not exist, atomically (Linux renameat2
     RENAME_NOREPLACE). Raises FileExistsError when it exists, IoError for other failures."""
+
+def sort_magnitudes(deltas: list[Any], outs: list[Any], threads: int = 0) -> None:
+    """Sort the magnitude keys (f32 bits without the sign) of each float32 buffer `deltas[i]`
+    ascending into the uint32 buffer `outs[i]` (same length); tensors in parallel, GIL released.
+    Raises ValueError for a buffer of the wrong type, length or layout."""
+
+def merge_into(method: str, out: Any, base: Any, deltas: list[Any], weights: list[float], normalize: bool,
+               lambda_: float, out_dtype: str, densities: list[float] | None = None,
+               sorted_keys: list[Any | None] | None = None, threads: int = 0) -> None:
+    """Merge base + task vectors into the writable float32 buffer `out` (rust/src/inplace.rs):
+    method "task_arithmetic" or "ties" (densities and, where a density is < 1, the
+    sort_magnitudes keys of that task vector), out_dtype "F32" | "BF16" | "F16" (values rounded
+    to it). Bit-identical to `merge` with the same plan entry. GIL released."""

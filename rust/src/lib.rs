@@ -8,9 +8,12 @@ pub mod analyze;
 pub mod dtype;
 pub mod error;
 pub mod fsutil;
+pub mod inplace;
 pub mod merge;
 pub mod safetensors;
 
+#[cfg(feature = "python")]
+mod inplace_py;
 #[cfg(feature = "python")]
 mod python;
 

@@ -261,6 +261,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
     m.add_function(wrap_pyfunction!(rename_noreplace, m)?)?;
+    crate::inplace_py::register(m)?;
     m.add("PLAN_VERSION", crate::merge::plan::PLAN_VERSION)?;
     Ok(())
 }

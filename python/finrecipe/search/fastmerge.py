@@ -2,18 +2,25 @@
 
 A merge search tries many merges of the same models. Writing each to disk and loading it again
 costs a full write, a full read and a model construction per trial; here the base and the task
-vectors δᵢ = modelᵢ − base are read once (float32, on the model's device) and each trial is one
-fused pass per tensor, `param ← round(base + λ·Σ wᵢ·δᵢ)`, into the parameters of the loaded model.
+vectors δᵢ = modelᵢ − base are read once (float32, on the model's device) and each trial writes
+`round(base + λ·merge(wᵢ, δᵢ))` into the parameters of the loaded model.
 
 - `task_arithmetic` and `ties` run in memory. Every parameter comes from the merge planner
   (`finrecipe.merge.build_plan`: gradients over layer index, filters, defaults, `normalize`,
-  `lambda`), so a trial merges exactly what `finrecipe merge` writes with the same config
-  (the same formulas as docs/merge-plan.md; float32 sums in another order: agreement to ~1e-6).
-  TIES's top-k uses the core's order (|δ| descending, lower flat index first among equals); the
-  rank of every element of δᵢ is computed once per tensor and kept, so a trial's trim is one compare.
-- Other methods (`dare_ties`, `dare_linear`, `breadcrumbs*`) go through the Rust core into a
-  temporary directory (DARE's masks come from the core's own counter-based generator), and the
-  result is copied into the loaded model; the model is still not rebuilt.
+  `lambda`), so a trial merges exactly what `finrecipe merge` writes with the same config.
+- On the CPU (float32 parameters) a trial is one call per tensor of the Rust core's in-place
+  kernel (`_core.merge_into`, rust/src/inplace.rs): the streaming merge's operations in its
+  order, multithreaded, written into the parameter's memory — bit-identical to `finrecipe merge`.
+  TIES's top-k (|δ| descending, lower flat index first among equals) reads the magnitude keys of
+  each δᵢ sorted once (`_core.sort_magnitudes`, a radix sort, kept with the task vectors), so a
+  trial's threshold is a lookup, not a selection pass.
+- On a GPU, the same formulas as torch passes (float32 sums in the same order; ranks of |δ| from
+  one stable sort per tensor, kept).
+- Anything else goes through the Rust core into a temporary directory and is copied into the
+  loaded model (still no model rebuild): other methods (`dare_ties`, `dare_linear`,
+  `breadcrumbs*`; DARE's masks come from the core's own counter-based generator), bfloat16
+  compute (`dtype: bfloat16`), `rescale`, sliced or renamed tensors, or any plan entry this
+  module does not know.
 - With `keep_in_memory=False` (task vectors larger than the memory budget), tensors are read per
   trial from the memory-mapped safetensors files instead of being kept.
 - The merged values are rounded to the plan's output dtype first, then to the model's dtype, as
@@ -98,14 +105,15 @@ class InMemoryMerger:
         self.keep = keep_in_memory
         self._base: dict[str, Any] = {}
         self._delta: dict[tuple[str, str], Any] = {}
-        self._rank: dict[tuple[str, str], Any] = {}
+        self._rank: dict[tuple[str, str], Any] = {}  # GPU path: rank of each element by |δ|
+        self._keys: dict[tuple[str, str], Any] = {}  # CPU path: sorted magnitude keys (uint32)
         self._torch = torch
 
     # -- the tensors ---------------------------------------------------------------------------
     def _base_t(self, tensor: str) -> Any:
         t = self._base.get(tensor)
         if t is None:
-            t = self.readers[self.base].get(tensor).to(self.device, self._torch.float32)
+            t = self.readers[self.base].get(tensor).to(self.device, self._torch.float32).contiguous()
             if self.keep:
                 self._base[tensor] = t
         return t
@@ -132,6 +140,25 @@ class InMemoryMerger:
                 self._rank[key] = r
         return r
 
+    def _sorted_keys(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        """Sorted magnitude keys of δ for each (model, tensor), computed in one parallel call for
+        those not kept yet."""
+        import numpy as np
+
+        from finrecipe import _core
+
+        out = {k: self._keys[k] for k in pairs if k in self._keys}
+        todo = [k for k in dict.fromkeys(pairs) if k not in out]
+        if todo:
+            ds = [self._delta_t(m, t).reshape(-1).numpy() for m, t in todo]
+            ks = [np.empty(d.size, dtype=np.uint32) for d in ds]
+            _core.sort_magnitudes(ds, ks, threads=self.threads)
+            for k, v in zip(todo, ks, strict=True):
+                out[k] = v
+                if self.keep:
+                    self._keys[k] = v
+        return out
+
     # -- one trial -----------------------------------------------------------------------------
     def apply(self, merge_config: Mapping[str, Any], *, seed: int = 0) -> str:
         """Merge `merge_config` (a mergekit-style mapping naming models of `models`) into the model."""
@@ -144,18 +171,68 @@ class InMemoryMerger:
         info = build_plan(cfg, self.paths, seed=seed)
         by_path = {str(p): n for n, p in self.paths.items()}
         names = [by_path[str(Path(p).absolute())] for p in info.plan["models"]]
+        entries = info.plan["tensors"]
+        if not all(self._supported(e, names) for e in entries):
+            self._apply_core(cfg, seed)
+            return "core"
         torch = self._torch
         with torch.no_grad():
-            for entry in info.plan["tensors"]:
-                self._merge_tensor(entry, names)
+            if self.device.type == "cpu" and all(self._cpu_ok(e) for e in entries):
+                self._apply_cpu(entries, names)
+            else:
+                for entry in entries:
+                    self._merge_tensor(entry, names)
         return "memory"
 
+    def _supported(self, e: Mapping[str, Any], names: list[str]) -> bool:
+        """Whether an entry of the plan is one this module merges exactly as the core does."""
+        known = {"name", "kernel", "out_dtype", "base", "sources", "params", "compute_dtype"}
+        if set(e) - known or e["kernel"] not in IN_MEMORY or e.get("compute_dtype", "F32") != "F32":
+            return False
+        if e["out_dtype"] not in _DTYPES or names[e["base"]["model"]] != self.base:
+            return False
+        p = e["params"]
+        if set(p) - {"lambda", "normalize", "rescale"} or p.get("rescale", False):
+            return False
+        name = e["name"]
+        if e["base"]["tensor"] != name or name not in self.targets:
+            return False
+        allowed = {"weight"} if e["kernel"] == "task_arithmetic" else {"weight", "density"}
+        return all(s["tensor"] == name and not set(s["params"]) - allowed for s in e["sources"])
+
+    def _cpu_ok(self, e: Mapping[str, Any]) -> bool:
+        t = self.targets[e["name"]]
+        return bool(t.dtype == self._torch.float32 and t.is_contiguous())
+
+    def _apply_cpu(self, entries: list[Mapping[str, Any]], names: list[str]) -> None:
+        from finrecipe import _core
+
+        def need(es: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
+            return [(names[s["model"]], s["tensor"]) for e in es if e["kernel"] == "ties"
+                    for s in e["sources"] if float(s["params"].get("density", 1.0)) < 1.0]
+
+        # kept: every tensor's keys in one parallel call; else per tensor (memory stays bounded)
+        keys = self._sorted_keys(need(entries)) if self.keep else {}
+        for e in entries:
+            name = e["name"]
+            srcs = e["sources"]
+            ties = e["kernel"] == "ties"
+            if ties and not self.keep:
+                keys = self._sorted_keys(need([e]))
+            dens = [float(s["params"].get("density", 1.0)) for s in srcs] if ties else None
+            _core.merge_into(
+                e["kernel"], self.targets[name].numpy(), self._base_t(name).numpy(),
+                [self._delta_t(names[s["model"]], s["tensor"]).numpy() for s in srcs],
+                [float(s["params"]["weight"]) for s in srcs], bool(e["params"]["normalize"]),
+                float(e["params"]["lambda"]), e["out_dtype"], densities=dens,
+                sorted_keys=[keys.get((names[s["model"]], s["tensor"])) for s in srcs] if ties else None,
+                threads=self.threads)
+
     def _merge_tensor(self, entry: Mapping[str, Any], names: list[str]) -> None:
+        """The torch path (GPU): the core's operations in its order, as whole-tensor passes."""
         torch = self._torch
         name = entry["name"]
-        target = self.targets.get(name)
-        if target is None:
-            return  # a tensor the loaded model does not have (checked at construction for the base)
+        target = self.targets[name]
         kernel = entry["kernel"]
         p = entry["params"]
         base = self._base_t(entry["base"]["tensor"])
@@ -170,10 +247,10 @@ class InMemoryMerger:
                 if mixed is None:
                     mixed = torch.mul(d, w)
                 else:
-                    mixed.add_(d, alpha=w)
+                    mixed.add_(torch.mul(d, w))
             assert mixed is not None
             if p["normalize"]:
-                tw = sum(ws)
+                tw = torch.tensor(ws, dtype=torch.float32).sum().item()
                 mixed.div_(1.0 if abs(tw) < 1e-8 else tw)
         else:  # ties
             wds = []
@@ -181,11 +258,12 @@ class InMemoryMerger:
                 w = float(s["params"]["weight"])
                 ws.append(w)
                 d = self._delta_t(names[s["model"]], s["tensor"])
-                dens = float(s["params"]["density"])
+                dens = float(s["params"].get("density", 1.0))
                 if dens < 1.0:
-                    k = int(math.floor(dens * d.numel()))
+                    n = d.numel()
+                    k = min(max(int(math.floor(dens * n)), 1), n) if dens > 0.0 else 0
                     keep = (self._ranks(names[s["model"]], s["tensor"], d) < k).reshape(d.shape)
-                    wds.append(torch.where(keep, d * w, 0.0))
+                    wds.append(torch.where(keep, d, 0.0) * w)
                 else:
                     wds.append(d * w)
             total = wds[0].clone()
@@ -202,10 +280,10 @@ class InMemoryMerger:
                     if div is None:
                         div = agree.to(torch.float32).mul_(w)
                     else:
-                        div.add_(agree.to(torch.float32), alpha=w)
+                        div.add_(agree.to(torch.float32).mul_(w))
             assert mixed is not None
             if div is not None:
-                div = torch.where(div.abs() < 1e-8, 1.0, div)
+                div = torch.where(div == 0.0, 1.0, div)
                 mixed.div_(div)
         lam = float(p["lambda"])
         if lam != 1.0:
@@ -246,11 +324,11 @@ class InMemoryMerger:
                     t.copy_(r.get(name).to(t.device).reshape(t.shape))
 
     def memory_bytes(self) -> int:
-        """Bytes held for reuse (base, task vectors, TIES ranks)."""
+        """Bytes held for reuse (base, task vectors, TIES ranks or sorted keys)."""
         tot = 0
-        for d in (self._base, self._delta, self._rank):
+        for d in (self._base, self._delta, self._rank, self._keys):
             for t in d.values():
-                tot += t.numel() * t.element_size()
+                tot += int(t.nbytes)
         return tot
 
 
