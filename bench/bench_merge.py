@@ -1,13 +1,29 @@
-"""Merge core vs mergekit: wall time, peak anonymous memory and tensor-by-tensor parity.
+"""Merge core vs mergekit, one row per merge method: wall time, peak anonymous memory, parity.
 
-    python bench/bench_merge.py            # ~0.8B bf16 Llama trio (hidden 2048, 16 layers)
-    python bench/bench_merge.py --small    # quick: hidden 1024, 4 layers
+    python bench/bench_merge.py                        # every method, ~0.8B bf16 Llama trio
+    python bench/bench_merge.py --methods ties,slerp   # some methods (rows of others are kept)
+    python bench/bench_merge.py --small --no-write     # quick: hidden 1024, 4 layers
 
-Builds the base/instruct/cpt trio once (cached under bench/out/), installs mergekit into its own
-venv (.venv-mergekit, shared with `make parity`: mergekit 0.1.5, torch from the project venv), then runs `mergekit-yaml` and `finrecipe merge` alternately N times on the same
-configs (task_arithmetic and ties; dtype float32, out_dtype bfloat16), measures the I/O floor
-(read every input byte once + write the output size once with fsync), compares the last outputs
-tensor by tensor, and writes the table into the merge section of BENCHMARKS.md.
+The methods are those finrecipe implements at run time (`finrecipe.merge.METHODS` and the Rust
+core's `kernels()`), in the method table's order; the newest (sce, nuslerp, multislerp,
+arcee_fusion) run last. Each method has a representative mergekit config (REPRESENTATIVE below;
+dtype float32, out_dtype bfloat16) that both tools run from the same file; where finrecipe refuses
+the preferred config by name (validated before any run), the next candidate is used and the row
+says so. mergekit 0.1.5 runs from its own venv (.venv-mergekit, shared with `make parity`).
+
+For each method: mergekit and finrecipe run alternately (--runs each; mergekit --mergekit-runs,
+and only once when its first run takes longer than --mergekit-slow seconds), the 1-minute load
+average is recorded before every run, times are medians, the I/O floor is measured (read every
+input byte once + write the output size once with fsync), the last outputs are compared tensor
+by tensor, the outputs are deleted, and the row is saved to bench/out/bench_merge.json (rows of
+methods not run this time are kept, so methods can be rerun one by one, e.g. at a lower load).
+The table of all saved rows is written into the merge section of BENCHMARKS.md.
+
+Targets (issue 10): every method at least 10x faster than mergekit (TIES 25x) with peak anonymous
+memory at most 512 MiB. Parity: bit identity for deterministic methods; for top-k methods the
+differing elements whose |delta| sits on a tie at a selection boundary are counted (their order is
+arbitrary in mergekit); randomised methods (DARE, DELLA) draw their masks differently by design,
+so no bit identity is expected or reported (`make parity` checks them by decomposition).
 
 Peak anonymous memory: a sampler thread reads RssAnon from /proc/PID/status of the process and
 all its descendants every 10 ms and keeps the largest sum. Memory-mapped input pages are
@@ -65,8 +81,9 @@ def _rss_anon_kb(pid: int) -> int:
     return 0
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run `cmd`; return (wall seconds, peak RssAnon bytes summed over the process tree)."""
+def run_measured_rc(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int, str]:
+    """Run `cmd`; return (wall seconds, peak RssAnon bytes summed over the process tree, exit code,
+    the output's last 4000 characters)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = 0
@@ -89,10 +106,16 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
     wall = time.perf_counter() - t0
     done.set()
     th.join()
-    if proc.returncode != 0:
-        sys.stderr.write(out.decode(errors="replace")[-4000:])
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return wall, peak * 1024
+    return wall, peak * 1024, proc.returncode, out.decode(errors="replace")[-4000:]
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run `cmd`; return (wall seconds, peak RssAnon bytes of the process tree); exit if it fails."""
+    wall, peak, rc, out = run_measured_rc(cmd, env)
+    if rc != 0:
+        sys.stderr.write(out)
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}")
+    return wall, peak
 
 
 # -- setup ----------------------------------------------------------------------------------------------
@@ -126,25 +149,129 @@ def mergekit_version() -> str:
     return f"mergekit {v[0]} (torch {v[1]})" if len(v) == 2 else "mergekit ?"
 
 
-def write_configs(models: Path) -> dict[str, Path]:
-    cfgs = {
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models / "base"),
-                            "dtype": "float32", "out_dtype": "bfloat16",
-                            "models": [{"model": str(models / "instruct"), "parameters": {"weight": 1.0}},
-                                       {"model": str(models / "cpt"), "parameters": {"weight": 1.0}}]},
-        "ties": {"merge_method": "ties", "base_model": str(models / "base"),
-                 "dtype": "float32", "out_dtype": "bfloat16",
-                 "models": [{"model": str(models / "instruct"), "parameters": {"weight": 1.0, "density": 0.5}},
-                            {"model": str(models / "cpt"), "parameters": {"weight": 1.0, "density": 0.5}}]},
+# -- the method matrix ----------------------------------------------------------------------------------
+
+# Randomised methods: mergekit draws its keep-masks from torch's global RNG, finrecipe from a generator
+# keyed by (seed, tensor, element), so their outputs differ by design and no bit identity is reported.
+RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
+# Top-k methods of the task-arithmetic family: (sparsification, consensus), as the parity checker models
+# them; their differing elements are tested for ties at a selection boundary.
+TOPK = {"ties": "magnitude", "breadcrumbs": "outliers", "breadcrumbs_ties": "outliers"}
+# Run last: the methods another change is adding now (their rows appear as soon as finrecipe has them).
+LAST = ("sce", "nuslerp", "multislerp", "arcee_fusion")
+TARGET_SPEEDUP = {"ties": 25.0}  # issue 10; every other method 10x
+DEFAULT_SPEEDUP = 10.0
+MEM_LIMIT = 512 * 2**20
+
+
+def representative(models: Path) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Per method: candidate (label, mergekit config) pairs, preferred first. Models are the trio's
+    base (B), instruct (INS) and cpt (C); every config computes in float32 and writes bfloat16."""
+    B, INS, C = (str(models / n) for n in ("base", "instruct", "cpt"))
+
+    def m(path: str, **params: Any) -> dict[str, Any]:
+        return {"model": path, "parameters": params} if params else {"model": path}
+
+    def c(method: str, models_: list[dict[str, Any]], base: str | None = B, **params: Any) -> dict[str, Any]:
+        d: dict[str, Any] = {"merge_method": method}
+        if base:
+            d["base_model"] = base
+        if params:
+            d["parameters"] = params
+        d["models"] = models_
+        d["dtype"], d["out_dtype"] = "float32", "bfloat16"
+        return d
+
+    gta2 = [m(INS, weight=1.0, density=0.5), m(C, weight=1.0, density=0.5)]
+    crumbs = [m(INS, weight=1.0, density=0.7, gamma=0.05), m(C, weight=1.0, density=0.6, gamma=0.02)]
+    della2 = [m(INS, weight=1.0, density=0.5, epsilon=0.1), m(C, weight=1.0, density=0.5, epsilon=0.1)]
+    return {
+        "linear": [("weights 0.5/0.5", c("linear", [m(INS, weight=0.5), m(C, weight=0.5)], base=None))],
+        "task_arithmetic": [("weights 1/1", c("task_arithmetic", [m(INS, weight=1.0), m(C, weight=1.0)]))],
+        "ties": [("density 0.5/0.5", c("ties", gta2))],
+        "dare_linear": [("density 0.5/0.5", c("dare_linear", gta2))],
+        "dare_ties": [("density 0.5/0.5", c("dare_ties", gta2))],
+        "breadcrumbs": [("density 0.7/0.6, gamma 0.05/0.02", c("breadcrumbs", crumbs))],
+        "breadcrumbs_ties": [("density 0.7/0.6, gamma 0.05/0.02", c("breadcrumbs_ties", crumbs))],
+        "della": [("density 0.5, epsilon 0.1", c("della", della2))],
+        "della_linear": [("density 0.5, epsilon 0.1", c("della_linear", della2))],
+        "slerp": [("base↔instruct, t 0.5", c("slerp", [m(B), m(INS)], t=0.5))],
+        "model_stock": [("instruct, cpt", c("model_stock", [m(INS), m(C)]))],
+        "passthrough": [("instruct", c("passthrough", [m(INS)], base=None))],
+        "nearswap": [("instruct, t 0.001", c("nearswap", [m(INS)], t=0.001))],
+        "ram": [("epsilon 1e-3", c("ram", [m(INS), m(C)], epsilon=1e-3))],
+        "ramplus_tl": [("epsilon 1e-3, r 0.2, alpha 0.5", c("ramplus_tl", [m(INS), m(C)], epsilon=1e-3, r=0.2,
+                                                           alpha=0.5))],
+        "karcher": [("base, instruct, cpt", c("karcher", [m(B), m(INS), m(C)], base=None))],
+        "sce": [("select_topk 0.5", c("sce", [m(INS), m(C)], select_topk=0.5)),
+                ("select_topk 1", c("sce", [m(INS), m(C)]))],
+        "nuslerp": [("weights 0.5/0.5, with base", c("nuslerp", [m(INS, weight=0.5), m(C, weight=0.5)]))],
+        "multislerp": [("weights 1/1, with base", c("multislerp", [m(INS, weight=1.0), m(C, weight=1.0)]))],
+        "arcee_fusion": [("instruct onto base", c("arcee_fusion", [m(INS)]))],
     }
+
+
+def tree_state() -> str:
+    """git HEAD and how many files under rust/ and python/finrecipe/ have uncommitted changes."""
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "rust", "python/finrecipe"],
+                           capture_output=True, text=True).stdout.splitlines()
+    n = len([x for x in dirty if x.strip()])
+    return f"git {git_head()}" + (f" + uncommitted changes in {n} files under rust/ and python/finrecipe/" if n else "")
+
+
+def snapshot() -> tuple[Path, str]:
+    """A copy of the python package as it is now, with the installed Rust core, so that edits others
+    make in a shared working tree while the bench runs do not change what it measures.
+    Returns (the copy's python directory, a description)."""
+    d = OUT / "snapshot"
+    shutil.rmtree(d, ignore_errors=True)
+    src = ROOT / "python" / "finrecipe"
+    shutil.copytree(src, d / "python" / "finrecipe", ignore=shutil.ignore_patterns("__pycache__"))
+    cores = sorted(src.glob("_core*.so"))
+    built = max((so.stat().st_mtime for so in cores), default=0.0)
+    return d / "python", (f"{tree_state()}, copied at {dt.datetime.now(dt.timezone.utc):%H:%M} UTC with the "
+                          f"core built at {dt.datetime.fromtimestamp(built, dt.timezone.utc):%H:%M} UTC")
+
+
+def finrecipe_methods() -> list[str]:
+    """The methods finrecipe implements now: its method table and the Rust core's kernels."""
+    try:
+        from finrecipe import _core
+        from finrecipe.merge.methods import METHODS
+    except Exception as e:  # noqa: BLE001 - e.g. a method table ahead of the compiled core
+        raise SystemExit(f"cannot import finrecipe's merge methods: {e}") from e
+
+    names = list(METHODS)
+    names += [k["name"] for k in _core.kernels() if k["name"] not in names]
+    return [n for n in names if n not in LAST] + [n for n in LAST if n in names]
+
+
+def refusal(cfg_path: Path) -> str | None:
+    """None when finrecipe accepts the config (validated against the models' headers, no data read),
+    else its one-line error."""
+    from finrecipe.merge import load_merge_config, validate_merge
+
+    try:
+        validate_merge(load_merge_config(cfg_path))
+    except Exception as e:  # noqa: BLE001 - any refusal is reported, with its type
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def choose_config(method: str, cands: list[tuple[str, dict[str, Any]]]) -> tuple[str, Path, str | None]:
+    """The first candidate finrecipe accepts: (label, config path, why the preferred one was not used)."""
     d = OUT / "configs"
     d.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name, c in cfgs.items():
-        p = d / f"{name}.yml"
-        p.write_text(json.dumps(c, indent=2))  # JSON is YAML; both tools read it
-        out[name] = p
-    return out
+    first_refusal = None
+    for i, (label, cfg) in enumerate(cands):
+        path = d / f"{method}.yml"
+        path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML; both tools read it
+        why = refusal(path)
+        if why is None:
+            return label, path, (f"{cands[0][0]} refused by finrecipe ({first_refusal})" if i else None)
+        log(f"{method}: finrecipe refuses '{label}': {why}")
+        first_refusal = first_refusal or why
+    raise RuntimeError(f"finrecipe refuses every representative config of {method}: {first_refusal}")
 
 
 def input_files(models: Path) -> list[Path]:
@@ -182,11 +309,27 @@ def _ordered(x: Any) -> Any:
     return torch.where(b >= 0x8000, -(b - 0x8000), b)  # sign-magnitude -> signed; ±0 both map to 0
 
 
-def parity(a_dir: Path, b_dir: Path, ties_inputs: list[Path] | None = None,
-           density: float = 0.5) -> dict[str, Any]:
-    """Compare two output directories. With `ties_inputs` (base, model1, model2, ...), also count how
-    many differing elements sit exactly at a top-k threshold: where |δ_i| equals the k-th largest |δ_i|
-    of its tensor, so that which of the tied entries is kept is the sort's arbitrary choice."""
+def _on_tie(mag: Any, bounds: list[int]) -> Any:
+    """Elements of `mag` (flat) whose value's run of equal values straddles a rank boundary b of the
+    ascending order (ranks b-1 and b hold the same value): which of them a sort keeps is arbitrary."""
+    import torch
+
+    n = mag.numel()
+    out = torch.zeros(n, dtype=torch.bool)
+    for b in bounds:
+        if 0 < b < n:
+            lo = torch.kthvalue(mag, b).values
+            hi = torch.kthvalue(mag, b + 1).values
+            if lo == hi:
+                out |= mag == hi
+    return out
+
+
+def parity(a_dir: Path, b_dir: Path, topk: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compare two output directories tensor by tensor (bf16 ulp distance on the bit patterns).
+    With `topk` ({"kind": "magnitude"|"outliers", "base": dir, "donors": [(dir, density, gamma)]}),
+    also count the differing elements where some donor's |delta| sits on a tie at a boundary of its
+    kept ranks (the parity checker's kept_range), whose order mergekit's unstable argsort leaves open."""
     import torch
     from safetensors import safe_open
 
@@ -198,7 +341,7 @@ def parity(a_dir: Path, b_dir: Path, ties_inputs: list[Path] | None = None,
 
     ta, tb = tensors(a_dir), tensors(b_dir)
     missing = sorted(set(ta) ^ set(tb))
-    total = same = 0
+    total = same = beyond1 = 0
     max_ulp = 0
     worst = ""
     handles: dict[Path, Any] = {}
@@ -208,7 +351,15 @@ def parity(a_dir: Path, b_dir: Path, ties_inputs: list[Path] | None = None,
             handles[p] = safe_open(str(p), "pt")
         return handles[p].get_tensor(k)
 
-    inputs = [tensors(p) for p in ties_inputs] if ties_inputs else []
+    kept_range: Any = None
+    if topk:
+        sys.path.insert(0, str(ROOT / "bench" / "parity"))
+        import check  # the parity harness's model of the kept ranks
+
+        kept_range = check.kept_range
+
+        base_t = tensors(Path(topk["base"]))
+        donors = [(tensors(Path(d)), dens, gam) for d, dens, gam in topk["donors"]]
     diff_total = explained = 0
     for k in sorted(set(ta) & set(tb)):
         x, y = get(ta[k], k), get(tb[k], k)
@@ -218,19 +369,18 @@ def parity(a_dir: Path, b_dir: Path, ties_inputs: list[Path] | None = None,
         if x.dtype == torch.bfloat16:
             d = (_ordered(x) - _ordered(y)).abs()
             eq = int((d == 0).sum())
+            beyond1 += int((d > 1).sum())
             m = int(d.max()) if d.numel() else 0
-            if inputs and eq != x.numel():
+            if topk and kept_range and eq != x.numel():
                 differ = (d != 0).reshape(-1)
-                base = get(inputs[0][k], k).float().reshape(-1)
-                at_thr = torch.zeros_like(differ)
-                for inp in inputs[1:]:
-                    mag = (get(inp[k], k).float().reshape(-1) - base).abs()
-                    n = mag.numel()
-                    kk = max(1, int(density * n))
-                    thr = torch.kthvalue(mag, n - kk + 1).values
-                    at_thr |= mag == thr
+                base = get(base_t[k], k).float().reshape(-1)
+                on_tie = torch.zeros_like(differ)
+                for dt, dens, gam in donors:
+                    mag = (get(dt[k], k).float().reshape(-1) - base).abs()
+                    st, en = kept_range(mag.numel(), dens, gam, topk["kind"])
+                    on_tie |= _on_tie(mag, [st, en])
                 diff_total += int(differ.sum())
-                explained += int((differ & at_thr).sum())
+                explained += int((differ & on_tie).sum())
         else:
             eq = int((x == y).sum())
             m = -1 if eq != x.numel() else 0
@@ -239,8 +389,16 @@ def parity(a_dir: Path, b_dir: Path, ties_inputs: list[Path] | None = None,
         if m > max_ulp:
             max_ulp, worst = m, k
     return {"elements": total, "identical": same, "fraction": same / total if total else 0.0,
-            "max_ulp": max_ulp, "worst": worst, "mismatched_names": missing,
+            "max_ulp": max_ulp, "worst": worst, "beyond_1ulp": beyond1, "mismatched_names": missing,
             "differing": diff_total, "at_threshold": explained}
+
+
+def topk_spec(method: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    if method not in TOPK:
+        return None
+    donors = [(x["model"], float(x["parameters"].get("density", 1.0)), float(x["parameters"].get("gamma", 0.01)))
+              for x in cfg["models"] if x["model"] != cfg["base_model"]]
+    return {"kind": TOPK[method], "base": cfg["base_model"], "donors": donors}
 
 
 # -- main -----------------------------------------------------------------------------------------------
@@ -268,155 +426,264 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.glob("*.safetensors"))
 
 
+def git_head() -> str:
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or "?"
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def bench_method(method: str, cfg_path: Path, label: str, note: str | None, models: Path, mk: Path,
+                 a: argparse.Namespace, env: dict[str, str], code: str) -> dict[str, Any]:
+    cfg = json.loads(cfg_path.read_text())
+    outs = {"mergekit": OUT / f"out-mergekit-{method}", "finrecipe": OUT / f"out-finrecipe-{method}"}
+    cmds = {
+        # mergekit counts parameters per shard, finrecipe bytes: bf16 output = 2 bytes/parameter
+        "mergekit": [str(mk), str(cfg_path), str(outs["mergekit"]), "--quiet",
+                     "--out-shard-size", str(int(a.out_shard_size) // 2)],
+        "finrecipe": [str(FINRECIPE), "merge", str(cfg_path), str(outs["finrecipe"]), "--quiet", "--overwrite",
+                      "--out-shard-size", str(a.out_shard_size)],
+    }
+    times: dict[str, list[float]] = {"mergekit": [], "finrecipe": []}
+    mems: dict[str, list[int]] = {"mergekit": [], "finrecipe": []}
+    loads: dict[str, list[float]] = {"mergekit": [], "finrecipe": []}
+    n_mk = a.mergekit_runs if a.mergekit_runs is not None else a.runs
+    slow = False
+    started = dt.datetime.now(dt.timezone.utc)
+    for i in range(max(a.runs, n_mk)):
+        for who in ("mergekit", "finrecipe"):
+            if (who == "mergekit" and (i >= n_mk or slow)) or (who == "finrecipe" and i >= a.runs):
+                continue
+            shutil.rmtree(outs[who], ignore_errors=True)
+            ld = load1()
+            wall, peak, rc, out = run_measured_rc(cmds[who], env)
+            if rc != 0:
+                for o in outs.values():
+                    shutil.rmtree(o, ignore_errors=True)
+                tail = out.strip().splitlines()[-1] if out.strip() else ""
+                raise RuntimeError(f"{who} failed (exit {rc}): {tail}")
+            times[who].append(wall)
+            mems[who].append(peak)
+            loads[who].append(ld)
+            log(f"{method} {who} run {i + 1}: {wall:.2f}s, peak anon {peak / 2**20:.0f} MiB, load before {ld:.2f}")
+            if who == "mergekit" and i == 0 and wall > a.mergekit_slow and n_mk > 1:
+                slow = True
+                log(f"{method}: mergekit took {wall:.0f}s > {a.mergekit_slow:.0f}s: no further mergekit runs")
+    out_bytes = dir_bytes(outs["finrecipe"])
+    r_s, w_s = io_floor(models, out_bytes)
+    floor = r_s + w_s
+    if method in RANDOM:
+        par: dict[str, Any] | None = None
+        log(f"{method}: floor {floor:.2f}s; parity not compared (random masks)")
+    else:
+        par = parity(outs["mergekit"], outs["finrecipe"], topk_spec(method, cfg))
+        log(f"{method}: floor {floor:.2f}s (read {r_s:.2f} + write {w_s:.2f}); parity {par['fraction']:.6%} "
+            f"identical, max {par['max_ulp']} ulp ({par['worst']}); at a top-k tie {par['at_threshold']:,} "
+            f"of {par['differing']:,}")
+    for o in outs.values():
+        shutil.rmtree(o, ignore_errors=True)
+    mk_t, fr_t = statistics.median(times["mergekit"]), statistics.median(times["finrecipe"])
+    target = TARGET_SPEEDUP.get(method, DEFAULT_SPEEDUP)
+    return {"method": method, "config": label, "config_note": note, "mk": mk_t, "fr": fr_t,
+            "speedup": mk_t / fr_t, "target": target, "mk_mem": max(mems["mergekit"]),
+            "fr_mem": max(mems["finrecipe"]), "floor": floor, "read": r_s, "write": w_s, "parity": par,
+            "runs": (len(times["mergekit"]), len(times["finrecipe"])), "mk_slow": slow, "all": times,
+            "loads": loads, "out_bytes": out_bytes, "date": f"{started:%Y-%m-%d %H:%M}",
+            "commit": git_head(), "code": code, "small": a.small}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="hidden 1024, 4 layers (quick check)")
-    ap.add_argument("--runs", type=int, default=3, help="runs per contender and config (alternating)")
-    ap.add_argument("--methods", default="task_arithmetic,ties")
-    ap.add_argument("--ties-mergekit-runs", type=int, default=None,
-                    help="mergekit runs for ties (default: --runs; it is slow)")
+    ap.add_argument("--small", action="store_true",
+                    help="hidden 1024, 4 layers (quick check; its rows are kept apart and never written to "
+                         "BENCHMARKS.md)")
+    ap.add_argument("--runs", type=int, default=3, help="finrecipe runs per method (alternating with mergekit's)")
+    ap.add_argument("--mergekit-runs", type=int, default=None, help="mergekit runs per method (default: --runs)")
+    ap.add_argument("--mergekit-slow", type=float, default=90.0,
+                    help="seconds: when mergekit's first run of a method takes longer, it runs only once "
+                         "(the table says so)")
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated methods, or 'all' (every method finrecipe implements)")
+    ap.add_argument("--fresh", action="store_true", help="forget saved rows of methods not run this time")
     ap.add_argument("--out-shard-size", type=int, default=5_000_000_000,
                     help="output shard budget in bytes (mergekit is given the same as bf16 parameters)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: write the table of the saved rows (bench/out/bench_merge.json)")
+    ap.add_argument("--snapshot", action="store_true",
+                    help="run finrecipe from a copy of the python package and the Rust core as they are at the "
+                         "start (for a working tree others edit while the bench runs)")
     a = ap.parse_args()
 
     OUT.mkdir(parents=True, exist_ok=True)
-    models = ensure_models(a.small)
-    mk = ensure_mergekit()
-    cfgs = write_configs(models)
-    load0 = os.getloadavg()
-    in_bytes = sum(f.stat().st_size for f in input_files(models))
-    log(f"inputs: {in_bytes / 1e9:.2f} GB in {len(input_files(models))} files; load {load0[0]:.2f}")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    rows = []
-    for method in a.methods.split(","):
-        cfg = cfgs[method]
-        outs = {"mergekit": OUT / f"out-mergekit-{method}", "finrecipe": OUT / f"out-finrecipe-{method}"}
-        cmds = {
-            # mergekit counts parameters per shard, finrecipe bytes: bf16 output = 2 bytes/parameter
-            "mergekit": [str(mk), str(cfg), str(outs["mergekit"]), "--quiet",
-                         "--out-shard-size", str(int(a.out_shard_size) // 2)],
-            "finrecipe": [str(FINRECIPE), "merge", str(cfg), str(outs["finrecipe"]), "--quiet", "--overwrite",
-                          "--out-shard-size", str(a.out_shard_size)],
-        }
-        times: dict[str, list[float]] = {"mergekit": [], "finrecipe": []}
-        mems: dict[str, list[int]] = {"mergekit": [], "finrecipe": []}
-        n_mk = a.runs if (method != "ties" or a.ties_mergekit_runs is None) else a.ties_mergekit_runs
-        for i in range(a.runs):
-            for who in ("mergekit", "finrecipe"):
-                if who == "mergekit" and i >= n_mk:
-                    continue
-                shutil.rmtree(outs[who], ignore_errors=True)
-                wall, peak = run_measured(cmds[who], env)
-                times[who].append(wall)
-                mems[who].append(peak)
-                log(f"{method} {who} run {i + 1}: {wall:.2f}s, peak anon {peak / 2**20:.0f} MiB")
-        out_bytes = dir_bytes(outs["finrecipe"])
-        r_s, w_s = io_floor(models, out_bytes)
-        floor = r_s + w_s
-        ties_inputs = [models / n for n in ("base", "instruct", "cpt")] if method == "ties" else None
-        par = parity(outs["mergekit"], outs["finrecipe"], ties_inputs)
-        log(f"{method}: floor {floor:.2f}s (read {r_s:.2f} + write {w_s:.2f}); parity {par['fraction']:.6%} "
-            f"identical, max {par['max_ulp']} ulp ({par['worst']})")
-        rows.append({"method": method, "mk": statistics.median(times["mergekit"]),
-                     "fr": statistics.median(times["finrecipe"]), "mk_mem": max(mems["mergekit"]),
-                     "fr_mem": max(mems["finrecipe"]), "floor": floor, "read": r_s, "write": w_s,
-                     "parity": par, "runs": (len(times["mergekit"]), len(times["finrecipe"])),
-                     "all": times, "out_bytes": out_bytes})
-    load1 = os.getloadavg()
-    text = render(rows, a, models, in_bytes, load0, load1)
+    if a.snapshot:
+        pkg, code = snapshot()
+        sys.path.insert(0, str(pkg))
+        env["PYTHONPATH"] = str(pkg)
+    else:
+        code = f"the working tree ({tree_state()})"
+    log(f"finrecipe: {code}")
+    implemented = finrecipe_methods()
+    methods = [] if a.render else implemented if a.methods == "all" else [x.strip() for x in a.methods.split(",") if x.strip()]
+    unknown = [x for x in methods if x not in implemented]
+    if unknown:
+        raise SystemExit(f"not a finrecipe merge method: {', '.join(unknown)} (implemented: {', '.join(implemented)})")
+    models = ensure_models(a.small)
+    reps = representative(models)
+    no_config = [x for x in methods if x not in reps]
+    if no_config:
+        raise SystemExit(f"no representative config in bench_merge.py for: {', '.join(no_config)}; add one to "
+                         "representative()")
+    need = 2 * sum(f.stat().st_size for f in input_files(models)) // 3 + (1 << 30)
+    free = shutil.disk_usage(OUT).free
+    if free < 2 * need:
+        raise SystemExit(f"{free / 2**30:.1f} GiB free under {OUT}; two outputs need about {need / 2**30:.1f} "
+                         "GiB each: free some space first")
+    mk = ensure_mergekit()
+    store = OUT / ("bench_merge-small.json" if a.small else "bench_merge.json")
+    saved: dict[str, Any] = {}
+    if store.is_file() and not a.fresh:
+        try:
+            saved = json.loads(store.read_text())
+            if not isinstance(saved, dict) or "rows" not in saved:
+                saved = {}
+        except json.JSONDecodeError:
+            saved = {}
+    rows: dict[str, Any] = saved.get("rows", {})
+    failed: dict[str, str] = saved.get("failed", {})
+    in_bytes = sum(f.stat().st_size for f in input_files(models))
+    log(f"inputs: {in_bytes / 1e9:.2f} GB in {len(input_files(models))} files; methods: {', '.join(methods)}; "
+        f"load {load1():.2f}")
+    for method in methods:
+        try:
+            label, cfg_path, note = choose_config(method, reps[method])
+            rows[method] = bench_method(method, cfg_path, label, note, models, mk, a, env, code)
+            failed.pop(method, None)
+        except RuntimeError as e:
+            log(f"{method}: {e}")
+            failed[method] = str(e)
+            rows.pop(method, None)
+        store.write_text(json.dumps({"rows": rows, "failed": failed}, indent=2, default=str))
+    order = implemented + [x for x in rows if x not in implemented]
+    text = render([rows[x] for x in order if x in rows], failed, implemented, models, in_bytes, reps)
     print(text)
-    (OUT / "bench_merge.json").write_text(json.dumps(rows, indent=2, default=str))
-    if not a.no_write:
+    if not a.no_write and not a.small:
         update_benchmarks(text)
         log("BENCHMARKS.md updated")
 
 
-def render(rows: list[dict[str, Any]], a: argparse.Namespace, models: Path, in_bytes: int,
-           load0: tuple[float, float, float], load1: tuple[float, float, float]) -> str:
-    size = "small: hidden 1024, 4 layers" if a.small else "hidden 2048, 16 layers, ~0.8B params"
+def _fmt_load(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    lo, hi = min(xs), max(xs)
+    return f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}"
+
+
+def _parity_cell(r: dict[str, Any]) -> str:
+    p = r["parity"]
+    if p is None:
+        return "n/a (random masks)"
+    cell = f"{p['fraction'] * 100:.4f}%, max {p['max_ulp']} ulp"
+    if p.get("beyond_1ulp") and not p.get("differing"):
+        cell += f" ({p['beyond_1ulp']:,} elements > 1 ulp)"
+    if p.get("differing"):
+        cell += f"; {p['at_threshold'] / p['differing'] * 100:.2f}% of the differing on a top-k tie"
+    if p.get("mismatched_names"):
+        cell += f"; {len(p['mismatched_names'])} tensors differ in name/shape/dtype"
+    return cell
+
+
+def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list[str], models: Path,
+           in_bytes: int, reps: dict[str, Any]) -> str:
+    size = "hidden 2048, 16 layers, ~0.84B params" if "small" not in models.name else "small: hidden 1024, 4 layers"
+    dates = sorted(r["date"] for r in rows)
+    codes = sorted({r.get("code", r["commit"]) for r in rows})
     lines = [
-        f"Machine: {machine()}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. "
-        f"{mergekit_version()}, CPU. Load average before/after: {load0[0]:.2f} / {load1[0]:.2f} "
-        "(the machine is shared with other engineers' jobs).",
+        f"Machine: {machine()}, shared with other engineers' jobs (the load average before each run is in the "
+        f"table). Dates: {dates[0] if dates else '?'} – {dates[-1] if dates else '?'} UTC; finrecipe: "
+        f"{'; '.join(codes)}. {mergekit_version()}, CPU. Command: `make bench-merge` "
+        "(`python bench/bench_merge.py`; a row can be rerun alone with `--methods NAME`).",
         "",
-        f"Inputs: bf16 Llama trio (base, instruct, cpt; {size}), {in_bytes / 1e9:.2f} GB in total, "
-        "page cache warm. Both tools run on the same YAML (dtype float32, out_dtype bfloat16; ties with "
-        f"density 0.5), alternating, {a.runs} runs each unless noted; times are medians of wall time "
-        "including process start-up. `mergekit-yaml CONFIG OUT --quiet --out-shard-size N/2` (its defaults "
-        "otherwise; it counts parameters per shard) vs `finrecipe merge CONFIG OUT --quiet --out-shard-size N` "
-        "(bytes; all cores); N = 5 GB, so both write one shard.",
+        f"Inputs: bf16 Llama trio (base, instruct, cpt; {size}, from `../shared/tools/make_models.py`), "
+        f"{in_bytes / 1e9:.2f} GB in total, page cache warm. Both tools run the same config file per method "
+        "(dtype float32, out_dtype bfloat16), alternating; times are medians of wall time including process "
+        "start-up. `mergekit-yaml CONFIG OUT --quiet --out-shard-size N/2` (its defaults otherwise; it counts "
+        "parameters per shard) vs `finrecipe merge CONFIG OUT --quiet --out-shard-size N` (bytes; all cores); "
+        "N = 5 GB, so both write one shard. Runs are (mergekit, finrecipe); mergekit runs once where its "
+        "first run took more than 90 s.",
         "",
-        "| method | mergekit | finrecipe | speed-up | I/O floor | finrecipe / floor | peak anon mergekit "
-        "| peak anon finrecipe | bit-identical | max diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | config | mergekit | finrecipe | runs | speed-up (target) | peak anon mergekit | "
+        "peak anon finrecipe (≤ 512 MiB) | finrecipe / I/O floor | load before runs | bit-identical with mergekit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        p = r["parity"]
-        nr = r["runs"][0]
-        runs = f" ({nr} run{'s' if nr != 1 else ''})" if nr != r["runs"][1] else ""
+        sp_ok = r["speedup"] >= r["target"]
+        mem_ok = r["fr_mem"] <= MEM_LIMIT
+        ld = _fmt_load(r["loads"]["mergekit"] + r["loads"]["finrecipe"])
         lines.append(
-            f"| {r['method']} | {r['mk']:.2f} s{runs} | {r['fr']:.2f} s | {r['mk'] / r['fr']:.1f}× | "
-            f"{r['floor']:.2f} s | {r['fr'] / r['floor']:.2f}× | {r['mk_mem'] / 2**20:.0f} MiB | "
-            f"{r['fr_mem'] / 2**20:.0f} MiB | {p['fraction'] * 100:.4f}% of {p['elements']:,} | "
-            f"{p['max_ulp']} bf16 ulp |")
+            f"| {r['method']} | {r['config']} | {r['mk']:.2f} s | {r['fr']:.2f} s | {r['runs'][0]}, {r['runs'][1]} | "
+            f"{r['speedup']:.1f}× (≥ {r['target']:.0f}×: {'met' if sp_ok else '**NOT met**'}) | "
+            f"{r['mk_mem'] / 2**20:.0f} MiB | {r['fr_mem'] / 2**20:.0f} MiB ({'met' if mem_ok else '**NOT met**'}) | "
+            f"{r['fr'] / r['floor']:.2f}× | {ld} | {_parity_cell(r)} |")
+    for mth, why in failed.items():
+        lines.append(f"| {mth} | – | – | – | – | failed: {why} | – | – | – | – | – |")
+    missing = [x for x in reps if x not in implemented]
+    not_run = [x for x in implemented if x not in {r["method"] for r in rows} and x not in failed]
+    n_sp = sum(r["speedup"] >= r["target"] for r in rows)
+    n_mem = sum(r["fr_mem"] <= MEM_LIMIT for r in rows)
     lines += [
         "",
+        f"- Targets (issue 10): speed-up met by {n_sp} of {len(rows)} methods"
+        + (" (not met: " + ", ".join(f"{r['method']} {r['speedup']:.1f}× of {r['target']:.0f}×" for r in rows
+                                     if r["speedup"] < r["target"]) + ")" if n_sp < len(rows) else "")
+        + f"; peak anonymous memory ≤ 512 MiB met by {n_mem} of {len(rows)}"
+        + (f" (largest {max(r['fr_mem'] for r in rows) / 2**20:.0f} MiB)" if rows else "") + ".",
+        "- Bit identity is reported for deterministic methods. DARE and DELLA draw random keep-masks: "
+        "mergekit from torch's global RNG, finrecipe from a generator keyed by (seed, tensor, element), so "
+        "their outputs differ by design (`make parity` checks them by decomposition: kept fractions within "
+        "binomial bounds and exact rescaling). For top-k methods (TIES, breadcrumbs) the cell gives the share "
+        "of differing elements where some donor's |δ| sits on a tie at a boundary of its kept ranks: mergekit "
+        "picks among such equal magnitudes by an unstable argsort, so no independent implementation matches "
+        "it there (`make parity` proves each such element).",
         "- I/O floor = reading every input byte once (warm page cache, 16 MiB reads) + writing the output "
-        "size once with `dd bs=16M conv=fsync` (finrecipe fsyncs its output; mergekit does not). "
-        + "; ".join(f"{r['method']}: read {r['read']:.2f} s + write {r['write']:.2f} s" for r in rows) + ".",
+        "size once with `dd bs=16M conv=fsync` (finrecipe fsyncs its output; mergekit does not); below 1× "
+        "means finrecipe overlaps reading, computing and writing.",
         "- Peak anonymous memory: RssAnon of the process tree sampled every 10 ms from /proc/PID/status "
         "(memory-mapped model files are file-backed and not counted; a spike shorter than 10 ms can be missed).",
-        "- Parity: tensor by tensor over all output elements; ulp distance on the bf16 bit patterns.",
-        *[f"- {r['method']}: of the {r['parity']['differing']:,} differing elements, "
-          f"{r['parity']['at_threshold']:,} have |δ| exactly equal to the top-k threshold of their tensor "
-          "(bf16 inputs make many deltas equal). mergekit picks among such tied entries by "
-          "`torch.argsort(descending=True)`, which is not stable (in torch 2.15 on CPU the order among equal "
-          "keys is effectively arbitrary), so no implementation can match it bit for bit there; "
-          "finrecipe's choice is deterministic." for r in rows if r["parity"].get("differing")],
-        targets(rows),
-        "  A TIES parity shortfall is entirely threshold ties (above). Timings depend on the load of this "
-        "shared 2-core VM (see the load averages), which inflates the merge (CPU-bound) more than the I/O "
-        "floor (page-cache reads and one dd).",
-        "- All runs (s): " + "; ".join(
-            f"{r['method']} mergekit {[round(x, 2) for x in r['all']['mergekit']]}, finrecipe "
-            f"{[round(x, 2) for x in r['all']['finrecipe']]}" for r in rows) + ".",
+        "- Config notes: " + ("; ".join(f"{r['method']}: {r['config_note']}" for r in rows if r.get("config_note"))
+                              or "every method ran its preferred config") + ".",
     ]
+    if missing:
+        lines.append("- mergekit methods finrecipe does not implement yet (no row): " + ", ".join(missing) + ".")
+    if not_run:
+        lines.append("- Implemented but not measured yet: " + ", ".join(not_run) + ".")
+    lines.append("- All runs (s, with the load before each): " + "; ".join(
+        f"{r['method']} mergekit " + ", ".join(f"{t:.1f} ({ld:.1f})" for t, ld in
+                                               zip(r["all"]["mergekit"], r["loads"]["mergekit"], strict=True))
+        + " / finrecipe " + ", ".join(f"{t:.2f} ({ld:.1f})" for t, ld in
+                                      zip(r["all"]["finrecipe"], r["loads"]["finrecipe"], strict=True))
+        for r in rows) + ".")
     return "\n".join(lines) + "\n"
 
 
-def targets(rows: list[dict[str, Any]]) -> str:
-    """One line judging the issue's targets (speed-ups, I/O floor, memory, parity)."""
-    by = {r["method"]: r for r in rows}
-    out = []
-
-    def ok(c: bool) -> str:
-        return "met" if c else "NOT met"
-
-    if "task_arithmetic" in by:
-        r = by["task_arithmetic"]
-        sp, fl = r["mk"] / r["fr"], r["fr"] / r["floor"]
-        out.append(f"task_arithmetic ≥ 6× mergekit: {sp:.1f}× ({ok(sp >= 6)}); ≤ 1.3× the I/O floor: "
-                   f"{fl:.2f}× ({ok(fl <= 1.3)})")
-        p = r["parity"]
-        out.append(f"float32 parity ≥ 99.99% bit-identical and ≤ 1 ulp: {p['fraction'] * 100:.4f}%, "
-                   f"{p['max_ulp']} ulp ({ok(p['fraction'] >= 0.9999 and p['max_ulp'] <= 1)})")
-    if "ties" in by:
-        r = by["ties"]
-        sp = r["mk"] / r["fr"]
-        out.append(f"TIES ≥ 25× mergekit: {sp:.1f}× ({ok(sp >= 25)})")
-    peak = max(r["fr_mem"] for r in rows)
-    out.append(f"peak anonymous memory ≤ 512 MB: {peak / 2**20:.0f} MiB ({ok(peak <= 512 * 2**20)})")
-    return "- Targets (issue 2): " + "; ".join(out) + "."
+EARLIER = "\n### Earlier measurements"
 
 
 def update_benchmarks(text: str) -> None:
+    """Replace the generated part of the merge section (up to its 'Earlier measurements' subsection,
+    which is kept, or the next section)."""
     p = ROOT / "BENCHMARKS.md"
     s = p.read_text()
     head = "## Merge core vs mergekit (`make bench-merge`)"
     start = s.index(head) + len(head)
     nxt = s.find("\n## ", start)
     end = nxt if nxt != -1 else len(s)
+    earlier = s.find(EARLIER, start, end)
+    if earlier != -1:
+        end = earlier
     p.write_text(s[:start] + "\n\n" + text + s[end:])
 
 
