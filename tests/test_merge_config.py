@@ -228,8 +228,8 @@ def test_tokenizer_source_and_config_dtype(related_models: Any, tmp_path: Path) 
     assert "task_arithmetic" in (res.out_dir / "mergekit_config.yml").read_text()
     with pytest.raises(ConfigError, match="tokenizer source"):
         validate_merge(MergeConfig.from_dict({**d, "tokenizer_source": "elsewhere"}))
-    with pytest.raises(ConfigError, match="not supported"):
-        MergeConfig.from_dict({**d, "tokenizer_source": "union"})
+    # union is supported (tests/test_merge_tokenizer.py): models sharing one tokenizer keep it
+    assert validate_merge(MergeConfig.from_dict({**d, "tokenizer_source": "union"})).vocab is not None
 
 
 def test_linear_zero_weight_sum_and_bad_numbers_refused(related_models: Any, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from tokenizer_cases import TOKENIZER_KEYS, check_tokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -229,11 +230,16 @@ class Result:
 def compare(cfg: dict[str, Any], rule: str, ours_dir: Path, ref_dir: Path, mk_f32_promotion: bool = False) -> Result:
     ref = load_dir(ref_dir)
     ours = load_like(ours_dir, set(ref))
+    tok_note = ""
+    if TOKENIZER_KEYS & set(cfg):  # tokenizer_cases.py: tokenizer files, then rows in mergekit's token order
+        problem, ours, tok_note = check_tokenizer(ours_dir, ref_dir, ours)
+        if problem:
+            return Result("FAIL", detail=problem)
     if set(ours) != set(ref):
         missing = sorted(set(ref) - set(ours))[:3]
         extra = sorted(set(ours) - set(ref))[:3]
         return Result("FAIL", detail=f"tensor names differ: missing {missing}, extra {extra}")
-    res = Result("pass")
+    res = Result("pass", detail=tok_note)
     for name in sorted(ref):
         a, b = ours[name], ref[name]
         if a.dtype != b.dtype and b.dtype == torch.float32 and mk_f32_promotion:

@@ -20,6 +20,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+import tokenizer_cases
+
 DTYPES = ("f32", "bf16")
 
 
@@ -201,6 +203,8 @@ CASES: list[Case] = [
                                               parameters={"epsilon": 1e-3, "r": 0.2, "alpha": 0.5}),
          mk_f32_promotion=True, note="bf16: mergekit writes float32 (type promotion bug), compared after rounding"),
 ]
+
+CASES += tokenizer_cases.cases(Case)  # tokenizer_source, tokenizer:, chat templates (tokenizer_cases.py)
 
 
 def instantiate(case: Case, dtype: str, models: dict[str, str]) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from mergekit.scripts.run_yaml import main as mergekit_yaml
 
 
 def run(job: dict) -> dict:
-    args = [job["config"], job["out"], "--no-copy-tokenizer", "--quiet", "--no-write-model-card",
-            "--random-seed", str(job.get("seed", 0))]
+    args = [job["config"], job["out"], "--quiet", "--no-write-model-card", "--random-seed", str(job.get("seed", 0))]
+    if not job.get("copy_tokenizer"):  # tokenizer_cases.py: configs with a chat_template need the tokenizer
+        args.insert(2, "--no-copy-tokenizer")
     t0 = time.perf_counter()
     try:
         mergekit_yaml.main(args, standalone_mode=False)

@@ -132,7 +132,7 @@ def main() -> int:
         shutil.rmtree(d / "mergekit", ignore_errors=True)
         (d / "mergekit.error").unlink(missing_ok=True)
         mk_jobs.append({"config": str(d / "config.yml"), "out": str(d / "mergekit"), "seed": 0, "key": key,
-                        "dir": str(d)})
+                        "dir": str(d), "copy_tokenizer": "chat_template" in cfg})
     if mk_jobs:
         log(f"mergekit: {len(mk_jobs)} configs (one process)")
         jf = OUT / "mergekit-jobs.json"

@@ -12,9 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from finrecipe.errors import RecipeError
 from finrecipe.merge.methods import METHODS, MethodDef, ParamDef
@@ -69,8 +78,44 @@ class OutputSlice(_Strict):
     parameters: Params | None = None
 
 
+class ModelTokenSource(_Strict):
+    """`{kind: model_token, model: NAME, token: TOKEN}` (or `token_id: ID`): the row of one token of
+    one input model, by its id in that model's own vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        if self.token_id is not None and self.token_id < 0:
+            raise ValueError(f"token_id must be >= 0, got {self.token_id}")
+        return self
+
+
+class ZeroSource(_Strict):
+    """`{kind: zero}`: an all-zero row."""
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """How the rows of one output token are filled (mergekit's `tokenizer.tokens.<TOKEN>`)."""
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: StrictBool = False
+
+
 class TokenizerConfig(_Strict):
-    source: str | None = None
+    """mergekit's `tokenizer:` section: the output vocabulary (`source`: union, base or a model
+    name; union by default, as in mergekit), per-token row sources and padding of the row count."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
 
 
 # out_dtype only: requantise to FP8 E4M3 in the block layout of the FP8 input(s).
@@ -160,14 +205,12 @@ class MergeConfig(_Strict):
                              "bfloat16 (as mergekit computes with dtype: bfloat16)", ("compute_dtype",))
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise self.error("give either 'tokenizer_source' or 'tokenizer', not both", ("tokenizer",))
-        src = self.tokenizer_source_name
-        if src is not None and src in ("union",):
-            raise self.error(f"tokenizer_source {src!r} (building a new vocabulary) is not supported; "
-                             "use 'base' or the name of one of the models",
-                             ("tokenizer_source",) if self.tokenizer_source else ("tokenizer", "source"))
-        if self.chat_template is not None and self.chat_template != "auto" and "{" not in self.chat_template:
-            raise self.error(f"chat_template {self.chat_template!r}: only 'auto' (keep the donor's) or a "
-                             "Jinja template string are supported", ("chat_template",))
+        if self.chat_template is not None:
+            from finrecipe.merge.chat_templates import template_problem
+
+            problem = template_problem(self.chat_template)
+            if problem is not None:
+                raise self.error(problem, ("chat_template",))
         if m.needs_base and self.base_model is None and not self._slice_bases():
             raise self.error(f"merge method {m.name!r} needs a 'base_model'", ())
         self._check_params(self.parameters, ("parameters",))

@@ -32,6 +32,7 @@ from finrecipe.merge.quant import (
     scale_of,
     why_not_combinable,
 )
+from finrecipe.merge.tokenizer import VocabPlan, plan_vocabulary, vocab_entry
 
 log = logging.getLogger("finrecipe.merge")
 
@@ -59,6 +60,7 @@ class MergePlanInfo:
     # FP8: whether an input is block-scaled FP8, and the quantization_config of an FP8 output.
     fp8_inputs: bool = False
     fp8_config: dict[str, Any] | None = None
+    vocab: VocabPlan | None = None  # tokenizer_source / tokenizer: the output vocabulary (merge/tokenizer.py)
 
     @property
     def num_tensors(self) -> int:
@@ -260,6 +262,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             infos[n] = read_model(paths[n])
     index = {n: i for i, n in enumerate(names)}
     fp8: dict[str, Fp8Layout | None] = {n: fp8_layout(paths[n]) for n in names}
+    vplan = plan_vocabulary(cfg, paths)
 
     def outputs_of(model: str) -> list[str]:
         """A model's tensors that are outputs (an FP8 weight's scales travel with it)."""
@@ -399,16 +402,20 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                 scaled[(s.model, tname)] = {"tensor": sname, "block": list(lay.block)}
                 consumed.add((s.model, sname))
         first = refs[0][1]
+        vshape = None if vplan is None else vocab_entry(
+            vplan, cfg, parts.index(part), len(tensors), out_name,
+            [(s.model, tn, inf) for s, (tn, inf) in zip(all_srcs, refs, strict=True)],
+            part.base.model if part.base else None, infos)
         for s, (tname, info) in zip(all_srcs, refs, strict=True):
-            if info.shape != first.shape:
+            if vshape is None and info.shape != first.shape:
                 vocab = (any(h in tname for h in _VOCAB_HINTS) and len(info.shape) == len(first.shape)
                          and info.shape[1:] == first.shape[1:])
                 if vocab:
                     raise MismatchError(
                         f"vocabulary sizes differ: {tname!r} has {info.shape[0]} rows in model {s.model!r} "
-                        f"but {first.shape[0]} in {all_srcs[0].model!r}; merging models with different "
-                        "tokenizers (tokenizer: union / embedding permutation) is not supported; use models "
-                        "that share the base's tokenizer")
+                        f"but {first.shape[0]} in {all_srcs[0].model!r}; models with different "
+                        "tokenizers need an output vocabulary: set tokenizer_source (union, base or a model "
+                        "name) or use models that share the base's tokenizer")
                 raise MismatchError(f"tensor {tname!r}: shape {list(info.shape)} in model {s.model!r} differs "
                                     f"from {list(first.shape)} in {all_srcs[0].model!r}")
         what_part = ", ".join(s.model for s in part.sources)
@@ -497,10 +504,10 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                 nsc = -(-first.shape[0] // bl[0]) * -(-first.shape[1] // bl[1])
                 out_bytes += nbytes(out_scale["dtype"], nsc)
         tensors.append(entry)
-        shapes.append(first.shape)
+        shapes.append(vshape or first.shape)
         in_bytes += sum(info.nbytes for _, info in refs)
         in_bytes += sum(infos[mo].tensors[sc["tensor"]].nbytes for (mo, _), sc in scaled.items())
-        out_bytes += nbytes(entry["out_dtype"], math.prod(first.shape))
+        out_bytes += nbytes(entry["out_dtype"], math.prod(vshape or first.shape))
 
     _check_nothing_dropped(cfg, parts, infos, paths, consumed, ref_name)
     plan = {
@@ -516,7 +523,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
     }
     config_donor = cfg.base_model or ref_name
     tok = cfg.tokenizer_source_name
-    if tok is None or tok == "base":
+    if tok is None or tok in ("base", "union"):
         tok_donor = config_donor
     else:
         if tok not in paths:
@@ -532,4 +539,5 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
     return MergePlanInfo(plan=plan, model_paths=paths, config_donor=config_donor,
                          tokenizer_donor=tok_donor, num_layers=num_layers, out_bytes=out_bytes,
                          in_bytes=in_bytes, shapes=shapes, warnings=warnings,
-                         fp8_inputs=any(v is not None for v in fp8.values()), fp8_config=fp8_config)
+                         fp8_inputs=any(v is not None for v in fp8.values()), fp8_config=fp8_config,
+                         vocab=vplan)

@@ -24,6 +24,13 @@ from finrecipe.errors import ConfigError, IoError
 from finrecipe.merge.config import MergeConfig
 from finrecipe.merge.output import atomic_output_dir
 from finrecipe.merge.plan import MergePlanInfo, build_plan
+from finrecipe.merge.tokenizer import (
+    VOCAB_DIR,
+    load_tokenizer,
+    resolve_chat_template,
+    save_tokenizer,
+    write_vocab_inputs,
+)
 from finrecipe.progress import NullProgress, Progress
 
 log = logging.getLogger("finrecipe.merge")
@@ -112,7 +119,11 @@ def run_merge(cfg: MergeConfig, out_dir: str | Path, model_paths: Mapping[str, P
                 task.update(completed=done, total=total,
                             info=f"{done / 1e6:,.0f}/{total / 1e6:,.0f} MB {rate:,.0f} MB/s")
 
+            work = tmp / VOCAB_DIR
+            if info.vocab is not None:  # each model's vocabulary tensors rearranged into the output's
+                plan = write_vocab_inputs(info.vocab, plan, info.model_paths, work)
             res = _core.merge(json.dumps(plan), cb)
+            shutil.rmtree(work, ignore_errors=True)
         _write_side_files(cfg, info, tmp)
     seconds = time.monotonic() - t0
     files = sorted(p.name for p in dest.iterdir())
@@ -146,6 +157,8 @@ def _write_side_files(cfg: MergeConfig, info: MergePlanInfo, tmp: Path) -> None:
                 keys = [k for k in ("dtype", "torch_dtype") if k in c] or ["dtype"]
                 for k in keys:
                     c[k] = dt
+            if info.vocab is not None:  # mergekit's rule: the output tokenizer's size, padded
+                c["vocab_size"] = info.vocab.rows
             if info.num_layers is not None and cfg.slices is not None:
                 for k in ("num_hidden_layers", "n_layer", "num_layers"):
                     if k in c:
@@ -157,17 +170,17 @@ def _write_side_files(cfg: MergeConfig, info: MergePlanInfo, tmp: Path) -> None:
         gen = donor / "generation_config.json"
         if gen.is_file():
             shutil.copyfile(gen, tmp / "generation_config.json")
-        for f in TOKENIZER_FILES:
-            if (tok / f).is_file():
-                shutil.copyfile(tok / f, tmp / f)
-        if cfg.chat_template is not None and cfg.chat_template != "auto":
-            (tmp / "chat_template.jinja").write_text(cfg.chat_template, encoding="utf-8")
-            tc = tmp / "tokenizer_config.json"
-            if tc.is_file():
-                d = json.loads(tc.read_text(encoding="utf-8"))
-                if "chat_template" in d:
-                    d["chat_template"] = cfg.chat_template
-                    tc.write_text(json.dumps(d, indent=2), encoding="utf-8")
+        template = resolve_chat_template(cfg, info.model_paths)
+        if info.vocab is not None:  # the built tokenizer, written by transformers as mergekit does
+            save_tokenizer(info.vocab.tokenizer, tmp, template)
+        elif cfg.chat_template is not None:
+            # mergekit re-serializes the donor's tokenizer with the template set (`auto` finding no
+            # template keeps the donor's)
+            save_tokenizer(load_tokenizer(info.tokenizer_donor, tok), tmp, template)
+        else:
+            for f in TOKENIZER_FILES:
+                if (tok / f).is_file():
+                    shutil.copyfile(tok / f, tmp / f)
         (tmp / "mergekit_config.yml").write_text(_config_text(cfg), encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(cfg, info), encoding="utf-8")
     except OSError as e:
