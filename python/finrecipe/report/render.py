@@ -50,7 +50,8 @@ def images(run: RunRecord) -> list[Image]:
     for n in run.nodes:
         png = _loss_png(n)
         if png:
-            imgs.append(("loss", f"{n.name}: training loss", png))
+            cap = f"{n.name}: training loss" + (" and merge probe curves" if _probe(n) else "")
+            imgs.append(("loss", cap, png))
     for n, _em in evaluations(run):
         p = n.artifact("scores_plot")
         png = p.read_bytes() if p is not None and p.is_file() else scores_bar_png(n.metrics)
@@ -72,6 +73,49 @@ def searches(run: RunRecord) -> list[NodeRecord]:
     """The merge searches that finished (metrics schema `finrecipe.merge_search/...`), in order."""
     return [n for n in run.nodes if n.status in ("ran", "cached")
             and str(n.metrics.get("schema", "")).startswith("finrecipe.merge_search")]
+
+
+def _probe(n: NodeRecord) -> dict[str, Any] | None:
+    p = n.metrics.get("probe") if isinstance(n.metrics, dict) else None
+    return p if isinstance(p, dict) and str(p.get("schema", "")).startswith("finrecipe.merge_probe") else None
+
+
+def probes(run: RunRecord) -> list[NodeRecord]:
+    """Training nodes that finished with a merge probe (metrics `probe`, `finrecipe.merge_probe/...`)."""
+    return [n for n in run.nodes if n.status in ("ran", "cached") and _probe(n) is not None]
+
+
+def probe_text(n: NodeRecord) -> tuple[str, str]:
+    """(a sentence on what the probe chose, the data it used)."""
+    p = _probe(n) or {}
+    best = p.get("best") or {}
+    agr = best.get("agreement")
+    scores = (f"{best['bits_per_byte']:.4f} bits/byte" if isinstance(best.get("bits_per_byte"), (int, float))
+              else "no score") + ("" if not isinstance(agr, (int, float)) else f", agreement {agr:.4f}")
+    m = n.metrics
+    text = (f"Merge probe of base + {p.get('weight')}·({p.get('instruct')} − base) + (θ_t − base) every "
+            f"{p.get('every_steps')} steps: {p.get('probes')} probes; the best at step {p.get('best_step')} "
+            f"({scores}; rule {(p.get('rule') or {}).get('rule')}"
+            + ("" if p.get("constraint_met") is not False else ", constraint not met") + "). ")
+    if p.get("keep") == "best":
+        text += f"The stage output is the best probed checkpoint (step {p.get('output_step')})"
+    else:
+        text += f"The stage output is the last trained step ({p.get('output_step')})"
+    if p.get("stopped_early"):
+        text += (f"; training stopped early after step {m.get('steps')} of {m.get('planned_steps')} "
+                 f"({p.get('stop_when_no_improvement')} probes without improvement)")
+    text += "."
+    sel = p.get("selection_data") or {}
+    used = []
+    dom = sel.get("domain")
+    if isinstance(dom, dict):
+        used.append(f"domain: bits/byte on {dom.get('what')} ({dom.get('documents')} documents)")
+    ins = sel.get("instruction")
+    if isinstance(ins, dict):
+        used.append(f"instruction agreement on the instruct model's answers to {ins.get('count')} prompts "
+                    f"of {ins.get('prompts')}")
+    protected = ", ".join(map(str, p.get("protected") or [])) or "none"
+    return text, "; ".join(used) + f". Protected (never optimised on): {protected}."
 
 
 def _search_text(n: NodeRecord) -> tuple[str, str, list[list[str]]]:
@@ -151,6 +195,9 @@ def render_markdown(run: RunRecord, image_files: dict[int, str], imgs: list[Imag
         lines += ["", f"## Merge search: {n.name}", "", summary, "", f"Selection data: {data}"]
         if rows:
             lines += [""] + md_table(rows[0], rows[1:])
+    for n in probes(run):
+        text, data = probe_text(n)
+        lines += ["", f"## Merge probe: {n.name}", "", text, "", f"Selection data: {data}"]
     if imgs:
         lines += ["", "## Plots", ""]
         for i, (_sec, cap, _png) in enumerate(imgs):
@@ -229,6 +276,10 @@ def render_html(run: RunRecord, imgs: list[Image] | None = None) -> str:
         if rows:  # (markdown emphasis in the trial table becomes plain text)
             plain = [[c.replace("**", "") for c in r] for r in rows]
             parts.append(html_table(plain[0], plain[1:]))
+    for n in probes(run):
+        text, data = probe_text(n)
+        parts += [f"<h2>Merge probe: {e(n.name)}</h2>", f"<p>{e(text)}</p>",
+                  f"<p class='meta'>Selection data: {e(data)}</p>"]
     loss = figs("loss")
     if loss:
         parts += ["<h2>Continual pretraining: loss curves</h2>", loss]
@@ -239,5 +290,5 @@ def render_html(run: RunRecord, imgs: list[Image] | None = None) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["NODE_HEADER", "evaluations", "html_table", "images", "md_table", "render_html", "render_markdown",
-           "searches"]
+__all__ = ["NODE_HEADER", "evaluations", "html_table", "images", "md_table", "probe_text", "probes", "render_html",
+           "render_markdown", "searches"]

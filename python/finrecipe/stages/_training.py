@@ -81,6 +81,10 @@ class TrainingStage(StageKind[TC]):
         """How sequences are packed for training (see RunSpec.packing)."""
         return "stream"
 
+    def probe_spec(self, config: TC, inputs: Mapping[str, InputRef], ctx: StageContext) -> dict[str, Any] | None:
+        """The merge probe the trainer runs (finrecipe.train.probe.ProbeSpec as JSON), or None."""
+        return None
+
     def run(self, config: TC, inputs: Mapping[str, InputRef], out_dir: Path,
             ctx: StageContext) -> StageResult:
         from finrecipe.train.runner import io_errors
@@ -122,7 +126,7 @@ class TrainingStage(StageKind[TC]):
                        train_shards=train_shards, val_shards=val_shards,
                        seed=config.seed if config.seed is not None else 0,
                        title=f"{ctx.node}: {self.label}", trust_remote_code=model.trust_remote_code,
-                       packing=self.packing(config))
+                       packing=self.packing(config), probe=self.probe_spec(config, inputs, ctx))
         from finrecipe.train.runner import execute
 
         metrics = execute(spec, ctx.progress, ctx.logger)
@@ -144,3 +148,6 @@ def _drop_checkpoints(config: TrainConfig, out_dir: Path) -> None:
     ckpt = out_dir / "work" / "ckpt"
     if not config.keep_checkpoints_after_done and ckpt.is_dir():
         shutil.rmtree(ckpt, ignore_errors=True)
+    probe = out_dir / "work" / "probe"  # exported best probed checkpoints (the kept one is model/)
+    if not config.keep_checkpoints_after_done and probe.is_dir():
+        shutil.rmtree(probe, ignore_errors=True)

@@ -155,7 +155,11 @@ class MergeSearchConfig(_Strict):
 
 
 def _prompt_path(config: MergeSearchConfig, recipe_dir: Path) -> Path | None:
-    ins = config.objective.instruction
+    return prompt_path(config.objective.instruction, recipe_dir)
+
+
+def prompt_path(ins: InstructionObjective | None, recipe_dir: Path) -> Path | None:
+    """The prompts file an objective's `instruction:` names (None: no instruction signal)."""
     if ins is None:
         return None
     if ins.prompts == BUNDLED_PROMPTS:
@@ -246,14 +250,18 @@ class MergeSearch(StageKind[MergeSearchConfig]):
 
 
 def _domain_texts(config: MergeSearchConfig, inputs: Mapping[str, InputRef]) -> tuple[list[str], str]:
+    return domain_texts(config.objective.domain, inputs, "merge_search")
+
+
+def domain_texts(dom: DomainObjective, inputs: Mapping[str, InputRef], who: str) -> tuple[list[str], str]:
+    """The held-out documents an objective's `domain:` names, and a description of them."""
     from finrecipe.errors import DataError
     from finrecipe.eval.textio import read_texts
     from finrecipe.search.objective import split_documents
 
-    dom = config.objective.domain
     ds = inputs.get(dom.dataset)
     if not isinstance(ds, DatasetRef):
-        raise ConfigError(f"merge_search: {dom.dataset!r} is not a dataset")
+        raise ConfigError(f"{who}: {dom.dataset!r} is not a dataset")
     texts = read_texts(list(ds.files), ds.format, ds.text_field)
     if dom.holdout is not None:
         _, texts = split_documents(texts, dom.holdout)
@@ -263,7 +271,7 @@ def _domain_texts(config: MergeSearchConfig, inputs: Mapping[str, InputRef]) -> 
     if dom.limit:
         texts = texts[:dom.limit]
     if not texts:
-        raise DataError(f"merge_search: no held-out documents in {dom.dataset!r}")
+        raise DataError(f"{who}: no held-out documents in {dom.dataset!r}")
     return texts, desc
 
 
@@ -374,4 +382,5 @@ def run_merge_search(config: MergeSearchConfig, inputs: Mapping[str, InputRef], 
                                   "instruct_responses": "responses.jsonl"})
 
 
-__all__ = ["MergeSearch", "MergeSearchConfig", "Objective", "read_prompts", "run_merge_search"]
+__all__ = ["MergeSearch", "MergeSearchConfig", "Objective", "domain_texts", "prompt_path", "read_prompts",
+           "run_merge_search"]

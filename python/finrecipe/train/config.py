@@ -133,3 +133,5 @@ class RunSpec(BaseModel):
     # Whether the model directory's own code may run; only ever from the input's ModelRef, which
     # the engine sets when the person running `apply` allowed it.
     trust_remote_code: bool = False
+    # The merge probe (finrecipe.train.probe.ProbeSpec as JSON), or None.
+    probe: dict[str, Any] | None = None

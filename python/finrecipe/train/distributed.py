@@ -37,6 +37,14 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (a picklable value made by this process, e.g. scores)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
     def any_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
         if not self.enabled:

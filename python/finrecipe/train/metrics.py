@@ -123,6 +123,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(records: list[dict[str, Any]], dest: Path, title: str = "loss") -> None:
+    """The loss curve; with merge-probe records (``probe_*`` keys), the probe curves beside it on
+    the same step axis: the probed merge's domain bits per byte and its instruction agreement,
+    the best probe marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +133,11 @@ def plot_loss_curve(records: list[dict[str, Any]], dest: Path, title: str = "los
 
     tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    pr = [r for r in records if isinstance(r.get("probe_bits_per_byte"), (int, float))]
+    if pr:
+        fig, (ax, pax) = plt.subplots(1, 2, figsize=(11, 3.5), dpi=100)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if tr:
         ax.plot(*zip(*tr, strict=True), label="train", lw=1)
     if va:
@@ -140,6 +147,29 @@ def plot_loss_curve(records: list[dict[str, Any]], dest: Path, title: str = "los
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if pr:
+        steps = [r["step"] for r in pr]
+        pax.plot(steps, [r["probe_bits_per_byte"] for r in pr], "o-", color="C2", lw=1, ms=3,
+                 label="probe: domain bits/byte")
+        pax.set_xlabel("step")
+        pax.set_ylabel("bits/byte (lower is better)")
+        pax.set_xlim(ax.get_xlim())
+        pax.grid(alpha=0.3)
+        handles, labels = pax.get_legend_handles_labels()
+        ag = [(r["step"], r["probe_agreement"]) for r in pr if isinstance(r.get("probe_agreement"), (int, float))]
+        if ag:
+            aax = pax.twinx()
+            aax.plot(*zip(*ag, strict=True), "s--", color="C3", lw=1, ms=3, label="probe: instruction agreement")
+            aax.set_ylabel("agreement (higher is better)")
+            h2, l2 = aax.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        best = pr[-1].get("probe_best_step")
+        if isinstance(best, int):
+            pax.axvline(best, color="k", ls=":", lw=1)
+            handles.append(pax.lines[-1])
+            labels.append(f"best probe (step {best})")
+        pax.set_title("merge probe: base + W·(instruct − base) + (θ_t − base)")
+        pax.legend(handles, labels, fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -242,4 +242,9 @@ def _info(rec: dict[str, Any]) -> str | None:
         info += f" lr {rec['lr']:.2e}"
     if isinstance(rec.get("tokens_per_s"), (int, float)):
         info += f" {rec['tokens_per_s']:,.0f} tok/s"
+    if isinstance(rec.get("probe_bits_per_byte"), (int, float)):
+        info += f" · probe {rec['probe_bits_per_byte']:.4f} bpb"
+        if isinstance(rec.get("probe_agreement"), (int, float)):
+            info += f" agr {rec['probe_agreement']:.3f}"
+        info += f" (best @{rec.get('probe_best_step')})"
     return info

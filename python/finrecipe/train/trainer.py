@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from finrecipe.errors import ConfigError, DataError, StageError
 from finrecipe.progress import NullProgress, Progress
 from finrecipe.train import distributed as tdist
+from finrecipe.train import probe as tprobe
 from finrecipe.train.checkpoint import Checkpointer
 from finrecipe.train.config import RunSpec, TrainConfig
 from finrecipe.train.data import SequenceSet, TokenShard, build_order, split_documents, split_heldout
@@ -307,13 +308,15 @@ class Trainer:
         return float(tot[0] / tot[1].clamp(min=1))
 
     # ----------------------------------------------------------------------------------- export
-    def _export(self, d: tdist.Dist) -> Path:
+    def _export(self, d: tdist.Dist, dest: Path | None = None) -> Path:
+        """The live weights as a Hugging Face model directory in the source dtype (every rank
+        calls this; rank 0 writes ``dest``, by default the stage output ``model/``)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from transformers import AutoTokenizer, GenerationConfig
 
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                        cpu_offload=True))
-        dest = self.out_dir / "model"
+        dest = dest if dest is not None else self.out_dir / "model"
         if not d.is_main:
             return dest
         config = self.model.config
@@ -327,6 +330,7 @@ class Trainer:
         with atomic_dir(dest, overwrite=True) as tmp:
             # transformers' own writer: the checkpoint layout the input had (it reverts in-memory
             # conversions such as fused mixture-of-experts weights, and leaves tied weights out)
+            use_cache = config.use_cache
             config.use_cache = True
             config.dtype = dtype
             self.model.save_pretrained(tmp, state_dict=tensors, max_shard_size=SHARD_BYTES,
@@ -344,7 +348,78 @@ class Trainer:
                                               ).save_pretrained(tmp)
             except (OSError, ValueError) as e:
                 log.warning("%s: no tokenizer copied to the output: %s", self.model_dir, e)
+            config.use_cache = use_cache  # training continues after a probe's export
         return dest
+
+    def _install(self, d: tdist.Dist, src: Path) -> Path:
+        """The stage output ``model/`` as a copy (hard links where possible) of an exported
+        model directory (the best probed checkpoint)."""
+        dest = self.out_dir / "model"
+        if d.is_main:
+            import os
+            import shutil
+
+            with atomic_dir(dest, overwrite=True) as tmp:
+                for f in sorted(src.iterdir()):
+                    if f.is_file():
+                        try:
+                            os.link(f, tmp / f.name)
+                        except OSError:
+                            shutil.copy2(f, tmp / f.name)
+        d.barrier()
+        return dest
+
+    # ------------------------------------------------------------------------------------ probe
+    def _setup_probe(self, d: tdist.Dist, meta: dict[str, Any] | None, start: int) -> tprobe.Prober | None:
+        if self.spec.probe is None:
+            return None
+        prober = tprobe.Prober(tprobe.ProbeSpec.model_validate(self.spec.probe), self.work, d.is_main,
+                               str(d.device))
+        prober.restore(meta.get("probe") if meta else None, start)
+        if start >= self.total_steps:
+            return prober
+        if start and prober.history:
+            log.info("merge probe: resuming with %d probes (best: step %s)", len(prober.history),
+                     prober.best_step)
+        prober.load()
+        d.barrier()
+        return prober
+
+    def _probe(self, d: tdist.Dist, prober: tprobe.Prober, done: int) -> dict[str, Any]:
+        pr = prober.probe(self.model, d, done)  # reads the weights only
+        if prober.spec.keep == "best" and pr["improved"]:
+            self._export(d, prober.best_dir(done))
+            d.barrier()
+        log.info("merge probe at step %d: %.4f bits/byte%s%s", done, pr["bits_per_byte"],
+                 "" if pr["agreement"] is None else f", agreement {pr['agreement']:.4f}",
+                 " (best so far)" if pr["improved"] else f" (best: step {pr['best_step']})")
+        return pr
+
+    def _probe_summary(self, prober: tprobe.Prober, output_step: int, stopped_early: bool) -> dict[str, Any]:
+        from finrecipe.search.objective import select
+
+        sp = prober.spec
+        best = prober.best_step
+        rec = next((r for r in prober.history if r["step"] == best), None)
+        met = select([(str(r["step"]), tprobe.record_scores(r)) for r in prober.history], prober.rule)[1] \
+            if prober.history else None
+        return {
+            "schema": "finrecipe.merge_probe/1",
+            "instruct": sp.instruct, "weight": sp.weight, "every_steps": sp.every_steps,
+            "keep": sp.keep, "stop_when_no_improvement": sp.stop_when_no_improvement,
+            "rule": prober.rule.model_dump(mode="json"), "constraint_met": met,
+            "probes": len(prober.history), "best_step": best,
+            "best": None if rec is None else {k: rec[k] for k in ("bits_per_byte", "agreement",
+                                                                  "token_agreement", "utility")},
+            "output_step": output_step, "stopped_early": stopped_early,
+            "selection_data": {"domain": {"dataset": sp.domain_dataset, "what": sp.domain_desc,
+                                          "documents": len(sp.domain_texts)},
+                               "instruction": None if sp.instruction is None else
+                               {"prompts": sp.prompts_name, "count": len(sp.prompts)}},
+            "protected": list(sp.protected),
+            "load_seconds": round(prober.load_seconds, 3),
+            "probe_seconds": round(sum(float(r.get("seconds", 0.0)) for r in prober.history), 3),
+        }
 
     # --------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
@@ -379,6 +454,7 @@ class Trainer:
                                  f"batch or data plan; delete {self.work} to start over")
             start, tokens_seen, elapsed0 = int(meta["step"]), int(meta["tokens"]), float(meta["elapsed"])
             log.info("resuming from step %d of %d", start, self.total_steps)
+        prober = self._setup_probe(d, meta, start)
         if metrics is not None:
             metrics.truncate_after(start)
         device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None
@@ -388,6 +464,7 @@ class Trainer:
         t_run = time.perf_counter()
         tokens_run = 0
         val_loss = None
+        stopped_early = False
         with _StopFlag() as stop, self.progress.task(self.spec.title, total=self.total_steps,
                                                       unit="step") as task:
             task.update(completed=start)
@@ -413,20 +490,35 @@ class Trainer:
                     val_loss = self._validate(d)
                     if val_loss is not None:
                         rec["val_loss"] = val_loss
+                info = f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+                if prober is not None and prober.due(done, self.total_steps):
+                    pr = self._probe(d, prober, done)
+                    rec.update(tprobe.metrics_fields(pr))
+                    info += " · " + tprobe.info(pr)
+                    stopped_early = done < self.total_steps and prober.should_stop()
                 last = rec
                 if metrics is not None and (done % cfg.log_every == 0 or done == self.total_steps
-                                            or "val_loss" in rec):
+                                            or "val_loss" in rec or "probe_bits_per_byte" in rec
+                                            or stopped_early):
                     metrics.write(rec)
-                task.update(completed=done, info=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
+                task.update(completed=done, info=info)
                 if self.on_step is not None:
                     self.on_step(rec)
                 stopping = d.any_true(stop.set)
                 periodic = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
-                if done < self.total_steps and (periodic or stopping):
+                if done < self.total_steps and (periodic or stopping) and not stopped_early:
                     ckpt.save(self.model, self.optimizer, {
                         "step": done, "data_position": done * self.batch_seqs, "tokens": tokens_seen,
                         "elapsed": elapsed0 + time.perf_counter() - t_run, "batch_seqs": self.batch_seqs,
-                        "total_steps": self.total_steps, "world": d.world})
+                        "total_steps": self.total_steps, "world": d.world,
+                        **({"probe": prober.state()} if prober is not None else {})})
+                    if prober is not None:
+                        prober.prune(_recorded_bests(ckpt))
+                if stopped_early:
+                    assert prober is not None
+                    log.info("merge probe: %d probes without improvement on step %s; stopping after step "
+                             "%d of %d", prober.since_best(), prober.best_step, done, self.total_steps)
+                    break
                 if stopping and done < self.total_steps:
                     raise StageError(f"training stopped by SIGTERM after step {done} of "
                                      f"{self.total_steps}; a checkpoint was saved in {self.work / 'ckpt'}; "
@@ -435,11 +527,17 @@ class Trainer:
             val_loss = self._validate(d)
         run_time = time.perf_counter() - t_run
         elapsed = elapsed0 + run_time
-        self._export(d)
+        steps_run = int(last.get("step", start)) if last else start
+        output_step = steps_run
+        if prober is not None and prober.spec.keep == "best" and prober.best_step is not None:
+            output_step = prober.best_step
+            self._install(d, prober.best_dir(output_step))
+        else:
+            self._export(d)
         result = {
             "final_train_loss": last.get("loss"),
             "final_val_loss": val_loss,
-            "steps": self.total_steps,
+            "steps": steps_run,
             "tokens": tokens_seen,
             "tokens_per_s": tokens_run / run_time if tokens_run and run_time > 0 else None,
             "train_seconds": elapsed,
@@ -447,9 +545,13 @@ class Trainer:
             "world_size": d.world,
             "global_batch_tokens": self.batch_seqs * cfg.seq_len,
         }
+        if prober is not None:
+            result["planned_steps"] = self.total_steps
+            result["output_step"] = output_step
+            result["probe"] = self._probe_summary(prober, output_step, stopped_early)
         if metrics is not None:
             if val_loss is not None and "val_loss" not in last:
-                metrics.write({"step": self.total_steps, "val_loss": val_loss})
+                metrics.write({"step": steps_run, "val_loss": val_loss})
             metrics.close()
             from finrecipe.train.metrics import read_metrics
 
@@ -458,6 +560,19 @@ class Trainer:
             write_json_atomic(self.work / "result.json", result, indent=1)
         d.barrier()
         return result
+
+
+def _recorded_bests(ckpt: Checkpointer) -> set[int]:
+    """The best probe steps that the kept training checkpoints' manifests record."""
+    out: set[int] = set()
+    for _s, path in ckpt.steps():
+        try:
+            b = json.loads((path / "manifest.json").read_text()).get("probe", {}).get("best_step")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(b, int):
+            out.add(b)
+    return out
 
 
 def train(spec: RunSpec, progress: Progress | None = None,
