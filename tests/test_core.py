@@ -337,11 +337,11 @@ def test_kernels_agree_with_the_method_table() -> None:
     ta = METHODS["task_arithmetic"]
     bad["task_arithmetic"] = MethodDef(ta.name, ta.kernel, (*ta.params, ParamDef("epsilon", "global", 0.1)),
                                        needs_base=True)
-    bad["nuslerp"] = MethodDef("nuslerp", "nuslerp", (), needs_base=False)
+    bad["nosuch"] = MethodDef("nosuch", "nosuch", (), needs_base=False)
     del bad["model_stock"]
     problems = " | ".join(kernel_mismatches(ks, bad))
     assert "method 'task_arithmetic': global parameters" in problems and "epsilon" in problems
-    assert "kernel 'nuslerp' is not in the compiled core" in problems
+    assert "kernel 'nosuch' is not in the compiled core" in problems
     assert "kernel 'model_stock' of the compiled core is used by no merge method" in problems
     wide = dict(METHODS)
     ties_m = METHODS["ties"]

@@ -1,4 +1,5 @@
-"""mergekit 0.1.5's newer methods (nearswap, ram, ramplus_tl, karcher) against torch references
+"""mergekit 0.1.5's newer methods (nearswap, ram, ramplus_tl, karcher, sce, nuslerp, multislerp,
+arcee_fusion) against torch references
 written from their definitions; `make parity` compares them with mergekit's own output."""
 
 from __future__ import annotations
@@ -125,4 +126,117 @@ def test_sce_weights_by_mean_square_and_elects_signs(related_models: Any, tmp_pa
         ref = b + (tv * w * mask).sum(0) / (w * mask).sum(0).clamp(min=1e-6)
         torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-7, msg=k)
     with pytest.raises(RecipeError, match="select_topk"):
-        _merge(tmp_path, _cfg("sce", ms, ["m1", "m2"], {"select_topk": 0.5}), "topk")
+        _merge(tmp_path, _cfg("sce", ms, ["m1", "m2"], {"select_topk": 1.5}), "topk")
+
+
+def test_sce_select_topk_keeps_the_most_varied_elements(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "float32", n=3)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    out = _merge(tmp_path, _cfg("sce", ms, ["m1", "m2", "m3"], {"select_topk": 0.3}))
+    for k, b in S["base"].items():
+        tv = torch.stack([S[f"m{i}"][k] - b for i in (1, 2, 3)])
+        var = tv.var(dim=0, unbiased=False)
+        kk = int(torch.count_nonzero(var) * 0.3)
+        keep = torch.zeros(var.numel(), dtype=torch.bool)
+        keep[torch.sort(var.reshape(-1), descending=True, stable=True).indices[:kk]] = True
+        tv = tv * keep.reshape(var.shape).float()
+        w = tv.square().reshape(3, -1).mean(dim=1)
+        w = (w / w.sum()).reshape(-1, *([1] * b.dim()))
+        mask = tv.sign() == (tv.sum(0) >= 0).float() * 2 - 1
+        ref = b + (tv * w * mask).sum(0) / (w * mask).sum(0).clamp(min=1e-6)
+        torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-7, msg=k)
+        assert torch.equal(out[k][~keep.reshape(var.shape)], b[~keep.reshape(var.shape)])
+
+
+def _nuslerp_ref(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int, flatten: bool) -> torch.Tensor:
+    a, c = v0.double(), v1.double()
+    if flatten:
+        a, c = a.reshape(-1), c.reshape(-1)
+    elif dim != -1:
+        a, c = a.transpose(dim, -1), c.transpose(dim, -1)
+    na = a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    nc = c.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = ((a / na) * (c / nc)).sum(-1, keepdim=True).clamp(-1, 1)
+    th = torch.acos(cos)
+    r = (torch.sin((1 - t) * th) * a + torch.sin(t * th) * c) / torch.sin(th)
+    r = torch.where(1 - cos.square() <= 1e-16, (1 - t) * a + t * c, r)
+    if dim != -1 and not flatten:
+        r = r.transpose(dim, -1)
+    return r.reshape(v0.shape).float()
+
+
+@pytest.mark.parametrize(("flatten", "row_wise", "base"), [(True, False, True), (False, False, False),
+                                                           (False, True, True)])
+def test_nuslerp(related_models: Any, tmp_path: Path, flatten: bool, row_wise: bool, base: bool) -> None:
+    ms = related_models("llama", "float32", n=2)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    d = _cfg("nuslerp", ms, ["m1", "m2"], {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}, base=base)
+    d["models"][0]["parameters"] = {"weight": 0.3}
+    d["models"][1]["parameters"] = {"weight": 0.9}
+    out = _merge(tmp_path, d)
+    for k, b in S["base"].items():
+        v0, v1 = S["m1"][k], S["m2"][k]
+        if base:
+            ref = b + _nuslerp_ref(0.75, v0 - b, v1 - b, 0 if row_wise else -1, flatten)
+        else:
+            ref = _nuslerp_ref(0.75, v0, v1, 0 if row_wise else -1, flatten)
+        torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_multislerp(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "float32", n=3)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    d = _cfg("multislerp", ms, ["m1", "m2", "m3"])
+    for m, w in zip(d["models"], (0.2, 0.5, 0.3), strict=True):
+        m["parameters"] = {"weight": w}
+    out = _merge(tmp_path, d)
+    eps = 1e-8
+    for k, b in S["base"].items():
+        tv = torch.stack([S[f"m{i}"][k].double() - b.double() for i in (1, 2, 3)]).reshape(3, -1)
+        w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+        norms = tv.norm(dim=-1, keepdim=True)
+        u = tv / (norms + eps)
+        mean = (u * w.view(-1, 1)).sum(0)
+        mean = mean / mean.norm()
+        tang = u - (u * mean).sum(-1, keepdim=True) * mean
+        tr = (tang * w.view(-1, 1)).sum(0)
+        tn = tr.norm() + eps
+        res = (mean * torch.cos(tn) + tr * torch.sin(tn) / tn) * (norms.squeeze(-1) * w).sum()
+        torch.testing.assert_close(out[k], (b.double() + res.view(b.shape)).float(), rtol=1e-5, atol=1e-6, msg=k)
+    # a zero weight sum with normalize_weights is refused before anything is read
+    for m, w in zip(d["models"], (0.5, -0.5, 0.0), strict=True):
+        m["parameters"] = {"weight": w}
+    with pytest.raises(RecipeError, match="normalize_weights"):
+        _merge(tmp_path, d, "zero")
+
+
+def test_arcee_fusion(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "float32", n=1)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    out = _merge(tmp_path, _cfg("arcee_fusion", ms, ["m1"]))
+    for k, b in S["base"].items():
+        p = S["m1"][k]
+        pp = torch.softmax(p.double(), dim=-1) + 1e-8
+        qq = torch.softmax(b.double(), dim=-1) + 1e-8
+        imp = ((p - b).abs().double() * (pp * torch.log(pp / qq)).sum(-1, keepdim=True)).reshape(-1)
+        s = torch.sort(imp).values
+        q1, med, q3 = s[(torch.tensor([0.25, 0.5, 0.75]) * (s.numel() - 1)).long()]
+        thr = med + 1.5 * (q3 - q1)
+        took = out[k].reshape(-1) != b.reshape(-1)
+        clear = (imp - thr).abs() > 1e-3 * thr  # away from the threshold, float noise cannot flip
+        assert torch.equal(took[clear], (imp >= thr)[clear] & (p != b).reshape(-1)[clear]), k
+        assert torch.equal(out[k].reshape(-1)[took], (b + (p - b)).reshape(-1)[took])
+
+
+def test_new_methods_refuse_bad_inputs(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "float32", n=3)
+    with pytest.raises(RecipeError, match="exactly 2"):
+        _merge(tmp_path, _cfg("nuslerp", ms, ["m1", "m2", "m3"], {"weight": 1.0}), "a")
+    with pytest.raises(RecipeError, match="'weight'"):  # weight is required
+        _merge(tmp_path, _cfg("nuslerp", ms, ["m1", "m2"]), "b")
+    with pytest.raises(RecipeError, match="base_model"):
+        _merge(tmp_path, _cfg("arcee_fusion", ms, ["m1"], base=False), "c")
+    with pytest.raises(RecipeError, match="exactly 1"):
+        _merge(tmp_path, _cfg("arcee_fusion", ms, ["m1", "m2"]), "d")
+    with pytest.raises(RecipeError, match="nuslerp_flatten"):
+        _merge(tmp_path, _cfg("nuslerp", ms, ["m1", "m2"], {"weight": 1.0, "nuslerp_flatten": 3}), "e")

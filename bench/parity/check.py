@@ -315,6 +315,9 @@ class Inputs:
                     sparsify=sparsify, consensus=consensus, per=per, base=base, deltas=deltas)
 
     def explain_topk(self, name: str, ours: torch.Tensor, ref: torch.Tensor, where: torch.Tensor) -> int:
+        if self.method not in GTA:
+            fn = EXPLAIN.get(self.method)
+            return fn(self, name, ours, ref, where) if fn else 0
         s = self.setup(name)
         if s["sparsify"] not in ("magnitude", "outliers"):
             return 0
@@ -374,6 +377,9 @@ class Inputs:
             explained |= valid & (any_amb | varied) & (ulps(ours, cand) <= 1)
             ref_ok |= valid & (ulps(ref, cand) <= 1)
         return int((explained & ref_ok).sum())
+
+
+EXPLAIN: dict[str, Any] = {}
 
 
 def fit_scale(out: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, weight: float,
@@ -555,3 +561,92 @@ def check_random(cfg: dict[str, Any], ours: dict[str, torch.Tensor], ref: dict[s
     res.verdict = "pass" if res.unexplained == 0 and not notes else "FAIL"
     res.detail = "; ".join(notes)
     return res
+
+
+# -- sce (select_topk < 1) and arcee_fusion: threshold ties of their selections ---------------------------------
+
+def _global_param(inp: Inputs, name: str, key: str, default: Any) -> Any:
+    glob = inp.cfg.get("parameters") or {}
+    v = evaluate(glob[key], name, layer_t(name, inp.n_layers)) if key in glob else None
+    return default if v is None else v
+
+
+def _close(x: torch.Tensor, cands: list[torch.Tensor]) -> torch.Tensor:
+    ok = torch.zeros(x.numel(), dtype=torch.bool)
+    for c in cands:
+        ok |= ulps(x, c) <= 1
+    return ok
+
+
+def _sce_out(base: torch.Tensor, tvs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """mergekit 0.1.5's sce combination for a given element mask (its operation order)."""
+    tvs = tvs * keep.to(tvs.dtype).unsqueeze(0)
+    sign = tvs.sign()
+    majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+    erase = (sign == majority).to(tvs.dtype)
+    w = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    ws = float(torch.sum(w).item())
+    w = torch.ones_like(w) / w.shape[0] if abs(ws) < 1e-6 else w / ws
+    w = w.view(-1, *([1] * (tvs.dim() - 1))) * erase
+    return base + (tvs * w).sum(dim=0) / torch.sum(w, dim=0).clamp(min=1e-6)
+
+
+def explain_sce(inp: Inputs, name: str, ours: torch.Tensor, ref: torch.Tensor, where: torch.Tensor) -> int:
+    """An element beyond 1 ulp is explained when its variance across the task vectors equals the
+    k-th largest variance and that value's equal run straddles the cut (so torch.topk may keep or
+    drop it), and both finrecipe's and mergekit's values are the element kept or dropped."""
+    topk = float(_global_param(inp, name, "select_topk", 1.0))
+    if topk >= 1:
+        return 0
+    base = inp.tensor(inp.base_path, name).to(inp.dt)
+    tvs = torch.stack([inp.tensor(d.path, name).to(inp.dt) - base for d in inp.donors])
+    var = torch.var(tvs, dim=0, unbiased=False).reshape(-1)
+    k = int(torch.count_nonzero(var) * topk)
+    if k == 0:
+        return 0
+    kth = torch.sort(var.float(), descending=True).values[k - 1].to(var.dtype)
+    above, equal = int((var > kth).sum()), int((var == kth).sum())
+    if above + equal <= k:
+        return 0
+    amb = (var == kth)[where]
+    # finrecipe's tie break (lower index first) fixes the weights; the element kept or dropped
+    keep = var > kth
+    keep[torch.nonzero(var == kth).reshape(-1)[: k - above]] = True
+    shape = base.shape
+    kept = keep.clone()
+    kept[where] = True
+    dropped = keep.clone()
+    dropped[where] = False
+    cands = [_sce_out(base, tvs, m.reshape(shape)).to(inp.out_dt).reshape(-1)[where] for m in (kept, dropped)]
+    return int((amb & _close(ours, cands) & _close(ref, cands)).sum())
+
+
+# An importance counts as on arcee_fusion's threshold when within 2^-9 of it (relative). Its row's KL
+# is a sum of p·log(p/q) terms of both signs whose p/q ≈ 1 is rounded to float32, so mergekit's own
+# float32 KL differs from the exact one (float64 from the same float32 softmax) by up to 1.1e-3
+# relative on the parity models (median 2e-4); every importance and the threshold inherit that noise,
+# and finrecipe sums the KL in float64.
+FUSION_TIE = 2.0 ** -9
+
+
+def explain_arcee_fusion(inp: Inputs, name: str, ours: torch.Tensor, ref: torch.Tensor, where: torch.Tensor) -> int:
+    """An element beyond 1 ulp is explained when its importance (recomputed with mergekit's operation
+    order) is within FUSION_TIE of the threshold, and both values are the base's or the other model's."""
+    base = inp.tensor(inp.base_path, name).to(inp.dt)
+    p = inp.tensor(inp.donors[0].path, name).to(inp.dt)
+    diff = (p - base).abs()
+    pp = torch.softmax(p, dim=-1) + 1e-8
+    qq = torch.softmax(base, dim=-1) + 1e-8
+    imp = (diff * torch.sum(pp * torch.log(pp / qq), dim=-1, keepdim=True)).reshape(-1)
+    srt = torch.sort(imp).values
+    q = (torch.tensor([0.25, 0.5, 0.75]) * (srt.numel() - 1)).long()
+    q1, med, q3 = srt[q]
+    thr = med + 1.5 * (q3 - q1)
+    near = ((imp.double() - float(thr)).abs() <= FUSION_TIE * abs(float(thr)))[where]
+    b = base.reshape(-1)[where]
+    d = (p - base).reshape(-1)[where]
+    cands = [b.to(inp.out_dt), (b + d * torch.ones((), dtype=torch.float32)).to(inp.out_dt), p.reshape(-1)[where].to(inp.out_dt)]
+    return int((near & _close(ours, cands) & _close(ref, cands)).sum())
+
+
+EXPLAIN.update(sce=explain_sce, arcee_fusion=explain_arcee_fusion)

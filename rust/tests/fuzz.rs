@@ -535,7 +535,12 @@ fn gen_plan(r: &mut Rng, ms: &Models, out_dir: &Path) -> String {
             "sources": sources,
             "params": params(r, spec.tensor_params),
         });
-        if spec.base != r.chance(1, 50) {
+        let want_base = match spec.base {
+            finrecipe_core::merge::plan::BaseUse::Required => true,
+            finrecipe_core::merge::plan::BaseUse::None => false,
+            finrecipe_core::merge::plan::BaseUse::Optional => r.chance(1, 2),
+        };
+        if want_base != r.chance(1, 50) {
             t["base"] =
                 json!({"model": model_ref(r), "tensor": if same { t0.clone() } else { tname(r) }});
         }

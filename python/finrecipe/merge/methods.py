@@ -73,7 +73,7 @@ class MethodDef:
     name: str
     kernel: str  # the Rust kernel that executes it
     params: tuple[ParamDef, ...]
-    needs_base: bool  # True: `base_model` required; False: a base model is ignored
+    needs_base: bool  # True: `base_model` required; False: a base model is ignored (unless base_optional)
     min_sources: int = 1  # models besides the base
     max_sources: int | None = None
     # With normalize on, a zero sum of weights is an error (the kernel divides by it unguarded;
@@ -85,6 +85,12 @@ class MethodDef:
     # mergekit runs this method's torch operations in the config's `dtype`: with bfloat16 every step
     # rounds to bf16. The kernel can do the same (plan `compute_dtype: "BF16"`).
     bf16_compute: bool = False
+    # With needs_base False: a `base_model`, when given, is used (the task vectors are interpolated
+    # and the base added back) instead of ignored (mergekit's BasePolicy.OPTIONAL).
+    base_optional: bool = False
+    # A boolean global parameter that, when on, divides by the sum of the weights: a zero sum is
+    # an error (multislerp's normalize_weights).
+    zero_sum_flag: str | None = None
     doc: str = ""
 
     def param(self, name: str) -> ParamDef | None:
@@ -169,9 +175,27 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
               needs_base=True, bf16_compute=True,
               doc="ram with unique entries rescaled by the tensor's overlap ratio"),
     MethodDef("sce", "sce", (_p("select_topk", "global", 1.0, lo=0.0, hi=1.0,
-                                doc="fraction of elements kept by variance across the models (only 1 yet)"),
+                                doc="fraction of elements kept by variance across the models"),
                              INT8_MASK),
               needs_base=True, doc="sign election, models weighted by their task vectors' mean square"),
+    MethodDef("nuslerp", "nuslerp",
+              (WEIGHT,
+               _p("nuslerp_row_wise", "global", False, bool,
+                  doc="interpolate the vectors along dimension 0 (columns) instead of the rows"),
+               _p("nuslerp_flatten", "global", True, bool,
+                  doc="interpolate the whole tensor as one vector (overrides nuslerp_row_wise)")),
+              needs_base=False, base_optional=True, min_sources=2, max_sources=2,
+              doc="spherical interpolation of two models (or of their task vectors when a base is given), "
+                  "t = weight2 / (weight1 + weight2)"),
+    MethodDef("multislerp", "multislerp",
+              (WEIGHT,
+               _p("normalize_weights", "global", True, bool, doc="divide the weights by their sum"),
+               _p("eps", "global", 1e-8, lo=0.0, doc="added to norms for numerical stability")),
+              needs_base=False, base_optional=True, zero_sum_flag="normalize_weights",
+              doc="barycentric spherical interpolation of any number of models (or task vectors)"),
+    MethodDef("arcee_fusion", "arcee_fusion", (), needs_base=True, min_sources=1, max_sources=1,
+              doc="take the other model's value where its importance (|delta| times the row's softmax KL "
+                  "divergence) reaches median + 1.5 IQR"),
     MethodDef("karcher", "karcher",
               (_p("max_iter", "global", 10.0, lo=0.0, hi=10_000.0, doc="iterations of the Karcher mean"),
                _p("tol", "global", 1e-5, lo=0.0, doc="convergence tolerance")),
@@ -198,7 +222,7 @@ def kernel_mismatches(kernels: Sequence[Mapping[str, Any]],
             problems.append(f"method {m.name!r}: kernel {m.kernel!r} is not in the compiled core")
             continue
         used.add(m.kernel)
-        want_base = "required" if m.needs_base else "none"
+        want_base = "required" if m.needs_base else "optional" if m.base_optional else "none"
         if k["base"] != want_base:
             problems.append(f"method {m.name!r}: kernel {m.kernel!r} base is {k['base']}, the method's "
                             f"is {want_base}")

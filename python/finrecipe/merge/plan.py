@@ -280,7 +280,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             for s in srcs:
                 if s.model == base.model:
                     base.params = s.params
-        if not m.needs_base:
+        if not (m.needs_base or m.base_optional):
             base = None  # e.g. linear ignores base_model: it merges exactly the models listed
         elif base is not None:
             srcs = [s for s in srcs if s.model != base.model]
@@ -299,7 +299,7 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
             if length is None:
                 length = _num_layers(infos[sl.sources[0].model]) or 0
             base = None
-            if bname and m.needs_base:
+            if bname and (m.needs_base or m.base_optional):
                 found = [s for s in ss if s.model == bname]
                 base = found[0] if found else _Src(bname, None, ss[0].layer_offset)
                 ss = [s for s in ss if s.model != bname]
@@ -464,10 +464,6 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                 for pd in m.kernel_params("model"):
                     sp[pd.name] = _resolve(pd, [s.params] + gl, out_name, t, cfg, f"model {s.model!r}")
                 sources.append({**ref_of(s, tname), "params": sp})
-            if m.kernel == "sce" and float(tparams["select_topk"]) < 1:
-                raise cfg.error(f"tensor {out_name!r}: sce with select_topk {float(tparams['select_topk']):g} (a "
-                                "top-k over the variance across the models) is not supported yet; use "
-                                "select_topk: 1", ("parameters",))
             if m.kernel in ("della", "della_linear"):
                 for s, src in zip(part.sources, sources, strict=True):
                     dd, ee = float(src["params"]["density"]), float(src["params"]["epsilon"])
@@ -475,13 +471,15 @@ def build_plan(cfg: MergeConfig, model_paths: Mapping[str, Path | str] | None = 
                         raise cfg.error(f"model {s.model!r}, tensor {out_name!r}: {m.name} keeps entries with "
                                         f"probabilities density ± epsilon = {dd:g} ± {ee:g}, which must lie "
                                         "inside (0, 1); lower epsilon", ("models",) if cfg.models is not None else ("slices",))
-            if m.refuse_zero_weight_sum and tparams.get("normalize"):
+            if (m.refuse_zero_weight_sum and tparams.get("normalize")) or (
+                    m.zero_sum_flag is not None and tparams.get(m.zero_sum_flag) and len(sources) > 1):
+                flag = m.zero_sum_flag or "normalize"
                 wsum = sum(float(src["params"]["weight"]) for src in sources)
                 if abs(wsum) < 1e-8:
                     raise cfg.error(
                         f"the weights of the models sum to {wsum:g} for tensor {out_name!r} and "
-                        f"{m.name!r} divides by that sum (normalize is on); give weights with a "
-                        "non-zero sum or set normalize: false",
+                        f"{m.name!r} divides by that sum ({flag} is on); give weights with a "
+                        f"non-zero sum or set {flag}: false",
                         ("models",) if cfg.models is not None else ("slices",))
             ref_dt = refs[0][1].dtype
             odt = out_dt or (ref_dt if ref_dt != FP8 else "BF16")  # FP8 in: bf16 out by default

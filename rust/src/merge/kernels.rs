@@ -31,6 +31,26 @@ pub enum Stats {
         row_len: usize,
         t: Vec<f32>,
     },
+    /// out = Σ_i c[g·k + i]·v_i for element e of vector g = groups.of(e); with `deltas`,
+    /// v_i = θ_i − θ_b and θ_b is added back (nuslerp, multislerp).
+    Lin {
+        groups: super::methods_sph::Groups,
+        deltas: bool,
+        k: usize,
+        c: Vec<f32>,
+    },
+    /// arcee_fusion: per-row KL factor of the importance, and its threshold.
+    Fusion {
+        row_len: usize,
+        kl: Vec<f32>,
+        thr: f32,
+    },
+    /// sce with select_topk < 1: the variance top-k (a rule on the per-element variances) and the
+    /// per-source weights.
+    SceTopk {
+        rule: KeepRule,
+        w: Vec<f32>,
+    },
 }
 
 fn sparse(job: &Job) -> bool {
@@ -42,6 +62,7 @@ pub fn needs_stats(job: &Job) -> bool {
         Kernel::Ties | Kernel::Breadcrumbs | Kernel::BreadcrumbsTies => sparse(job),
         Kernel::DareLinear | Kernel::DareTies => job.rescale && sparse(job),
         Kernel::Slerp | Kernel::ModelStock => true,
+        k if super::methods_sph::handles(k) => true,
         k if super::methods_mk::handles(k) => super::methods_mk::needs_stats(job),
         _ => false,
     }
@@ -470,6 +491,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
             Ok(Stats::Stock { row_len, t })
         }
         k if super::methods_mk::handles(k) => super::methods_mk::compute_stats(ctx, seed, ctl),
+        k if super::methods_sph::handles(k) => super::methods_sph::compute_stats(ctx, seed, ctl),
         _ => Ok(Stats::None),
     }
 }
@@ -757,7 +779,10 @@ fn compute_generic(
             }
         }
         k if super::methods_mk::handles(k) && !super::methods_mk::is_della(k) => {
-            super::methods_mk::compute(job, stats, m, base, srcs, out)
+            super::methods_mk::compute(job, stats, c, m, base, srcs, out)
+        }
+        k if super::methods_sph::handles(k) => {
+            super::methods_sph::compute(job, stats, a, m, base, srcs, out)
         }
         Kernel::TaskArithmetic if job.bf16_compute => {
             super::bf16::task_arithmetic(job, m, base, srcs, out)

@@ -12,9 +12,10 @@
 //! - ramplus_tl (`r`, `alpha`, `epsilon`): as ram, but a source's unique entries are scaled by
 //!   λ_i = 1 + r·clamp(ρ_i, 0, α), ρ_i = (its nonzero entries that overlap) / max(its unique ones, ε),
 //!   counted over the whole tensor (one statistics pass).
-//! - sce (`select_topk` = 1): per source the weight mean(δ_i²) / Σ_j mean(δ_j²) (one pass; 1/N
+//! - sce: per source the weight mean(δ_i²) / Σ_j mean(δ_j²) (one pass; 1/N
 //!   when that sum is below 1e-6); sign election on Σ δ_i; θ_b + Σ agreeing w_i·δ_i / max(Σ agreeing
-//!   w_i, 1e-6). (`select_topk` < 1, a top-k over the variance across sources, is refused for now.)
+//!   w_i, 1e-6). With `select_topk` < 1 the task vectors are first zeroed outside the top-k of the
+//!   variance across them (the selection is in methods_sph.rs), the weights taken after.
 //! - karcher (`max_iter`, `tol`, no base): the weighted Karcher mean (equal weights) of the sources'
 //!   directions on the unit sphere, scaled by the mean of their norms. Every iterate is a linear
 //!   combination of the sources, so the iteration runs on the coefficient vector with the Gram
@@ -245,33 +246,61 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
             Ok(Stats::Dare(lam))
         }
         Kernel::Sce => {
-            // per source: Σ δ² → the source's weight mean(δ²) / Σ_j mean(δ_j²)
-            let sq = ctx.fold(
-                ctl,
-                true,
-                || vec![0f64; nsrc],
-                |acc, _c, _a, s, m| {
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        *a += super::kernels::dot(&s.srcs[i][..m], &s.srcs[i][..m]);
-                    }
-                },
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                },
-            )?;
+            // select_topk < 1: the variance top-k first (methods_sph), the weights from the
+            // masked task vectors
+            let topk = num(job, "select_topk", 1.0);
+            let rule = if topk < 1.0 {
+                Some(super::methods_sph::sce_rule(ctx, ctl, topk)?)
+            } else {
+                None
+            };
+            // per source: Σ δ² → the source's weight mean(δ_i²) / Σ_j mean(δ_j²)
+            let sq = ctx
+                .fold(
+                    ctl,
+                    true,
+                    || (vec![0f64; nsrc], Vec::new()),
+                    |(acc, var), c, _a, s, m| match &rule {
+                        None => {
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                *a += super::kernels::dot(&s.srcs[i][..m], &s.srcs[i][..m]);
+                            }
+                        }
+                        Some(rule) => {
+                            super::methods_sph::variances(&s.srcs, nsrc, m, var);
+                            rule.apply(c, &mut var[..m]);
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                *a += s.srcs[i][..m]
+                                    .iter()
+                                    .zip(var.iter())
+                                    .filter(|(_, &v)| v != 0.0)
+                                    .map(|(&x, _)| x as f64 * x as f64)
+                                    .sum::<f64>();
+                            }
+                        }
+                    },
+                    |(mut a, v), (b, _)| {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            *x += y;
+                        }
+                        (a, v)
+                    },
+                )?
+                .0;
             let means: Vec<f32> = sq
                 .iter()
                 .map(|&v| (v / job.numel.max(1) as f64) as f32)
                 .collect();
             let total: f32 = means.iter().sum();
-            Ok(Stats::Dare(if total.abs() < 1e-6 {
+            let w = if total.abs() < 1e-6 {
                 vec![1.0 / nsrc as f32; nsrc]
             } else {
                 means.iter().map(|&v| v / total).collect()
-            }))
+            };
+            Ok(match rule {
+                None => Stats::Dare(w),
+                Some(rule) => Stats::SceTopk { rule, w },
+            })
         }
         Kernel::Karcher => {
             let k = nsrc * (nsrc + 1) / 2;
@@ -402,6 +431,7 @@ pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -
 pub fn compute(
     job: &Job,
     stats: &Stats,
+    chunk: usize,
     m: usize,
     base: &[f32],
     srcs: &[Vec<f32>],
@@ -457,24 +487,37 @@ pub fn compute(
             }
         }
         Kernel::Sce => {
-            // select_topk = 1 (the planner refuses less): sign election on Σ δ_i (unweighted),
-            // agreeing δ_i weighted by their source's weight, divided by the agreeing weights
-            let w = match stats {
-                Stats::Dare(w) => w,
+            // sign election on Σ δ_i (unweighted), agreeing δ_i weighted by their source's
+            // weight, divided by the agreeing weights; with select_topk < 1 every δ_i is first
+            // zeroed outside the variance top-k
+            let (w, rule) = match stats {
+                Stats::Dare(w) => (w, None),
+                Stats::SceTopk { rule, w } => (w, Some(rule)),
                 _ => unreachable!("sce without stats"),
             };
+            let mut keep = Vec::new();
+            if let Some(rule) = rule {
+                super::methods_sph::variances(srcs, nsrc, m, &mut keep);
+                rule.apply(chunk, &mut keep[..m]);
+            }
+            let mut d = vec![0f32; nsrc];
             for j in 0..m {
                 let b0 = base[j];
+                let kept = rule.is_none() || keep[j] != 0.0;
                 let mut sum = 0f32;
-                for src in srcs.iter().take(nsrc) {
-                    sum += src[j] - b0;
+                for (di, src) in d.iter_mut().zip(srcs.iter()) {
+                    *di = if kept {
+                        src[j] - b0
+                    } else {
+                        (src[j] - b0) * 0.0
+                    };
+                    sum += *di;
                 }
                 let pos = sum >= 0.0;
                 let (mut num, mut den) = (0f32, 0f32);
-                for (src, &wi) in srcs.iter().zip(w).take(nsrc) {
-                    let d = src[j] - b0;
-                    if (d > 0.0 && pos) || (d < 0.0 && !pos) {
-                        num += d * wi;
+                for (&di, &wi) in d.iter().zip(w) {
+                    if (di > 0.0 && pos) || (di < 0.0 && !pos) {
+                        num += di * wi;
                         den += wi;
                     }
                 }

@@ -8,6 +8,7 @@
 pub mod bf16;
 pub mod kernels;
 pub mod methods_mk;
+pub mod methods_sph;
 pub mod plan;
 pub mod rng;
 pub mod select;

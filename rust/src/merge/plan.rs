@@ -117,6 +117,10 @@ pub enum Kernel {
     Della,
     DellaLinear,
     Sce,
+    // spherical interpolations and arcee_fusion (merge/methods_sph.rs)
+    Nuslerp,
+    Multislerp,
+    ArceeFusion,
 }
 
 impl Kernel {
@@ -198,13 +202,21 @@ const fn flag(name: &'static str) -> ParamSpec {
     }
 }
 
+/// A kernel's base model: required, optional (used when the plan gives one) or not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseUse {
+    Required,
+    Optional,
+    None,
+}
+
 /// One kernel: its plan name, inputs and parameters (every listed parameter is required).
 #[derive(Debug)]
 pub struct KernelSpec {
     pub kernel: Kernel,
     pub name: &'static str,
-    /// true: the plan must give a base; false: it must not.
-    pub base: bool,
+    /// Whether the plan must, may or must not give a base.
+    pub base: BaseUse,
     pub min_sources: usize,
     pub max_sources: Option<usize>,
     pub source_params: &'static [ParamSpec],
@@ -227,7 +239,7 @@ const fn gta(
     KernelSpec {
         kernel,
         name,
-        base: true,
+        base: BaseUse::Required,
         min_sources: 1,
         max_sources: None,
         source_params,
@@ -240,7 +252,7 @@ pub static KERNELS: &[KernelSpec] = &[
     KernelSpec {
         kernel: Kernel::Linear,
         name: "linear",
-        base: false,
+        base: BaseUse::None,
         min_sources: 1,
         max_sources: None,
         source_params: &[WEIGHT],
@@ -285,7 +297,7 @@ pub static KERNELS: &[KernelSpec] = &[
     KernelSpec {
         kernel: Kernel::Slerp,
         name: "slerp",
-        base: true,
+        base: BaseUse::Required,
         min_sources: 1,
         max_sources: Some(1),
         source_params: &[],
@@ -294,7 +306,7 @@ pub static KERNELS: &[KernelSpec] = &[
     KernelSpec {
         kernel: Kernel::ModelStock,
         name: "model_stock",
-        base: true,
+        base: BaseUse::Required,
         min_sources: 2,
         max_sources: None,
         source_params: &[],
@@ -303,7 +315,7 @@ pub static KERNELS: &[KernelSpec] = &[
     KernelSpec {
         kernel: Kernel::Passthrough,
         name: "passthrough",
-        base: false,
+        base: BaseUse::None,
         min_sources: 1,
         max_sources: Some(1),
         source_params: &[num("scale")],
@@ -312,7 +324,7 @@ pub static KERNELS: &[KernelSpec] = &[
     KernelSpec {
         kernel: Kernel::Nearswap,
         name: "nearswap",
-        base: true,
+        base: BaseUse::Required,
         min_sources: 1,
         max_sources: Some(1),
         source_params: &[],
@@ -321,7 +333,7 @@ pub static KERNELS: &[KernelSpec] = &[
     KernelSpec {
         kernel: Kernel::Ram,
         name: "ram",
-        base: true,
+        base: BaseUse::Required,
         min_sources: 1,
         max_sources: None,
         source_params: &[],
@@ -330,7 +342,7 @@ pub static KERNELS: &[KernelSpec] = &[
     KernelSpec {
         kernel: Kernel::RamplusTl,
         name: "ramplus_tl",
-        base: true,
+        base: BaseUse::Required,
         min_sources: 1,
         max_sources: None,
         source_params: &[],
@@ -351,16 +363,51 @@ pub static KERNELS: &[KernelSpec] = &[
     KernelSpec {
         kernel: Kernel::Sce,
         name: "sce",
-        base: true,
+        base: BaseUse::Required,
         min_sources: 1,
         max_sources: None,
         source_params: &[],
         tensor_params: &[unit("select_topk")],
     },
     KernelSpec {
+        kernel: Kernel::Nuslerp,
+        name: "nuslerp",
+        base: BaseUse::Optional,
+        min_sources: 2,
+        max_sources: Some(2),
+        source_params: &[WEIGHT],
+        tensor_params: &[flag("nuslerp_row_wise"), flag("nuslerp_flatten")],
+    },
+    KernelSpec {
+        kernel: Kernel::Multislerp,
+        name: "multislerp",
+        base: BaseUse::Optional,
+        min_sources: 1,
+        max_sources: None,
+        source_params: &[WEIGHT],
+        tensor_params: &[
+            flag("normalize_weights"),
+            ParamSpec {
+                name: "eps",
+                kind: ParamKind::Number,
+                min: Some(0.0),
+                max: None,
+            },
+        ],
+    },
+    KernelSpec {
+        kernel: Kernel::ArceeFusion,
+        name: "arcee_fusion",
+        base: BaseUse::Required,
+        min_sources: 1,
+        max_sources: Some(1),
+        source_params: &[],
+        tensor_params: &[],
+    },
+    KernelSpec {
         kernel: Kernel::Karcher,
         name: "karcher",
-        base: false,
+        base: BaseUse::None,
         min_sources: 1,
         max_sources: None,
         source_params: &[],
@@ -398,7 +445,11 @@ pub fn kernels_json() -> serde_json::Value {
             .map(|k| {
                 json!({
                     "name": k.name,
-                    "base": if k.base { "required" } else { "none" },
+                    "base": match k.base {
+                        BaseUse::Required => "required",
+                        BaseUse::Optional => "optional",
+                        BaseUse::None => "none",
+                    },
                     "min_sources": k.min_sources,
                     "max_sources": k.max_sources,
                     "source_params": params(k.source_params),
@@ -758,25 +809,25 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             )));
         }
         let base = match (&tp.base, spec.base) {
-            (Some(b), true) => {
+            (Some(b), BaseUse::Required | BaseUse::Optional) => {
                 let bw = format!("{where_} base");
                 let mut r = resolve(models, (b.model, &b.tensor), &bw)?;
                 attach_scale(models, &mut r, &b.scale, &bw)?;
                 Some(r)
             }
-            (None, true) => {
+            (None, BaseUse::Required) => {
                 return Err(Error::Config(format!(
                     "{where_}: kernel '{}' needs a base",
                     spec.name
                 )))
             }
-            (Some(_), false) => {
+            (Some(_), BaseUse::None) => {
                 return Err(Error::Config(format!(
                     "{where_}: kernel '{}' takes no base",
                     spec.name
                 )))
             }
-            (None, false) => None,
+            (None, BaseUse::None | BaseUse::Optional) => None,
         };
         let mut sources = Vec::with_capacity(nsrc);
         let mut weights = Vec::new();

@@ -507,3 +507,230 @@ fn fp8_block_scaled_in_and_out() {
         }
     }
 }
+
+// ---- nuslerp, multislerp, arcee_fusion, sce's variance top-k (methods_sph.rs) ------------------------
+
+static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Case {
+    /// `run` into a fresh output directory each time.
+    fn run1(&self, tensor: Value) -> Vec<f32> {
+        let k = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.run_with(&format!("r{k}"), tensor, 2, 1 << 20)
+    }
+
+    /// Models m0..mk each with one tensor "x" of `shape`.
+    fn shaped(shape: &[usize], values: &[Vec<f32>]) -> Case {
+        let root = tempfile::tempdir().unwrap();
+        for (i, v) in values.iter().enumerate() {
+            save(
+                &root.path().join(format!("m{i}")),
+                &[("x", shape.to_vec(), v.clone())],
+            );
+        }
+        Case {
+            root,
+            n: values.len(),
+        }
+    }
+}
+
+const H: f32 = std::f32::consts::FRAC_1_SQRT_2;
+
+fn nuslerp(flatten: bool, row_wise: bool, with_base: bool) -> Value {
+    let (a, b) = if with_base { (1, 2) } else { (0, 1) };
+    let mut t = json!({"name": "x", "kernel": "nuslerp", "out_dtype": "F32",
+        "sources": [src(a, json!({"weight": 1.0})), src(b, json!({"weight": 1.0}))],
+        "params": {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}});
+    if with_base {
+        t["base"] = base();
+    }
+    t
+}
+
+#[test]
+fn nuslerp_whole_rows_and_columns() {
+    // flattened: e1 and e2 at t = 0.5 → (e1 + e2)/√2
+    let c = Case::new(&[vec![1.0, 0.0, 0.0, 0.0], vec![0.0, 1.0, 0.0, 0.0]]);
+    close(&c.run1(nuslerp(true, false, false)), &[H, H, 0.0, 0.0]);
+    // with a base: the task vectors are interpolated and the base added back
+    let c = Case::new(&[
+        vec![1.0, 1.0, 1.0, 1.0],
+        vec![2.0, 1.0, 1.0, 1.0],
+        vec![1.0, 2.0, 1.0, 1.0],
+    ]);
+    close(
+        &c.run1(nuslerp(true, false, true)),
+        &[1.0 + H, 1.0 + H, 1.0, 1.0],
+    );
+    // 2×2: rows [1,0]/[0,1] (orthogonal) and [1,0]/[1,0] (colinear: lerp)
+    let m0 = vec![1.0, 0.0, 1.0, 0.0];
+    let m1 = vec![0.0, 1.0, 1.0, 0.0];
+    let c = Case::shaped(&[2, 2], &[m0, m1]);
+    close(&c.run1(nuslerp(false, false, false)), &[H, H, 1.0, 0.0]);
+    // row-wise: vectors along dimension 0 (columns): (1,1)/(0,1) at 45°, (0,0)/(1,0) at 90°
+    let k = ((std::f64::consts::PI / 8.0).sin() / (std::f64::consts::PI / 4.0).sin()) as f32;
+    close(&c.run1(nuslerp(false, true, false)), &[k, H, 2.0 * k, 0.0]);
+    // flatten wins over row_wise
+    let flat = c.run1(nuslerp(true, true, false));
+    assert_eq!(flat, c.run1(nuslerp(true, false, false)));
+}
+
+#[test]
+fn multislerp_with_and_without_base() {
+    let c = Case::new(&[
+        vec![1.0, 1.0, 1.0],
+        vec![2.0, 1.0, 1.0],
+        vec![1.0, 2.0, 1.0],
+    ]);
+    let t = |srcs: Value, with_base: bool, normalize: bool| {
+        let mut t = json!({"name": "x", "kernel": "multislerp", "out_dtype": "F32", "sources": srcs,
+            "params": {"normalize_weights": normalize, "eps": 1e-8}});
+        if with_base {
+            t["base"] = base();
+        }
+        t
+    };
+    let two = json!([
+        src(1, json!({"weight": 1.0})),
+        src(2, json!({"weight": 1.0}))
+    ]);
+    close(
+        &c.run1(t(two.clone(), true, true)),
+        &[1.0 + H, 1.0 + H, 1.0],
+    );
+    // unnormalised weights 0.5 + 0.5 are the same
+    let half = json!([
+        src(1, json!({"weight": 0.5})),
+        src(2, json!({"weight": 0.5}))
+    ]);
+    close(&c.run1(t(half, true, false)), &[1.0 + H, 1.0 + H, 1.0]);
+    // one model: its tensor as it is (mergekit does not add the base back)
+    let one = json!([src(2, json!({"weight": 0.3}))]);
+    close(&c.run1(t(one, true, true)), &[1.0, 2.0, 1.0]);
+    // without a base the raw tensors are interpolated: same norm, direction between them
+    let out = c.run1(t(two, false, true));
+    let n: f32 = out.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((n - 6f32.sqrt()).abs() < 1e-5, "{out:?}");
+    assert!((out[0] - out[1]).abs() < 1e-6 && out[2] < out[0], "{out:?}");
+}
+
+#[test]
+fn multislerp_refuses_a_zero_mean_direction() {
+    let c = Case::new(&[
+        vec![0.0, 0.0],
+        vec![1.0, 0.0],
+        vec![-1.0, 0.0],
+        vec![0.0, 0.0],
+    ]);
+    let t = json!({"name": "x", "kernel": "multislerp", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({"weight": 1.0})), src(2, json!({"weight": 1.0})),
+                    src(3, json!({"weight": 1.0}))],
+        "params": {"normalize_weights": true, "eps": 1e-8}});
+    let err = run_merge(&c.plan("o", t, 1, 1 << 20), &Control::default()).unwrap_err();
+    assert!(err.to_string().contains("weighted mean"), "{err}");
+}
+
+/// A smooth base and a source that differs from it in a few strong places.
+fn fusion_case(n: usize) -> (Vec<f32>, Vec<f32>) {
+    let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let p: Vec<f32> = b
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + 0.01 * (i as f32 * 1.3).cos() + if i % 97 == 0 { 1.0 } else { 0.0 })
+        .collect();
+    (b, p)
+}
+
+#[test]
+fn arcee_fusion_takes_the_important_entries() {
+    let (b, p) = fusion_case(4096);
+    let c = Case::shaped(&[32, 128], &[b.clone(), p.clone()]);
+    let t = json!({"name": "x", "kernel": "arcee_fusion", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({}))], "params": {}});
+    let out = c.run_with("a", t.clone(), 1, 1 << 20);
+    let mut taken = 0;
+    for i in 0..b.len() {
+        // every element is the base's or b + (p − b)
+        let took = out[i] == b[i] + (p[i] - b[i]);
+        assert!(took || out[i] == b[i], "{i}");
+        taken += usize::from(took && p[i] != b[i]);
+        // the strong differences are above median + 1.5 IQR of the importance
+        if i % 97 == 0 {
+            assert!(took, "{i}");
+        }
+    }
+    assert!((4096 / 97..4096 / 4).contains(&taken), "{taken}");
+    for (k, (th, ch)) in [(2, 7), (2, 1000), (1, 33)].into_iter().enumerate() {
+        assert_eq!(out, c.run_with(&format!("o{k}"), t.clone(), th, ch));
+    }
+}
+
+#[test]
+fn sce_variance_topk_keeps_the_most_varied_elements() {
+    // element variances across the 2 task vectors: 0, 1, 4, 9, 16 (2 of 4 nonzero kept at 0.5)
+    let b = vec![0.0f32; 5];
+    let s1 = vec![0.0, 1.0, 2.0, 3.0, 4.0];
+    let s2 = vec![0.0, -1.0, -2.0, -3.0, -4.0];
+    let s3 = vec![0.0, 1.0, 2.0, 3.0, 4.0];
+    let c = Case::new(&[b, s1, s2, s3]);
+    let t = |k: f64| {
+        json!({"name": "x", "kernel": "sce", "out_dtype": "F32", "base": base(),
+            "sources": [src(1, json!({})), src(2, json!({})), src(3, json!({}))],
+            "params": {"select_topk": k}})
+    };
+    // all kept: sign election (positive) keeps sources 1 and 3 → their weighted mean
+    let all = c.run1(t(1.0));
+    close(&all, &[0.0, 1.0, 2.0, 3.0, 4.0]);
+    // 0.5 of the 4 nonzero variances: the elements 3 and 4; the others are the base
+    close(&c.run1(t(0.5)), &[0.0, 0.0, 0.0, 3.0, 4.0]);
+    close(&c.run1(t(0.0)), &[0.0; 5]);
+}
+
+#[test]
+fn sce_topk_ties_are_split_by_index_whatever_the_chunking() {
+    // every element has the same variance: the first k elements are kept
+    let n = 10_000;
+    let b: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.25).collect();
+    let s1: Vec<f32> = b.iter().map(|x| x + 0.5).collect();
+    let s2: Vec<f32> = b.iter().map(|x| x - 0.25).collect();
+    let c = Case::new(&[b.clone(), s1, s2]);
+    let t = json!({"name": "x", "kernel": "sce", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({})), src(2, json!({}))], "params": {"select_topk": 0.3}});
+    let r1 = c.run_with("a", t.clone(), 1, 1 << 20);
+    let kept = (0..n).filter(|&i| r1[i] != b[i]).collect::<Vec<_>>();
+    assert_eq!(kept, (0..3000).collect::<Vec<_>>());
+    for (k, (th, ch)) in [(2, 7), (2, 999), (3, 4096)].into_iter().enumerate() {
+        assert_eq!(r1, c.run_with(&format!("o{k}"), t.clone(), th, ch));
+    }
+}
+
+#[test]
+fn spherical_methods_independent_of_threads_and_chunks() {
+    let n = 7 * 30_011;
+    let v = |f: f32, g: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * f).sin() + g * (i as f32 * 0.013).cos())
+            .collect()
+    };
+    let c = Case::shaped(
+        &[n / 7, 7],
+        &[v(0.37, 0.0), v(0.37, 0.3), v(0.41, -0.2), v(0.53, 0.1)],
+    );
+    let c1 = Case::new(&[v(0.37, 0.0), v(0.37, 0.3), v(0.41, -0.2), v(0.53, 0.1)]);
+    let ms = json!({"name": "x", "kernel": "multislerp", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({"weight": 0.2})), src(2, json!({"weight": 0.5})),
+                    src(3, json!({"weight": 0.3}))],
+        "params": {"normalize_weights": true, "eps": 1e-8}});
+    for (case, t) in [
+        (&c1, nuslerp(true, false, true)),
+        (&c1, ms),
+        (&c, nuslerp(false, false, true)),
+        (&c, nuslerp(false, true, false)),
+    ] {
+        let k = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let r1 = case.run_with(&format!("a{k}"), t.clone(), 1, 1 << 20);
+        assert_eq!(r1, case.run_with(&format!("b{k}"), t.clone(), 2, 1000));
+        assert_eq!(r1, case.run_with(&format!("c{k}"), t.clone(), 3, 65536));
+    }
+}

@@ -1,0 +1,775 @@
+//! Kernels of mergekit 0.1.5's spherical interpolations and of arcee_fusion, and the variance
+//! top-k of sce (`select_topk` < 1). Planned before any data is read like every kernel; their
+//! whole-tensor quantities come from exact streaming passes whose sums are reduced in a fixed
+//! order (fixed spans of elements, independent of the thread count and of the chunking), so the
+//! output does not depend on the number of threads:
+//!
+//! - nuslerp (two sources, optional base, source `weight`, `nuslerp_flatten`, `nuslerp_row_wise`):
+//!   t = w₂ / (w₁ + w₂) (0.5 when |w₁ + w₂| < 1e-6); with a base the two task vectors θ_i − θ_b are
+//!   interpolated and θ_b added back. The vectors are the whole tensor (flatten, the default), its
+//!   rows (last dimension), or with `nuslerp_row_wise` its vectors along dimension 0 (the columns
+//!   of a matrix). Per vector: n_i = max(‖v_i‖, 1e-7), cos = ⟨v₀, v₁⟩ / (n₀ n₁) clamped to [−1, 1];
+//!   colinear (1 − cos² ≤ 1e-16): (1 − t)·v₀ + t·v₁; else θ = acos(cos) and
+//!   (sin((1 − t)θ)·v₀ + sin(tθ)·v₁) / sin θ. One pass of per-vector Gram sums (3 per vector).
+//! - multislerp (one or more sources, optional base, `weight`, `normalize_weights`, `eps`): the
+//!   barycentric interpolation on the hypersphere of the (task) vectors, flattened: unit vectors
+//!   u_i = v_i / (‖v_i‖ + eps), weighted mean direction, tangent-space average, exponential map
+//!   back, scaled by Σ w_i‖v_i‖. Every quantity is a linear combination of the v_i, so it is
+//!   computed on coefficients from their Gram matrix (one pass); the output is Σ c_i·v_i (+ θ_b).
+//!   One source: that source's tensor as it is (mergekit's rule). A zero weighted mean with more
+//!   than two sources is an error, as in mergekit (two fall back to the weighted sum).
+//! - arcee_fusion (base b, one source p): importance = |p − b| · KL_row, KL_row = Σ_j P_j log(P_j /
+//!   Q_j) over the row (last dimension) with P = softmax(p) + 1e-8, Q = softmax(b) + 1e-8; threshold
+//!   = median + 1.5·(q₃ − q₁) of the importances (sorted positions ⌊q·(n − 1)⌋, q in f32 as torch
+//!   computes them); out = b + (p − b)·[importance ≥ threshold]. The quantiles are exact order
+//!   statistics by radix selection (two counting passes); mergekit sorts the whole tensor (and, for
+//!   tensors above 1,000,000 elements, a random sample of 1,000,000 of them: there finrecipe keeps
+//!   the exact quantiles, see docs/merge-plan.md).
+//! - sce's top-k: var_e = the population variance of the task vectors at element e (Welford in f64
+//!   rounded to f32, as torch's var); k = ⌊f32(count of var ≠ 0) · f32(select_topk)⌋ elements of
+//!   the largest variance are kept in every task vector (equal variances at the cut: lower index
+//!   first), the rest zeroed, before sce's weights and sign election.
+
+use rayon::prelude::*;
+
+use super::kernels::{dot, Stats};
+use super::plan::{Job, Kernel};
+use super::select::{self, Bound, KeepRule, HI_BINS, LO_BINS};
+use super::{with_scratch, Control, Ctx};
+use crate::error::{Error, Result};
+
+/// Whether this module computes `k`.
+pub fn handles(k: Kernel) -> bool {
+    matches!(
+        k,
+        Kernel::Nuslerp | Kernel::Multislerp | Kernel::ArceeFusion
+    )
+}
+
+/// Elements grouped into the vectors a spherical interpolation normalises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Groups {
+    /// The whole tensor is one vector.
+    Whole,
+    /// Rows of this many elements (the last dimension).
+    Rows(usize),
+    /// Element e belongs to vector e % n (vectors along dimension 0).
+    Cols(usize),
+}
+
+impl Groups {
+    #[inline(always)]
+    pub fn of(self, e: usize) -> usize {
+        match self {
+            Groups::Whole => 0,
+            Groups::Rows(n) => e / n,
+            Groups::Cols(n) => e % n,
+        }
+    }
+    pub fn count(self, numel: usize) -> usize {
+        match self {
+            Groups::Whole => 1,
+            Groups::Rows(n) => numel / n.max(1),
+            Groups::Cols(n) => n,
+        }
+    }
+}
+
+fn flag(job: &Job, k: &str, default: bool) -> bool {
+    job.nums.get(k).map(|&v| v != 0.0).unwrap_or(default)
+}
+
+fn num(job: &Job, k: &str, default: f64) -> f64 {
+    job.nums.get(k).copied().unwrap_or(default)
+}
+
+/// nuslerp's vectors for a tensor of this shape.
+pub fn nuslerp_groups(job: &Job) -> Groups {
+    let nd = job.shape.len();
+    if flag(job, "nuslerp_flatten", true) || nd < 2 || job.numel == 0 {
+        Groups::Whole
+    } else if flag(job, "nuslerp_row_wise", false) {
+        // mergekit transposes dimension 0 to the end: vectors along dimension 0
+        Groups::Cols(job.numel / job.shape[0].max(1))
+    } else {
+        Groups::Rows(*job.shape.last().unwrap())
+    }
+}
+
+/// Fixed span of elements for the ordered reductions (independent of threads and chunking).
+const SPAN: usize = 1 << 16;
+
+/// Loads elements a..b of base (into `base`) and sources (raw, or minus the base with `deltas`).
+fn load_range(
+    ctx: &Ctx,
+    a: usize,
+    b: usize,
+    deltas: bool,
+    base: &mut [f32],
+    srcs: &mut [Vec<f32>],
+) {
+    let job = ctx.job;
+    let m = b - a;
+    if let Some(r) = job.base {
+        ctx.load(r, a, b, base);
+    }
+    for (i, &r) in job.sources.iter().enumerate() {
+        ctx.load(r, a, b, &mut srcs[i]);
+        if deltas && job.base.is_some() {
+            for (x, &y) in srcs[i][..m].iter_mut().zip(&base[..m]) {
+                *x -= y;
+            }
+        }
+    }
+}
+
+/// Σ over the tensor of the upper-triangle Gram entries ⟨v_x, v_y⟩ (x ≤ y) of the (task)
+/// vectors, reduced over fixed spans in order.
+fn gram_whole(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<Vec<f64>> {
+    let job = ctx.job;
+    let nsrc = job.sources.len();
+    let k = nsrc * (nsrc + 1) / 2;
+    let nspans = job.numel.div_ceil(SPAN);
+    let parts: Vec<Vec<f64>> = (0..nspans)
+        .into_par_iter()
+        .map(|sp| {
+            let mut acc = vec![0f64; k];
+            if ctl.check().is_err() {
+                return acc;
+            }
+            let (a, b) = (sp * SPAN, ((sp + 1) * SPAN).min(job.numel));
+            with_scratch(nsrc, SPAN, |s| {
+                load_range(ctx, a, b, deltas, &mut s.base, &mut s.srcs);
+                let m = b - a;
+                let mut p = 0;
+                for x in 0..nsrc {
+                    for y in x..nsrc {
+                        acc[p] += dot(&s.srcs[x][..m], &s.srcs[y][..m]);
+                        p += 1;
+                    }
+                }
+            });
+            acc
+        })
+        .collect();
+    ctl.check()?;
+    let mut g = vec![0f64; k];
+    for p in parts {
+        for (x, y) in g.iter_mut().zip(p) {
+            *x += y;
+        }
+    }
+    Ok(g)
+}
+
+/// Per vector of `groups`: (⟨v₀,v₀⟩, ⟨v₁,v₁⟩, ⟨v₀,v₁⟩) of the two (task) vectors.
+fn gram_pairs(ctx: &Ctx, ctl: &Control, groups: Groups, deltas: bool) -> Result<Vec<[f64; 3]>> {
+    let job = ctx.job;
+    let n = job.numel;
+    let ng = groups.count(n);
+    let pair = |a: &[f32], b: &[f32]| [dot(a, a), dot(b, b), dot(a, b)];
+    match groups {
+        Groups::Whole => {
+            let g = gram_whole(ctx, ctl, deltas)?;
+            // upper triangle of 2 sources: (0,0), (0,1), (1,1)
+            Ok(vec![[g[0], g[2], g[1]]])
+        }
+        Groups::Rows(len) => {
+            let rows: Vec<[f64; 3]> = (0..ng)
+                .into_par_iter()
+                .map(|r| {
+                    if ctl.check().is_err() {
+                        return [0.0; 3];
+                    }
+                    with_scratch(2, len, |s| {
+                        load_range(
+                            ctx,
+                            r * len,
+                            (r + 1) * len,
+                            deltas,
+                            &mut s.base,
+                            &mut s.srcs,
+                        );
+                        pair(&s.srcs[0][..len], &s.srcs[1][..len])
+                    })
+                })
+                .collect();
+            ctl.check()?;
+            Ok(rows)
+        }
+        Groups::Cols(ncols) => {
+            // rows of `ncols` elements, cut into at most 16 fixed groups of consecutive rows;
+            // each group sums its rows in order, the groups are added in order
+            let nrows = n / ncols.max(1);
+            let ngrp = nrows.clamp(1, 16);
+            let parts: Vec<Vec<[f64; 3]>> = (0..ngrp)
+                .into_par_iter()
+                .map(|g| {
+                    let mut acc = vec![[0f64; 3]; ncols];
+                    let (r0, r1) = (g * nrows / ngrp, (g + 1) * nrows / ngrp);
+                    with_scratch(2, ncols, |s| {
+                        for r in r0..r1 {
+                            if ctl.check().is_err() {
+                                return;
+                            }
+                            load_range(
+                                ctx,
+                                r * ncols,
+                                (r + 1) * ncols,
+                                deltas,
+                                &mut s.base,
+                                &mut s.srcs,
+                            );
+                            for (j, a) in acc.iter_mut().enumerate() {
+                                let (x, y) = (s.srcs[0][j] as f64, s.srcs[1][j] as f64);
+                                a[0] += x * x;
+                                a[1] += y * y;
+                                a[2] += x * y;
+                            }
+                        }
+                    });
+                    acc
+                })
+                .collect();
+            ctl.check()?;
+            let mut out = vec![[0f64; 3]; ncols];
+            for p in parts {
+                for (o, q) in out.iter_mut().zip(p) {
+                    for l in 0..3 {
+                        o[l] += q[l];
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// nuslerp's two coefficients for one vector pair from its Gram sums.
+pub fn nuslerp_coeffs(t: f64, g00: f64, g11: f64, g01: f64) -> [f64; 2] {
+    let n0 = g00.max(0.0).sqrt().max(1e-7);
+    let n1 = g11.max(0.0).sqrt().max(1e-7);
+    let cos = (g01 / (n0 * n1)).clamp(-1.0, 1.0);
+    if 1.0 - cos * cos <= 1e-16 {
+        return [1.0 - t, t];
+    }
+    let theta = cos.acos();
+    let s = theta.sin();
+    [((1.0 - t) * theta).sin() / s, (t * theta).sin() / s]
+}
+
+/// multislerp's coefficients c (output Σ c_i·v_i) from the Gram matrix of the v_i.
+pub fn multislerp_coeffs(
+    gram: &[f64],
+    w: &[f64],
+    normalize: bool,
+    eps: f64,
+) -> std::result::Result<Vec<f64>, String> {
+    let n = w.len();
+    let sum: f64 = w.iter().sum();
+    let w: Vec<f64> = if normalize {
+        w.iter().map(|x| x / sum).collect()
+    } else {
+        w.to_vec()
+    };
+    let g = |i: usize, j: usize| gram[i * n + j];
+    #[allow(clippy::needless_range_loop)]
+    let quad = |a: &[f64], b: &[f64]| -> f64 {
+        let mut s = 0.0;
+        for i in 0..n {
+            for j in 0..n {
+                s += a[i] * b[j] * g(i, j);
+            }
+        }
+        s
+    };
+    let norms: Vec<f64> = (0..n).map(|i| g(i, i).max(0.0).sqrt()).collect();
+    let inv: Vec<f64> = norms.iter().map(|&x| 1.0 / (x + eps)).collect();
+    // mean = Σ w_i u_i, u_i = inv_i · v_i (coefficients over the v_i)
+    let mean: Vec<f64> = (0..n).map(|i| w[i] * inv[i]).collect();
+    let mn = quad(&mean, &mean).max(0.0).sqrt();
+    if mn < eps {
+        if n == 2 {
+            return Ok(w);
+        }
+        return Err(format!(
+            "the weighted mean of the {n} unit task vectors is zero (antipodal vectors whose \
+             weights balance out); give different weights"
+        ));
+    }
+    let m: Vec<f64> = mean.iter().map(|x| x / mn).collect();
+    // dots_i = ⟨u_i, mean⟩; tangent result = Σ w_i (u_i − dots_i·mean)
+    let mut wd = 0.0;
+    for i in 0..n {
+        let d: f64 = inv[i] * (0..n).map(|j| g(i, j) * m[j]).sum::<f64>();
+        wd += w[i] * d;
+    }
+    let tr: Vec<f64> = (0..n).map(|i| w[i] * inv[i] - wd * m[i]).collect();
+    let tn = quad(&tr, &tr).max(0.0).sqrt() + eps;
+    let avg: f64 = (0..n).map(|i| norms[i] * w[i]).sum();
+    let (c, s) = (tn.cos(), tn.sin() / tn);
+    Ok((0..n).map(|i| (m[i] * c + tr[i] * s) * avg).collect())
+}
+
+/// Rows of arcee_fusion's softmax (the last dimension; a 1-D tensor is one row).
+fn fusion_row_len(job: &Job) -> usize {
+    if job.shape.len() >= 2 {
+        (*job.shape.last().unwrap()).max(1)
+    } else {
+        job.numel.max(1)
+    }
+}
+
+/// KL(P ‖ Q) of one row, P = softmax(p) + 1e-8, Q = softmax(b) + 1e-8 (in f32 as torch stores them).
+fn kl_row(p: &[f32], b: &[f32]) -> f32 {
+    let sm = |x: &[f32]| -> (f64, f64) {
+        let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+        let s: f64 = x.iter().map(|&v| (v as f64 - mx).exp()).sum();
+        (mx, s)
+    };
+    let (mp, sp) = sm(p);
+    let (mb, sb) = sm(b);
+    let mut kl = 0f64;
+    for (&x, &y) in p.iter().zip(b) {
+        let pp = (((x as f64 - mp).exp() / sp) as f32 + 1e-8f32) as f64;
+        let qq = (((y as f64 - mb).exp() / sb) as f32 + 1e-8f32) as f64;
+        kl += pp * ((pp / qq) as f32 as f64).ln();
+    }
+    kl as f32
+}
+
+/// One selection over derived per-element values: the wanted descending ranks R (elements with
+/// rank < R are "in"), from the pass-1 histogram and the count of zero values.
+pub(crate) struct Selection {
+    pub bounds: Vec<Bound>,
+    /// The key of the element at rank R − 1 (0 for R outside 1..n).
+    pub keys: Vec<u32>,
+}
+
+/// Exact radix selection over values `vals(a, chunk, m, out)` computes for chunk c (elements a..a+m,
+/// loaded as `deltas` says): pass 1 (top-15-bit histogram and zero count), `ranks` turns it into
+/// the wanted ranks, pass 2 (low-16-bit histograms in the needed buckets), and when `tie_split` and
+/// a threshold value straddles the cut, pass 3 counts it per chunk (lower index kept first).
+pub(crate) fn select_by<V, F>(
+    ctx: &Ctx,
+    ctl: &Control,
+    deltas: bool,
+    tie_split: bool,
+    vals: V,
+    ranks: F,
+) -> Result<Selection>
+where
+    V: Fn(usize, &super::Scratch, usize, &mut Vec<f32>) + Sync + Send,
+    F: FnOnce(&[u64], u64) -> Vec<u64>,
+{
+    let n = ctx.job.numel as u64;
+    let (hist, zeros) = ctx
+        .fold(
+            ctl,
+            deltas,
+            || (vec![0u64; HI_BINS], 0u64, Vec::new()),
+            |(h, z, buf), _c, a, s, m| {
+                vals(a, s, m, buf);
+                for &x in &buf[..m] {
+                    let k = select::key(x);
+                    h[(k >> 16) as usize] += 1;
+                    *z += u64::from(k == 0);
+                }
+            },
+            |(mut h1, z1, b), (h2, z2, _)| {
+                for (x, y) in h1.iter_mut().zip(h2) {
+                    *x += y;
+                }
+                (h1, z1 + z2, b)
+            },
+        )
+        .map(|(h, z, _)| (h, z))?;
+    let rs = ranks(&hist, n - zeros);
+    let inside: Vec<usize> = (0..rs.len()).filter(|&k| rs[k] > 0 && rs[k] < n).collect();
+    let pend: Vec<select::Pending> = inside
+        .iter()
+        .map(|&k| select::locate_bucket(&hist, rs[k]))
+        .collect();
+    drop(hist);
+    let mut buckets: Vec<u32> = pend.iter().map(|p| p.bucket).collect();
+    buckets.sort_unstable();
+    buckets.dedup();
+    let nb = buckets.len();
+    let lo = if nb == 0 {
+        Vec::new()
+    } else {
+        ctx.fold(
+            ctl,
+            deltas,
+            || (vec![0u64; nb * LO_BINS], Vec::new()),
+            |(h, buf), _c, a, s, m| {
+                vals(a, s, m, buf);
+                for &x in &buf[..m] {
+                    let k = select::key(x);
+                    if let Ok(bi) = buckets.binary_search(&(k >> 16)) {
+                        h[bi * LO_BINS + (k & 0xFFFF) as usize] += 1;
+                    }
+                }
+            },
+            |(mut h1, b), (h2, _)| {
+                for (x, y) in h1.iter_mut().zip(h2) {
+                    *x += y;
+                }
+                (h1, b)
+            },
+        )?
+        .0
+    };
+    let ths: Vec<select::Threshold> = pend
+        .iter()
+        .map(|p| {
+            let bi = buckets.binary_search(&p.bucket).unwrap();
+            select::locate_value(p, &lo[bi * LO_BINS..(bi + 1) * LO_BINS])
+        })
+        .collect();
+    let split: Vec<usize> = (0..ths.len())
+        .filter(|&q| tie_split && ths[q].keep < ths[q].count_eq)
+        .collect();
+    let nc = ctx.nchunks;
+    let ns = split.len();
+    let counts = if ns == 0 {
+        Vec::new()
+    } else {
+        ctx.fold(
+            ctl,
+            deltas,
+            || (vec![0u64; nc * ns], Vec::new()),
+            |(h, buf), c, a, s, m| {
+                vals(a, s, m, buf);
+                for (q, &k) in split.iter().enumerate() {
+                    let t = ths[k].t;
+                    h[c * ns + q] =
+                        buf[..m].iter().filter(|&&x| select::key(x) == t).count() as u64;
+                }
+            },
+            |(mut h1, b), (h2, _)| {
+                for (x, y) in h1.iter_mut().zip(h2) {
+                    *x += y;
+                }
+                (h1, b)
+            },
+        )?
+        .0
+    };
+    let mut bounds = Vec::with_capacity(rs.len());
+    let mut keys = Vec::with_capacity(rs.len());
+    for (k, &r) in rs.iter().enumerate() {
+        if r == 0 {
+            bounds.push(Bound::Never);
+            keys.push(0);
+            continue;
+        }
+        if r >= n {
+            bounds.push(Bound::Always);
+            keys.push(0);
+            continue;
+        }
+        let q = inside.iter().position(|&x| x == k).unwrap();
+        let th = ths[q];
+        keys.push(th.t);
+        bounds.push(match split.iter().position(|&x| x == q) {
+            None => Bound::Ge(th.t),
+            Some(si) => {
+                let mut acc = 0u64;
+                let mut prefix = Vec::with_capacity(nc + 1);
+                for c in 0..nc {
+                    prefix.push(acc);
+                    acc += counts[c * ns + si];
+                }
+                prefix.push(acc);
+                Bound::Tie {
+                    t: th.t,
+                    keep: th.keep,
+                    prefix,
+                }
+            }
+        });
+    }
+    Ok(Selection { bounds, keys })
+}
+
+/// Population variance of the task vectors at each element (as torch.var(unbiased=False) over the
+/// stacked task vectors: Welford's update in f64, rounded to f32).
+pub(crate) fn variances(srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend((0..m).map(|j| {
+        let (mut mean, mut m2) = (0f64, 0f64);
+        for (i, s) in srcs.iter().enumerate().take(nsrc) {
+            let x = s[j] as f64;
+            let d = x - mean;
+            mean += d / (i + 1) as f64;
+            m2 += d * (x - mean);
+        }
+        (m2 / nsrc.max(1) as f64) as f32
+    }));
+}
+
+/// sce's variance top-k as a keep rule on the per-element variances (select_topk < 1).
+pub(crate) fn sce_rule(ctx: &Ctx, ctl: &Control, topk: f64) -> Result<KeepRule> {
+    let nsrc = ctx.job.sources.len();
+    if topk <= 0.0 {
+        return Ok(KeepRule {
+            lo: Bound::Never,
+            hi: Bound::Never,
+        });
+    }
+    let sel = select_by(
+        ctx,
+        ctl,
+        true,
+        true,
+        |_a, s, m, buf| variances(&s.srcs, nsrc, m, buf),
+        |_hist, nonzero| {
+            // torch: int(count_nonzero(var) * select_topk), the product in float32
+            vec![((nonzero as f32) * (topk as f32)) as u64]
+        },
+    )?;
+    Ok(KeepRule {
+        lo: Bound::Never,
+        hi: sel.bounds.into_iter().next().unwrap(),
+    })
+}
+
+/// Whole-tensor statistics of this module's kernels.
+pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stats> {
+    let job = ctx.job;
+    let nsrc = job.sources.len();
+    let deltas = job.base.is_some();
+    match job.kernel {
+        Kernel::Nuslerp => {
+            let (w0, w1) = (job.weights[0] as f64, job.weights[1] as f64);
+            let total = w0 + w1;
+            let t = if total.abs() < 1e-6 { 0.5 } else { w1 / total };
+            let groups = nuslerp_groups(job);
+            let g = gram_pairs(ctx, ctl, groups, deltas)?;
+            let c = g
+                .iter()
+                .flat_map(|v| nuslerp_coeffs(t, v[0], v[1], v[2]).map(|x| x as f32))
+                .collect();
+            Ok(Stats::Lin {
+                groups,
+                deltas,
+                k: 2,
+                c,
+            })
+        }
+        Kernel::Multislerp => {
+            if nsrc == 1 {
+                // mergekit returns the one model's tensor as it is (no base added)
+                return Ok(Stats::Lin {
+                    groups: Groups::Whole,
+                    deltas: false,
+                    k: 1,
+                    c: vec![1.0],
+                });
+            }
+            let up = gram_whole(ctx, ctl, deltas)?;
+            let mut gram = vec![0f64; nsrc * nsrc];
+            let mut p = 0;
+            for x in 0..nsrc {
+                for y in x..nsrc {
+                    gram[x * nsrc + y] = up[p];
+                    gram[y * nsrc + x] = up[p];
+                    p += 1;
+                }
+            }
+            // torch holds the weights in the tensors' dtype (float32 here)
+            let w: Vec<f64> = job.weights.iter().map(|&x| x as f64).collect();
+            let c = multislerp_coeffs(
+                &gram,
+                &w,
+                flag(job, "normalize_weights", true),
+                num(job, "eps", 1e-8),
+            )
+            .map_err(|e| Error::Mismatch(format!("multislerp, tensor '{}': {e}", job.name)))?;
+            Ok(Stats::Lin {
+                groups: Groups::Whole,
+                deltas,
+                k: nsrc,
+                c: c.into_iter().map(|x| x as f32).collect(),
+            })
+        }
+        Kernel::ArceeFusion => {
+            let len = fusion_row_len(job);
+            let nrows = job.numel / len;
+            let kl: Vec<f32> = (0..nrows)
+                .into_par_iter()
+                .map(|r| {
+                    if ctl.check().is_err() {
+                        return 0.0;
+                    }
+                    with_scratch(1, len, |s| {
+                        load_range(ctx, r * len, (r + 1) * len, false, &mut s.base, &mut s.srcs);
+                        kl_row(&s.srcs[0][..len], &s.base[..len])
+                    })
+                })
+                .collect();
+            ctl.check()?;
+            let n = job.numel as u64;
+            if n == 0 {
+                return Ok(Stats::Fusion {
+                    row_len: len,
+                    kl,
+                    thr: 0.0,
+                });
+            }
+            // ascending positions ⌊q·(n − 1)⌋ (q and the product in f32, as torch computes them)
+            // as descending ranks R = n − position: the element at rank R − 1
+            let rs: Vec<u64> = [0.25f32, 0.5, 0.75]
+                .iter()
+                .map(|&q| n - ((q * (n - 1) as f32) as u64).min(n - 1))
+                .collect();
+            let kl_ref = &kl;
+            let rs2 = rs.clone();
+            let sel = select_by(
+                ctx,
+                ctl,
+                false,
+                false,
+                |a, s, m, buf| importance(a, len, kl_ref, &s.base[..m], &s.srcs[0][..m], buf),
+                move |_h, _nz| rs2,
+            )?;
+            let mut q = [0f32; 3];
+            for k in 0..3 {
+                q[k] = if rs[k] >= n {
+                    // position 0: the smallest importance
+                    min_importance(ctx, ctl, len, &kl)?
+                } else {
+                    f32::from_bits(sel.keys[k])
+                };
+            }
+            let (q1, med, q3) = (q[0], q[1], q[2]);
+            let thr = med + 1.5f32 * (q3 - q1);
+            Ok(Stats::Fusion {
+                row_len: len,
+                kl,
+                thr,
+            })
+        }
+        _ => unreachable!("not a kernel of methods_sph"),
+    }
+}
+
+/// The smallest importance (for a quantile position of 0).
+fn min_importance(ctx: &Ctx, ctl: &Control, len: usize, kl: &[f32]) -> Result<f32> {
+    ctx.fold(
+        ctl,
+        false,
+        || (f32::INFINITY, Vec::new()),
+        |(mn, buf), _c, a, s, m| {
+            importance(a, len, kl, &s.base[..m], &s.srcs[0][..m], buf);
+            for &x in &buf[..m] {
+                *mn = mn.min(x);
+            }
+        },
+        |(a, b), (c, _)| (a.min(c), b),
+    )
+    .map(|(m, _)| m)
+}
+
+/// arcee_fusion's importance |p − b|·KL_row of elements a.. (f32, as torch computes it).
+fn importance(a: usize, len: usize, kl: &[f32], b: &[f32], p: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(
+        b.iter()
+            .zip(p)
+            .enumerate()
+            .map(|(j, (&y, &x))| (x - y).abs() * kl[(a + j) / len]),
+    );
+}
+
+/// One chunk: raw θ in `srcs` (and `base`), result in `out`.
+pub(crate) fn compute(
+    job: &Job,
+    stats: &Stats,
+    a: usize,
+    m: usize,
+    base: &[f32],
+    srcs: &[Vec<f32>],
+    out: &mut [f32],
+) {
+    let nsrc = job.sources.len();
+    match stats {
+        Stats::Lin {
+            groups,
+            deltas,
+            k,
+            c,
+        } => {
+            let (groups, deltas, k) = (*groups, *deltas, *k);
+            for j in 0..m {
+                let g = groups.of(a + j);
+                let cs = &c[g * k..(g + 1) * k];
+                if deltas {
+                    let b0 = base[j];
+                    let mut acc = 0f32;
+                    for (src, &ci) in srcs.iter().zip(cs).take(nsrc) {
+                        acc += ci * (src[j] - b0);
+                    }
+                    out[j] = b0 + acc;
+                } else {
+                    let mut acc = 0f32;
+                    for (src, &ci) in srcs.iter().zip(cs).take(nsrc) {
+                        acc += ci * src[j];
+                    }
+                    out[j] = acc;
+                }
+            }
+        }
+        Stats::Fusion { row_len, kl, thr } => {
+            for j in 0..m {
+                let (b0, p) = (base[j], srcs[0][j]);
+                let imp = (p - b0).abs() * kl[(a + j) / row_len];
+                let mask = if imp >= *thr { 1.0f32 } else { 0.0 };
+                out[j] = b0 + (p - b0) * mask;
+            }
+        }
+        _ => unreachable!("methods_sph kernel without its statistics"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nuslerp_coeffs_orthogonal_and_colinear() {
+        // unit orthogonal vectors, t = 0.5: sin(π/4)/sin(π/2) each
+        let c = nuslerp_coeffs(0.5, 1.0, 1.0, 0.0);
+        let h = std::f64::consts::FRAC_1_SQRT_2;
+        assert!(
+            (c[0] - h).abs() < 1e-12 && (c[1] - h).abs() < 1e-12,
+            "{c:?}"
+        );
+        // colinear: plain lerp
+        assert_eq!(nuslerp_coeffs(0.3, 4.0, 16.0, 8.0), [0.7, 0.3]);
+    }
+
+    #[test]
+    fn multislerp_of_orthogonal_pair_is_slerp_midpoint_scaled() {
+        // v0 = e1, v1 = e2 (norm 1), equal weights: result on the arc at 45°, norm 1
+        let gram = [1.0, 0.0, 0.0, 1.0];
+        let c = multislerp_coeffs(&gram, &[1.0, 1.0], true, 1e-8).unwrap();
+        let h = std::f64::consts::FRAC_1_SQRT_2;
+        assert!((c[0] - h).abs() < 1e-6 && (c[1] - h).abs() < 1e-6, "{c:?}");
+        // three antipodal-balanced vectors: refused by name
+        let g3 = [1.0, -1.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0];
+        assert!(multislerp_coeffs(&g3, &[1.0, 1.0, 0.0], true, 1e-8).is_err());
+    }
+
+    #[test]
+    fn welford_variance_matches_two_pass() {
+        let s = vec![vec![1.0f32, 2.0], vec![3.0, 2.0], vec![8.0, 2.0]];
+        let mut v = Vec::new();
+        variances(&s, 3, 2, &mut v);
+        let mean = 4.0f64;
+        let want = ((9.0 + 1.0 + 16.0) / 3.0f64) as f32;
+        assert_eq!(v, vec![want, 0.0]);
+        let _ = mean;
+    }
+}
