@@ -50,3 +50,12 @@ def merge_into(method: str, out: Any, base: Any, deltas: list[Any], weights: lis
     method "task_arithmetic" or "ties" (densities and, where a density is < 1, the
     sort_magnitudes keys of that task vector), out_dtype "F32" | "BF16" | "F16" (values rounded
     to it). Bit-identical to `merge` with the same plan entry. GIL released."""
+
+def load_task_vectors(base_dir: str, model_dirs: list[str], names: list[str], base_out: list[Any],
+                      delta_out: list[list[Any]], keys_out: list[list[Any | None]] | None = None,
+                      threads: int = 0) -> None:
+    """Read θ_base into base_out[i] and δ = θ_m − θ_base into delta_out[m][i] (writable float32
+    buffers) for each tensor names[i] of each model directory model_dirs[m], as the merge loads
+    them; where keys_out[m][i] is given, sort δ's magnitude keys into it (as sort_magnitudes).
+    Tensors in parallel on `threads` threads, GIL released. Raises MismatchError (a missing or
+    non-float tensor, a wrong size), FormatError, IoError, ValueError (bad buffers)."""

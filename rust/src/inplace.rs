@@ -13,7 +13,9 @@
 //! is bit-identical to `finrecipe merge` with the same plan, for any thread count.
 
 use crate::dtype::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+use crate::error::{Error, Result};
 use crate::merge::select::{key, Bound, KeepRule};
+use crate::safetensors::read::Model;
 use crate::safetensors::Dtype;
 
 /// Elements per chunk (a tie split at a top-k boundary is counted per chunk).
@@ -307,6 +309,39 @@ fn round_to(dtype: Dtype, x: &mut [f32]) {
         Dtype::F16 => x.iter_mut().for_each(|v| *v = f16_to_f32(f32_to_f16(*v))),
         _ => {}
     }
+}
+
+/// θ_b and δ = θ − θ_b of one tensor in float32, as the streaming merge loads them (exact
+/// widening, one f32 subtraction): `base_out` gets θ_b, `delta_out` gets δ.
+pub fn task_vector(
+    base: &Model,
+    model: &Model,
+    name: &str,
+    base_out: &mut [f32],
+    delta_out: &mut [f32],
+) -> Result<()> {
+    let load = |m: &Model, out: &mut [f32]| -> Result<()> {
+        let t = m
+            .get(name)
+            .ok_or_else(|| Error::Mismatch(format!("{}: no tensor {name:?}", m.path.display())))?;
+        if !crate::dtype::is_float(t.dtype) || t.numel() != out.len() {
+            return Err(Error::Mismatch(format!(
+                "{}: tensor {name:?} is {:?} {:?}, expected {} float elements",
+                m.path.display(),
+                t.dtype,
+                t.shape,
+                out.len()
+            )));
+        }
+        crate::dtype::load_f32(t.dtype, m.bytes(t), out);
+        Ok(())
+    };
+    load(base, base_out)?;
+    load(model, delta_out)?;
+    for (d, &b) in delta_out.iter_mut().zip(base_out.iter()) {
+        *d -= b;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ fn raw<T: Element>(
     Ok((b, r))
 }
 
+/// One tensor of `load_task_vectors`: the base's output, then (delta, keys) outputs per model.
+type VectorJob = (Raw, Vec<(Raw, Option<Raw>)>);
+
 fn overlaps(a: &Raw, b: &Raw, size: usize) -> bool {
     a.len > 0 && b.len > 0 && a.addr < b.addr + b.len * size && b.addr < a.addr + a.len * 4
 }
@@ -293,8 +296,129 @@ fn merge_into(
     Ok(())
 }
 
+/// Reads θ_b into `base_out[i]` and δ_m = θ_m − θ_b into `delta_out[m][i]` (float32) for each
+/// tensor `names[i]` and model directory `model_dirs[m]`, sorting δ's magnitude keys into
+/// `keys_out[m][i]` where one is given; tensors in parallel on `threads` threads, GIL released.
+#[pyfunction]
+#[pyo3(signature = (base_dir, model_dirs, names, base_out, delta_out, keys_out=None, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn load_task_vectors(
+    py: Python<'_>,
+    base_dir: std::path::PathBuf,
+    model_dirs: Vec<std::path::PathBuf>,
+    names: Vec<String>,
+    base_out: Vec<Bound<'_, PyAny>>,
+    delta_out: Vec<Vec<Bound<'_, PyAny>>>,
+    keys_out: Option<Vec<Vec<Option<Bound<'_, PyAny>>>>>,
+    threads: usize,
+) -> PyResult<()> {
+    let nm = model_dirs.len();
+    let nt = names.len();
+    let keys_out =
+        keys_out.unwrap_or_else(|| (0..nm).map(|_| (0..nt).map(|_| None).collect()).collect());
+    if base_out.len() != nt
+        || delta_out.len() != nm
+        || keys_out.len() != nm
+        || delta_out.iter().any(|v| v.len() != nt)
+        || keys_out.iter().any(|v| v.len() != nt)
+    {
+        return Err(PyValueError::new_err(
+            "load_task_vectors: base_out per name, delta_out and keys_out per model and name",
+        ));
+    }
+    let mut held_f = Vec::new();
+    let mut held_k = Vec::new();
+    let mut jobs: Vec<VectorJob> = Vec::with_capacity(nt);
+    let mut outs: Vec<(usize, usize)> = Vec::new(); // every written range, for the overlap check
+    for i in 0..nt {
+        let (b, rb) = raw::<f32>(&base_out[i], &format!("base_out[{i}]"), true)?;
+        held_f.push(b);
+        outs.push((rb.addr, rb.len * 4));
+        let mut per = Vec::with_capacity(nm);
+        for m in 0..nm {
+            let (b, rd) = raw::<f32>(&delta_out[m][i], &format!("delta_out[{m}][{i}]"), true)?;
+            held_f.push(b);
+            if rd.len != rb.len {
+                return Err(PyValueError::new_err(format!(
+                    "load_task_vectors: delta_out[{m}][{i}] has {} elements, base_out[{i}] {}",
+                    rd.len, rb.len
+                )));
+            }
+            outs.push((rd.addr, rd.len * 4));
+            let rk = match &keys_out[m][i] {
+                Some(o) => {
+                    let (b, rk) = raw::<u32>(o, &format!("keys_out[{m}][{i}]"), true)?;
+                    held_k.push(b);
+                    if rk.len != rb.len {
+                        return Err(PyValueError::new_err(format!("load_task_vectors: keys_out[{m}][{i}] has {} elements, base_out[{i}] {}", rk.len, rb.len)));
+                    }
+                    outs.push((rk.addr, rk.len * 4));
+                    Some(rk)
+                }
+                None => None,
+            };
+            per.push((rd, rk));
+        }
+        jobs.push((rb, per));
+    }
+    outs.retain(|&(_, n)| n > 0);
+    outs.sort_unstable();
+    if outs.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+        return Err(PyValueError::new_err(
+            "load_task_vectors: output buffers overlap",
+        ));
+    }
+    let base = crate::safetensors::read::Model::open(&base_dir)?;
+    let models: Vec<_> = model_dirs
+        .iter()
+        .map(crate::safetensors::read::Model::open)
+        .collect::<crate::Result<_>>()?;
+    let n = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |x| x.get()),
+        t => t,
+    }
+    .clamp(1, nt.max(1));
+    let next = AtomicUsize::new(0);
+    let first_err: std::sync::Mutex<Option<crate::Error>> = std::sync::Mutex::new(None);
+    guarded(py, || {
+        std::thread::scope(|s| {
+            for _ in 0..n {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((rb, per)) = jobs.get(i) else { break };
+                    // SAFETY: every buffer is held (exported) by held_f/held_k for the whole call,
+                    // C-contiguous with the checked lengths, writable, and no two overlap.
+                    let b = unsafe { std::slice::from_raw_parts_mut(rb.addr as *mut f32, rb.len) };
+                    for ((rd, rk), model) in per.iter().zip(&models) {
+                        let d =
+                            unsafe { std::slice::from_raw_parts_mut(rd.addr as *mut f32, rd.len) };
+                        if let Err(e) = inplace::task_vector(&base, model, &names[i], b, d) {
+                            if let Ok(mut g) = first_err.lock() {
+                                g.get_or_insert(e);
+                            }
+                            return;
+                        }
+                        if let Some(rk) = rk {
+                            let k = unsafe {
+                                std::slice::from_raw_parts_mut(rk.addr as *mut u32, rk.len)
+                            };
+                            inplace::sort_keys(d, k);
+                        }
+                    }
+                });
+            }
+        })
+    })?;
+    drop((held_f, held_k));
+    match first_err.into_inner().ok().flatten() {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sort_magnitudes, m)?)?;
     m.add_function(wrap_pyfunction!(merge_into, m)?)?;
+    m.add_function(wrap_pyfunction!(load_task_vectors, m)?)?;
     Ok(())
 }

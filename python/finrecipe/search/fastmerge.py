@@ -78,13 +78,63 @@ class _Reader:
         return total
 
 
+class Prefetch:
+    """Reads the base and the task vectors of `models` (float32, CPU) and, with `sort`, the sorted
+    magnitude keys TIES needs, in a background thread (the core's `load_task_vectors`, GIL
+    released) while the caller loads the model and scores the instruct model. An
+    `InMemoryMerger` given it takes the tensors over at its first use; if reading failed, the
+    merger reads lazily as without it (and meets the same error where it matters)."""
+
+    def __init__(self, paths: Mapping[str, Path], base: str, models: list[str], *, sort: bool,
+                 threads: int = 1) -> None:
+        import threading
+
+        import numpy as np
+        import torch
+
+        from finrecipe import _core
+
+        self.base_t: dict[str, Any] = {}
+        self.delta: dict[tuple[str, str], Any] = {}
+        self.keys: dict[tuple[str, str], Any] = {}
+        self.error: BaseException | None = None
+        info = {n: _core.read_model(str(paths[n]))["tensors"] for n in [base, *models]}
+        names = [t for t, d in info[base].items() if d["dtype"] in _DTYPES
+                 and all(t in info[m] and info[m][t]["dtype"] in _DTYPES and info[m][t]["shape"] == d["shape"]
+                         for m in models)]
+        shape = {t: tuple(info[base][t]["shape"]) for t in names}
+        self.base_t = {t: torch.empty(shape[t], dtype=torch.float32) for t in names}
+        self.delta = {(m, t): torch.empty(shape[t], dtype=torch.float32) for m in models for t in names}
+        if sort:
+            self.keys = {(m, t): np.empty(math.prod(shape[t]), dtype=np.uint32) for m in models for t in names}
+
+        def work() -> None:
+            try:
+                _core.load_task_vectors(
+                    str(paths[base]), [str(paths[m]) for m in models], names,
+                    [self.base_t[t].numpy() for t in names],
+                    [[self.delta[(m, t)].numpy() for t in names] for m in models],
+                    [[self.keys[(m, t)] for t in names] for m in models] if sort else None,
+                    threads=threads)
+            except BaseException as e:  # noqa: BLE001 - handed to the merger, which reads lazily instead
+                self.error = e
+
+        self._thread = threading.Thread(target=work, name="finrecipe-prefetch", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> bool:
+        """Waits for the reads; whether they succeeded."""
+        self._thread.join()
+        return self.error is None
+
+
 class InMemoryMerger:
     """Merges candidates of `models` (name → directory, all with the base's tensors) into `model`.
 
     `apply(merge_config)` returns how the trial was merged: "memory" or "core"."""
 
     def __init__(self, model: Any, models: Mapping[str, Path], base: str, *, keep_in_memory: bool = True,
-                 threads: int = 0) -> None:
+                 threads: int = 0, prefetch: Prefetch | None = None) -> None:
         import torch
 
         self.model = model
@@ -108,9 +158,20 @@ class InMemoryMerger:
         self._rank: dict[tuple[str, str], Any] = {}  # GPU path: rank of each element by |δ|
         self._keys: dict[tuple[str, str], Any] = {}  # CPU path: sorted magnitude keys (uint32)
         self._torch = torch
+        self._prefetch = prefetch if keep_in_memory and self.device.type == "cpu" else None
+
+    def _adopt(self) -> None:
+        """Takes over what a `Prefetch` read (once, at the first use of a tensor)."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is not None and pre.wait():
+            self._base.update(pre.base_t)
+            self._delta.update(pre.delta)
+            self._keys.update(pre.keys)
 
     # -- the tensors ---------------------------------------------------------------------------
     def _base_t(self, tensor: str) -> Any:
+        if self._prefetch is not None:
+            self._adopt()
         t = self._base.get(tensor)
         if t is None:
             t = self.readers[self.base].get(tensor).to(self.device, self._torch.float32).contiguous()
@@ -119,6 +180,8 @@ class InMemoryMerger:
         return t
 
     def _delta_t(self, model: str, tensor: str) -> Any:
+        if self._prefetch is not None:
+            self._adopt()
         key = (model, tensor)
         d = self._delta.get(key)
         if d is None:
@@ -147,6 +210,8 @@ class InMemoryMerger:
 
         from finrecipe import _core
 
+        if self._prefetch is not None:
+            self._adopt()
         out = {k: self._keys[k] for k in pairs if k in self._keys}
         todo = [k for k in dict.fromkeys(pairs) if k not in out]
         if todo:
@@ -332,12 +397,14 @@ class InMemoryMerger:
         return tot
 
 
-def fp32_bytes(models: Mapping[str, Path], base: str) -> int:
-    """Bytes that keeping the base and every task vector in float32 needs (estimated from headers)."""
+def fp32_bytes(models: Mapping[str, Path], base: str, *, sorted_keys: bool = False) -> int:
+    """Bytes that keeping the base and every task vector in float32 needs (estimated from headers),
+    with `sorted_keys` plus TIES's sorted magnitude keys (4 bytes per element of each task vector)."""
     from finrecipe.merge import read_model
 
     info = read_model(models[base])
-    return 4 * int(info.num_params) * len(models)
+    arrays = len(models) + (len(models) - 1 if sorted_keys else 0)
+    return 4 * int(info.num_params) * arrays
 
 
-__all__ = ["IN_MEMORY", "InMemoryMerger", "fp32_bytes"]
+__all__ = ["IN_MEMORY", "InMemoryMerger", "Prefetch", "fp32_bytes"]

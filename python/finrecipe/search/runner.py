@@ -157,19 +157,24 @@ def prepare(setup: SearchSetup, model: Any, tokenizer: Any, merger: Any, logger:
 def run_search(setup: SearchSetup, *, progress: Progress | None = None,
                logger: logging.Logger | None = None) -> SearchResult:
     from finrecipe.eval.model import load_model, pick_device
-    from finrecipe.search.fastmerge import InMemoryMerger, fp32_bytes
+    from finrecipe.search.fastmerge import InMemoryMerger, Prefetch, fp32_bytes
 
     progress = progress or NullProgress()
     logger = logger or logging.getLogger("finrecipe")
     t0 = time.monotonic()
     device = pick_device(setup.device)
-    model, tokenizer = load_model(setup.paths[setup.instruct], device=device, dtype=_dtype_of_device(device))
     names = [setup.base, setup.instruct, *setup.domains]
     paths = {n: setup.paths[n] for n in names}
+    cpu = device == "cpu"
+    ties = "ties" in setup.space.methods
     keep = setup.keep_in_memory
     if keep is None:
-        keep = fp32_bytes(paths, setup.base) <= setup.memory_budget
-    merger = InMemoryMerger(model, paths, setup.base, keep_in_memory=keep, threads=setup.threads)
+        keep = fp32_bytes(paths, setup.base, sorted_keys=ties and cpu) <= setup.memory_budget
+    # The task vectors (and TIES's sorted keys) are read on a second thread while the model loads
+    # and the instruct model is scored.
+    pre = Prefetch(paths, setup.base, [setup.instruct, *setup.domains], sort=ties) if keep and cpu else None
+    model, tokenizer = load_model(setup.paths[setup.instruct], device=device, dtype=_dtype_of_device(device))
+    merger = InMemoryMerger(model, paths, setup.base, keep_in_memory=keep, threads=setup.threads, prefetch=pre)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     data, data_key = prepare(setup, model, tokenizer, merger, logger)
