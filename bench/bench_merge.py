@@ -318,10 +318,9 @@ def _on_tie(mag: Any, bounds: list[int]) -> Any:
     out = torch.zeros(n, dtype=torch.bool)
     for b in bounds:
         if 0 < b < n:
-            lo = torch.kthvalue(mag, b).values
-            hi = torch.kthvalue(mag, b + 1).values
-            if lo == hi:
-                out |= mag == hi
+            v = torch.kthvalue(mag, b).values  # rank b-1 (0-based) of the ascending order
+            if int((mag <= v).sum()) > b:  # the run of v reaches rank b too
+                out |= mag == v
     return out
 
 
@@ -367,12 +366,14 @@ def parity(a_dir: Path, b_dir: Path, topk: dict[str, Any] | None = None) -> dict
             missing.append(f"{k} ({x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)})")
             continue
         if x.dtype == torch.bfloat16:
-            d = (_ordered(x) - _ordered(y)).abs()
-            eq = int((d == 0).sum())
+            differ = (x.view(torch.int16) != y.view(torch.int16)).reshape(-1)  # one pass; ulps only where needed
+            d = (_ordered(x.reshape(-1)[differ]) - _ordered(y.reshape(-1)[differ])).abs()
+            differ[differ.clone()] = d != 0  # +0 and -0 are the same value (0 ulp)
+            d = d[d != 0]
+            eq = x.numel() - int(differ.sum())
             beyond1 += int((d > 1).sum())
             m = int(d.max()) if d.numel() else 0
             if topk and kept_range and eq != x.numel():
-                differ = (d != 0).reshape(-1)
                 base = get(base_t[k], k).float().reshape(-1)
                 on_tie = torch.zeros_like(differ)
                 for dt, dens, gam in donors:
