@@ -78,7 +78,7 @@ def slug(case: Case, dtype: str) -> str:
 def run_finrecipe(exe: list[str], config: Path, out: Path) -> tuple[bool, str, float]:
     t0 = time.perf_counter()
     r = subprocess.run([*exe, "merge", str(config), str(out), "--overwrite", "-q", "--seed", "0"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
@@ -115,6 +115,7 @@ def main() -> int:
     version = mergekit_version(py)
     models = ensure_models()
     log(f"{len(jobs)} configs; {version}")
+    models_version = (models / "VERSION").read_text()  # mergekit's outputs are redone when the models change
 
     mk_jobs, dirs = [], {}
     for case, dt in jobs:
@@ -124,7 +125,7 @@ def main() -> int:
         d.mkdir(parents=True, exist_ok=True)
         text = json.dumps(cfg, indent=2)  # JSON is YAML; both tools read the same file
         (d / "config.yml").write_text(text)
-        key = hashlib.sha256((text + version).encode()).hexdigest()[:16]
+        key = hashlib.sha256((text + version + models_version).encode()).hexdigest()[:16]
         dirs[(case.name, dt)] = (d, cfg)
         done = d / "mergekit.done"
         if done.is_file() and done.read_text() == key and (d / "mergekit").is_dir():

@@ -14,7 +14,8 @@ Where finrecipe deliberately differs from mergekit:
 - DARE masks come from a generator keyed by (seed, tensor name, element), not torch's global RNG;
 - TIES/breadcrumbs choose deterministically among entries whose |delta| ties at the top-k threshold
   (mergekit's `argsort` is unstable there);
-- `tokenizer_source: union` and other vocabulary-changing options are refused, not approximated.
+- a union vocabulary's appended tokens are ordered by model and id, not by hash-map order (mergekit's
+  ids for them change from run to run); the rows are mergekit's (merge/tokenizer.py).
 """
 
 from finrecipe.merge.config import MergeConfig, load_merge_config

@@ -103,7 +103,7 @@ def load_tokenizer(name: str, path: Path) -> Any:
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:  # transformers raises many kinds; the message names the model
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise MismatchError(f"model {name!r} ({path}): its tokenizer cannot be loaded ({first}); with "
@@ -300,6 +300,8 @@ def rearrange(vp: VocabPlan, job: VocabJob, tensors: dict[str, Any]) -> dict[str
             configs[tok] = TokenEmbedding(source=job.base)
         else:
             to_average.add(tok)
+    n_vocab = len(vp.vocab)
+    out: dict[str, Any] = {}
     defaults: dict[str, Any] = {}
     for tok, tid in vp.vocab.items():
         cfg = configs.get(tok)
@@ -329,21 +331,21 @@ def rearrange(vp: VocabPlan, job: VocabJob, tensors: dict[str, Any]) -> dict[str
         else:
             continue
         defaults[tok] = emb
-    out: dict[str, Any] = {}
-    n_vocab = len(vp.vocab)
+    forced = {vp.vocab[t] for t, c in vp.tokens.items() if c.force}
     for m in models:
         p = perms[m]
         old = tensors[m]
         new = torch.zeros((vp.rows, *token_shape), dtype=dtype)
+        own = [(tid, p[tid]) for tid in range(n_vocab) if p[tid] >= 0 and tid not in forced]
+        if own:  # the model's own rows, copied (one gather instead of a loop over the vocabulary)
+            dst, src = zip(*own, strict=True)
+            new[torch.tensor(dst)] = old[torch.tensor(src)].to(dtype)
         for tok, tid in vp.vocab.items():
-            cfg = vp.tokens.get(tok)
-            force = cfg.force if cfg is not None else False
-            if p[tid] >= 0 and not force:
-                new[tid] = old[p[tid]]
-            elif tok in defaults:
-                new[tid] = defaults[tok]
-            else:  # unreachable: every missing or forced token has a default
+            if p[tid] >= 0 and tid not in forced:
+                continue
+            if tok not in defaults:  # unreachable: every missing or forced token has a default
                 raise MismatchError(f"no row for token {tok!r} in model {m!r} (tensor {job.name!r})")
+            new[tid] = defaults[tok]
         if vp.rows > n_vocab:
             new[n_vocab:] = torch.mean(new[:n_vocab], dim=0)
         out[m] = new
