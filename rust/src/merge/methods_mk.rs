@@ -144,7 +144,10 @@ pub(crate) fn della_mask(
 
 /// Kernels of this module that also compute in bf16 when the plan asks (elementwise ones).
 pub fn bf16_ok(k: Kernel) -> bool {
-    matches!(k, Kernel::Nearswap | Kernel::Ram | Kernel::RamplusTl)
+    matches!(
+        k,
+        Kernel::Nearswap | Kernel::Ram | Kernel::RamplusTl | Kernel::Sce
+    )
 }
 
 pub fn needs_stats(job: &Job) -> bool {
@@ -254,29 +257,36 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
             } else {
                 None
             };
-            // per source: Σ δ² → the source's weight mean(δ_i²) / Σ_j mean(δ_j²)
+            // per source: Σ δ² → the source's weight mean(δ_i²) / Σ_j mean(δ_j²); bf16 compute:
+            // δ² rounded, the mean summed in f32 and rounded, the weights r(mean_i / r(Σ_j mean_j))
+            let bf = job.bf16_compute;
             let sq = ctx
                 .fold(
                     ctl,
                     true,
                     || (vec![0f64; nsrc], Vec::new()),
-                    |(acc, var), c, _a, s, m| match &rule {
-                        None => {
-                            for (i, a) in acc.iter_mut().enumerate() {
-                                *a += super::kernels::dot(&s.srcs[i][..m], &s.srcs[i][..m]);
-                            }
-                        }
-                        Some(rule) => {
+                    |(acc, var), c, _a, s, m| {
+                        if let Some(rule) = &rule {
                             super::methods_sph::variances(&s.srcs, nsrc, m, var);
-                            rule.apply(c, &mut var[..m]);
-                            for (i, a) in acc.iter_mut().enumerate() {
-                                *a += s.srcs[i][..m]
-                                    .iter()
-                                    .zip(var.iter())
-                                    .filter(|(_, &v)| v != 0.0)
-                                    .map(|(&x, _)| x as f64 * x as f64)
-                                    .sum::<f64>();
+                            if bf {
+                                super::bf16::round_all(var);
                             }
+                            rule.apply(c, &mut var[..m]);
+                        }
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let d = &s.srcs[i][..m];
+                            *a += d
+                                .iter()
+                                .enumerate()
+                                .filter(|&(j, _)| rule.is_none() || var[j] != 0.0)
+                                .map(|(_, &x)| {
+                                    if bf {
+                                        rb(x * x) as f64
+                                    } else {
+                                        x as f64 * x as f64
+                                    }
+                                })
+                                .sum::<f64>();
                         }
                     },
                     |(mut a, v), (b, _)| {
@@ -287,15 +297,16 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                     },
                 )?
                 .0;
+            let rr = |x: f32| if bf { rb(x) } else { x };
             let means: Vec<f32> = sq
                 .iter()
-                .map(|&v| (v / job.numel.max(1) as f64) as f32)
+                .map(|&v| rr((v as f32) / (job.numel.max(1) as f32)))
                 .collect();
-            let total: f32 = means.iter().sum();
+            let total: f32 = rr(means.iter().sum());
             let w = if total.abs() < 1e-6 {
-                vec![1.0 / nsrc as f32; nsrc]
+                vec![rr(1.0 / nsrc as f32); nsrc]
             } else {
-                means.iter().map(|&v| v / total).collect()
+                means.iter().map(|&v| rr(v / total)).collect()
             };
             Ok(match rule {
                 None => Stats::Dare(w),
@@ -489,39 +500,52 @@ pub fn compute(
         Kernel::Sce => {
             // sign election on Σ δ_i (unweighted), agreeing δ_i weighted by their source's
             // weight, divided by the agreeing weights; with select_topk < 1 every δ_i is first
-            // zeroed outside the variance top-k
+            // zeroed outside the variance top-k. bf16 compute rounds as mergekit's bf16 ops do:
+            // δ_i = r(θ_i − θ_b); elected = r(Σ δ_i) ≥ 0; num = r(Σ r(δ_i·w_i)), den = r(Σ w_i)
+            // over the agreeing ones; out = r(θ_b + r(num / max(den, r(1e-6)))).
             let (w, rule) = match stats {
                 Stats::Dare(w) => (w, None),
                 Stats::SceTopk { rule, w } => (w, Some(rule)),
                 _ => unreachable!("sce without stats"),
             };
+            let dl: Vec<Vec<f32>> = srcs
+                .iter()
+                .take(nsrc)
+                .map(|src| {
+                    src[..m]
+                        .iter()
+                        .zip(&base[..m])
+                        .map(|(&x, &b0)| r(x - b0))
+                        .collect()
+                })
+                .collect();
             let mut keep = Vec::new();
             if let Some(rule) = rule {
-                super::methods_sph::variances(srcs, nsrc, m, &mut keep);
+                super::methods_sph::variances(&dl, nsrc, m, &mut keep);
+                if bf {
+                    super::bf16::round_all(&mut keep);
+                }
                 rule.apply(chunk, &mut keep[..m]);
             }
-            let mut d = vec![0f32; nsrc];
+            let floor = r(1e-6);
             for j in 0..m {
                 let b0 = base[j];
                 let kept = rule.is_none() || keep[j] != 0.0;
+                let d = |i: usize| if kept { dl[i][j] } else { dl[i][j] * 0.0 };
                 let mut sum = 0f32;
-                for (di, src) in d.iter_mut().zip(srcs.iter()) {
-                    *di = if kept {
-                        src[j] - b0
-                    } else {
-                        (src[j] - b0) * 0.0
-                    };
-                    sum += *di;
+                for i in 0..nsrc {
+                    sum += d(i);
                 }
-                let pos = sum >= 0.0;
+                let pos = r(sum) >= 0.0;
                 let (mut num, mut den) = (0f32, 0f32);
-                for (&di, &wi) in d.iter().zip(w) {
+                for (i, &wi) in w.iter().enumerate().take(nsrc) {
+                    let di = d(i);
                     if (di > 0.0 && pos) || (di < 0.0 && !pos) {
-                        num += di * wi;
+                        num += r(di * wi);
                         den += wi;
                     }
                 }
-                out[j] = b0 + num / den.max(1e-6);
+                out[j] = r(b0 + r(r(num) / r(den).max(floor)));
             }
         }
         Kernel::Karcher => {

@@ -512,6 +512,8 @@ pub(crate) fn variances(srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<
 /// sce's variance top-k as a keep rule on the per-element variances (select_topk < 1).
 pub(crate) fn sce_rule(ctx: &Ctx, ctl: &Control, topk: f64) -> Result<KeepRule> {
     let nsrc = ctx.job.sources.len();
+    // bf16 compute: torch's bf16 var is the float variance rounded to bf16
+    let bf = ctx.job.bf16_compute;
     if topk <= 0.0 {
         return Ok(KeepRule {
             lo: Bound::Never,
@@ -523,7 +525,12 @@ pub(crate) fn sce_rule(ctx: &Ctx, ctl: &Control, topk: f64) -> Result<KeepRule> 
         ctl,
         true,
         true,
-        |_a, s, m, buf| variances(&s.srcs, nsrc, m, buf),
+        |_a, s, m, buf| {
+            variances(&s.srcs, nsrc, m, buf);
+            if bf {
+                super::bf16::round_all(buf);
+            }
+        },
         |_hist, nonzero| {
             // torch: int(count_nonzero(var) * select_topk), the product in float32
             vec![((nonzero as f32) * (topk as f32)) as u64]
