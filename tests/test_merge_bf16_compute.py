@@ -93,3 +93,37 @@ def test_compute_dtype_is_validated() -> None:
     with pytest.raises(RecipeError, match="compute_dtype"):
         MergeConfig.from_dict({"merge_method": "linear", "compute_dtype": "int8",
                                "models": [{"model": "a", "parameters": {"weight": 1.0}}]})
+
+
+def _model_stock_rows_bf16(w0: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    """mergekit 0.1.5's model_stock with filter_wise in bf16 (torch's bf16 operations, its order)."""
+    w0, ws = w0.to(torch.bfloat16), [w.to(torch.bfloat16) for w in ws]
+    off = [w - w0 for w in ws]
+    cos = []
+    for i, a in enumerate(off):
+        for b in off[i + 1:]:
+            npr = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cos.append(((a * b).sum(dim=-1) / npr.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    t = (n * c) / (1 + (n - 1) * c)
+    return t * (sum(ws) / n) + (1 - t) * w0
+
+
+def test_model_stock_filter_wise_bf16_like_mergekit(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "bfloat16", n=3, scale=0.003)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    d = _cfg("model_stock", ms, [{}, {}, {}], {"dtype": "bfloat16", "parameters": {"filter_wise": True}})
+    out = _merge(tmp_path, d, "bf16")
+    n2 = 0
+    for k, b in S["base"].items():
+        if b.dim() != 2:
+            continue
+        ref = _model_stock_rows_bf16(b, [S[f"m{i}"][k] for i in (1, 2, 3)])
+        assert torch.equal(out[k], ref), k
+        n2 += 1
+    assert n2 > 3
+    # compute_dtype: float32 keeps the exact factors (and differs somewhere)
+    d["compute_dtype"] = "float32"
+    exact = _merge(tmp_path, d, "f32")
+    assert any(not torch.equal(exact[k], out[k]) for k in out)

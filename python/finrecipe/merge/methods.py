@@ -157,7 +157,7 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
               needs_base=True, min_sources=1, max_sources=1, doc="spherical interpolation of two models"),
     MethodDef("model_stock", "model_stock", (_p("filter_wise", "global", False, bool,
                                                  doc="one factor per row instead of per tensor"),),
-              needs_base=True, min_sources=2, doc="interpolation by the task vectors' mean cosine"),
+              needs_base=True, min_sources=2, bf16_compute=True, doc="interpolation by the task vectors' mean cosine"),
     MethodDef("passthrough", "passthrough", (_p("scale", "model", 1.0, doc="multiply the tensor"),),
               needs_base=False, min_sources=1, max_sources=1, explicit_copy=True,
               doc="copy one model (optionally scaled)"),

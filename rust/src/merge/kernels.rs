@@ -447,6 +447,9 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
             let nrows = job.numel / row_len.max(1);
             let npairs = nsrc * (nsrc - 1) / 2;
             let k = npairs + nsrc;
+            // bf16 compute (deltas already rounded): the dot products sum the rounded products
+            // r(δ_x·δ_y), the norms sum the squares unrounded (torch's norm accumulates in f32)
+            let bf = job.bf16_compute;
             let acc = ctx.fold(
                 ctl,
                 true,
@@ -460,7 +463,15 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                         let mut p = 0;
                         for x in 0..nsrc {
                             for y in x + 1..nsrc {
-                                slot[p] += dot(&s.srcs[x][j..end], &s.srcs[y][j..end]);
+                                slot[p] += if bf {
+                                    s.srcs[x][j..end]
+                                        .iter()
+                                        .zip(&s.srcs[y][j..end])
+                                        .map(|(&u, &v)| super::bf16::rb(u * v) as f64)
+                                        .sum::<f64>()
+                                } else {
+                                    dot(&s.srcs[x][j..end], &s.srcs[y][j..end])
+                                };
                                 p += 1;
                             }
                             slot[npairs + x] += dot(&s.srcs[x][j..end], &s.srcs[x][j..end]);
@@ -471,21 +482,42 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                 add_vecs,
             )?;
             let nf = nsrc as f32;
+            let r = |x: f32| if bf { super::bf16::rb(x) } else { x };
             let t = (0..nrows.max(1))
-                .map(|r| {
-                    let slot = &acc[r * k..(r + 1) * k];
+                .map(|row| {
+                    let slot = &acc[row * k..(row + 1) * k];
                     let mut p = 0;
                     let mut sum = 0f32;
                     for x in 0..nsrc {
                         for y in x + 1..nsrc {
-                            let np =
-                                (slot[npairs + x].sqrt() as f32) * (slot[npairs + y].sqrt() as f32);
-                            sum += ((slot[p] as f32) / np.max(1e-6)).clamp(-1.0, 1.0);
+                            let (na, nb) = if bf {
+                                (
+                                    r((slot[npairs + x] as f32).sqrt()),
+                                    r((slot[npairs + y] as f32).sqrt()),
+                                )
+                            } else {
+                                (
+                                    slot[npairs + x].sqrt() as f32,
+                                    slot[npairs + y].sqrt() as f32,
+                                )
+                            };
+                            let np = r(na * nb);
+                            sum += r(r(slot[p] as f32) / np.max(r(1e-6))).clamp(-1.0, 1.0);
                             p += 1;
                         }
                     }
-                    let cos = sum / npairs as f32;
-                    (nf * cos) / (1.0 + (nf - 1.0) * cos)
+                    let cos = r(sum / npairs as f32);
+                    if bf {
+                        // mergekit keeps the base where 1 + (n − 1)·cos vanishes
+                        let den = r(1.0 + r((nf - 1.0) * cos));
+                        if den.abs() < 1e-6 {
+                            0.0
+                        } else {
+                            r(r(nf * cos) / den)
+                        }
+                    } else {
+                        (nf * cos) / (1.0 + (nf - 1.0) * cos)
+                    }
                 })
                 .collect();
             Ok(Stats::Stock { row_len, t })
@@ -766,14 +798,33 @@ fn compute_generic(
                 }
             }
             let nf = nsrc as f32;
+            let bf = job.bf16_compute;
+            if bf {
+                // mergekit: sum(ws) adds the models one by one, each sum rounded
+                let rb = super::bf16::rb;
+                out.copy_from_slice(&srcs[0][..m]);
+                for src in srcs.iter().take(nsrc).skip(1) {
+                    for (o, &x) in out.iter_mut().zip(&src[..m]) {
+                        *o = rb(*o + x);
+                    }
+                }
+            }
             let mut j = 0;
             while j < m {
                 let row = (a + j) / row_len;
                 let end = ((row + 1) * row_len - a).min(m);
                 let tr = t[row];
-                let u = 1.0 - tr;
-                for (o, &b0) in out[j..end].iter_mut().zip(&base[j..end]) {
-                    *o = tr * (*o / nf) + u * b0;
+                if bf {
+                    let rb = super::bf16::rb;
+                    let u = rb(1.0 - tr);
+                    for (o, &b0) in out[j..end].iter_mut().zip(&base[j..end]) {
+                        *o = rb(rb(tr * rb(*o / nf)) + rb(u * b0));
+                    }
+                } else {
+                    let u = 1.0 - tr;
+                    for (o, &b0) in out[j..end].iter_mut().zip(&base[j..end]) {
+                        *o = tr * (*o / nf) + u * b0;
+                    }
                 }
                 j = end;
             }

@@ -787,7 +787,13 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
         })?;
         let bf16_compute = match tp.compute_dtype.as_deref() {
             None | Some("F32") => false,
-            Some("BF16") if kernel.is_gta() || super::methods_mk::bf16_ok(kernel) => true,
+            Some("BF16")
+                if kernel.is_gta()
+                    || super::methods_mk::bf16_ok(kernel)
+                    || kernel == Kernel::ModelStock =>
+            {
+                true
+            }
             Some(other) => {
                 return Err(Error::Config(format!(
                     "{where_}: compute_dtype '{other}' is not supported by kernel '{}' (F32, or \
