@@ -70,8 +70,12 @@ def test_union_rows_follow_tokens(tok_models: dict[str, dict[str, Path]], tmp_pa
             want = (0.25 * a + 0.75 * c) if a is not None and c is not None else (a if a is not None else c)
             assert want is not None
             torch.testing.assert_close(out[name][r], want, rtol=0, atol=1e-6)
-    # the temporary per-model vocabulary files are gone; the tokenizer round-trips
+    # the temporary per-model vocabulary files are gone, the returned plan still names the inputs;
+    # the tokenizer round-trips
     assert not any(p.name.startswith(".finrecipe") for p in res.out_dir.iterdir())
+    plan = res.info.plan
+    emb = next(t for t in plan["tensors"] if t["name"] == EMB)
+    assert [plan["models"][s["model"]] for s in emb["sources"]] == [str(ms["instruct"]), str(ms["cpt"])]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(res.out_dir))
@@ -94,7 +98,7 @@ def test_default_rules_base_then_mean(tok_models: dict[str, dict[str, Path]]) ->
     # rows that name their model and token: value = 1000 * model number + own token id
     tensors = {names[v]: torch.stack([torch.full((2,), 1000.0 * k + i) for i in range(rows)])
                for k, (v, rows) in enumerate([("base", 32), ("instruct", 32), ("cpt", 29), ("far", 32)])}
-    new = rearrange(vp, job, tensors)
+    new = dict(rearrange(vp, job, tensors))
     vb, vi, vc, vf = (vocab(ms[v]) for v in ("base", "instruct", "cpt", "far"))
     far_row = new[names["far"]]
     # "<|im_start|>": only instruct has it -> instruct's row in every model
@@ -111,7 +115,7 @@ def test_default_rules_base_then_mean(tok_models: dict[str, dict[str, Path]]) ->
     assert new[names["base"]][vp.vocab["alpha"], 0] == ((2000 + vc["alpha"]) + (3000 + vf["alpha"])) / 2
     # without a base model in the tensor's models: the mean of the models that have the token
     job.base = None
-    new = rearrange(vp, job, tensors)
+    new = dict(rearrange(vp, job, tensors))
     want = ((0 + vb["w25"]) + (1000 + vi["w25"]) + (3000 + vf["w25"])) / 3
     assert float(new[names["cpt"]][vp.vocab["w25"], 0]) == pytest.approx(want)
 

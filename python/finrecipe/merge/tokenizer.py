@@ -33,8 +33,10 @@ on the others).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,9 +275,9 @@ def vocab_entry(vp: VocabPlan, cfg: MergeConfig, part_index: int, entry_index: i
 
 # -- run time ----------------------------------------------------------------------------------------
 
-def rearrange(vp: VocabPlan, job: VocabJob, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Each model's tensor in the output vocabulary (`tensors`: model -> its input tensor, already
-    cast to the config's dtype), with mergekit's rules and operation order."""
+def rearrange(vp: VocabPlan, job: VocabJob, tensors: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(model, its tensor in the output vocabulary) for each model, one at a time (`tensors`: model ->
+    its input tensor, already cast to the config's dtype), with mergekit's rules and operation order."""
     import torch
 
     models = job.order
@@ -301,7 +303,6 @@ def rearrange(vp: VocabPlan, job: VocabJob, tensors: dict[str, Any]) -> dict[str
         else:
             to_average.add(tok)
     n_vocab = len(vp.vocab)
-    out: dict[str, Any] = {}
     defaults: dict[str, Any] = {}
     for tok, tid in vp.vocab.items():
         cfg = configs.get(tok)
@@ -348,8 +349,7 @@ def rearrange(vp: VocabPlan, job: VocabJob, tensors: dict[str, Any]) -> dict[str
             new[tid] = defaults[tok]
         if vp.rows > n_vocab:
             new[n_vocab:] = torch.mean(new[:n_vocab], dim=0)
-        out[m] = new
-    return out
+        yield m, new
 
 
 def write_vocab_inputs(vp: VocabPlan, plan: dict[str, Any], paths: dict[str, Path], work: Path
@@ -361,7 +361,7 @@ def write_vocab_inputs(vp: VocabPlan, plan: dict[str, Any], paths: dict[str, Pat
     from safetensors.torch import save_file
 
     plan = dict(plan)
-    plan["tensors"] = [dict(t) for t in plan["tensors"]]
+    plan["tensors"] = copy.deepcopy(plan["tensors"])  # the caller's plan keeps its references
     models_list = list(plan["models"])
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -377,14 +377,12 @@ def write_vocab_inputs(vp: VocabPlan, plan: dict[str, Any], paths: dict[str, Pat
             if vp.dtype is not None:
                 x = x.to(getattr(torch, _TORCH[vp.dtype]))
             tensors[m] = x
-        new = rearrange(vp, job, tensors)
         tnames = {m: t for m, t, _ in job.refs}
-        del tensors
         entry = plan["tensors"][job.entry]
-        for m, tensor in new.items():
+        for m, tensor in rearrange(vp, job, tensors):  # one output in memory at a time
             d = work / f"{k}-{list(paths).index(m)}"
-            d.mkdir(exist_ok=True)
             try:
+                d.mkdir(exist_ok=True)
                 save_file({job.name: tensor.contiguous()}, str(d / "model.safetensors"), metadata={"format": "pt"})
             except OSError as e:
                 raise IoError(f"{d}: cannot write a rearranged vocabulary tensor: {e}") from None
@@ -393,14 +391,10 @@ def write_vocab_inputs(vp: VocabPlan, plan: dict[str, Any], paths: dict[str, Pat
             for ref in ([entry["base"]] if entry.get("base") else []) + entry["sources"]:
                 if ref["model"] == plan["models"].index(str(paths[m])) and ref["tensor"] == tnames[m]:
                     ref["model"], ref["tensor"] = idx, job.name
-        del new
+            del tensor
+        del tensors
     plan["models"] = models_list
     return plan
-
-
-def vocab_config_update(vp: VocabPlan, config: dict[str, Any]) -> None:
-    """config.json: `vocab_size` becomes the output row count."""
-    config["vocab_size"] = vp.rows
 
 
 def save_tokenizer(tokenizer: Any, out: Path, chat_template: str | None) -> None:
