@@ -219,6 +219,20 @@ def test_stop_when_no_improvement(last_run: tuple[Path, StageResult], data: dict
     m = res.metrics
     assert m["steps"] == stop and m["planned_steps"] == 8 and m["probe"]["stopped_early"]
     assert m["output_step"] == _argmax_step(ref[:stop // 2])
+    # The report: a section naming the choice and the data, the probe curves beside the loss curve
+    from finrecipe.report.render import images, render_markdown
+    from finrecipe.report.run import NodeRecord, RunRecord
+
+    node = NodeRecord.from_json({"name": "finance", "type": "continual_pretraining", "key": "k", "status": "ran",
+                                 "out_dir": str(out), "metrics": m, "artifacts": res.artifacts})
+    run = RunRecord.from_json({"recipe": {"name": "t"}, "nodes": []})
+    run.nodes = [node]
+    md = render_markdown(run, {})
+    assert "## Merge probe: finance" in md
+    assert f"the best at step {m['output_step']}" in md and f"best probed checkpoint (step {m['output_step']})" in md
+    assert f"stopped early after step {stop} of 8" in md and "bits/byte on dev (2 documents)" in md
+    assert "Protected (never optimised on): jfin." in md
+    assert [cap for _s, cap, _p in images(run)] == ["finance: training loss and merge probe curves"]
 
 
 class _SigtermAt(NullProgress):
@@ -398,3 +412,12 @@ def test_recipe_errors_are_located(data: dict[str, Path], tmp_path: Path, probe:
     assert where in text and "r.yaml:" in text and re.search(msg, text), text
     assert "\n" not in text.strip()
 
+
+
+def test_progress_line_shows_the_probe() -> None:
+    from finrecipe.train.runner import _info
+
+    line = _info({"step": 4, "loss": 1.25, "probe_bits_per_byte": 0.84712, "probe_agreement": 0.6756,
+                  "probe_best_step": 2})
+    assert line == "loss 1.2500 · probe 0.8471 bpb agr 0.676 (best @2)"
+    assert _info({"step": 3, "loss": 1.0}) == "loss 1.0000"

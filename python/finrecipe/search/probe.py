@@ -17,8 +17,8 @@ the scoring model's device); the instruct responses are generated once at `load`
 (FSDP2) trainer can gather one block at a time and pass a generator: memory is bounded by one
 gathered block plus the scoring copy and τ_I. Names are the Hugging Face parameter names; a name
 the probe does not know is an error (a wrong model), a tensor not passed keeps its last value.
-This module only scores; wiring it into the trainer (the `merge_probe:` stage option) belongs to
-the training stage.
+The trainer side (the `continual_pretraining` stage's `merge_probe:` option) is
+`finrecipe.train.probe`.
 """
 
 from __future__ import annotations
@@ -76,8 +76,16 @@ class MergeProbe:
             data.instruct_logprob = score_model(model, data, pad_id=int(pad)).response_logprob
         base, inst = _Reader(Path(base_dir)), _Reader(Path(instruct_dir))
         tau: dict[str, Any] = {}
+        targets = model.state_dict()
         with torch.no_grad():
             for name in inst.where:
+                if name not in targets:
+                    from finrecipe.errors import MismatchError
+
+                    # e.g. experts that transformers fuses in memory: τ_I would silently go missing
+                    raise MismatchError(f"merge probe: the instruct model's tensor {name!r} has no parameter of "
+                                        "that name once loaded (an in-memory layout that differs from the "
+                                        "checkpoint's); probing this architecture is not supported")
                 tau[name] = inst.get(name).to(dev, torch.float32) - base.get(name).to(dev, torch.float32)
         return cls(model, tok, tau, weight, data)
 

@@ -180,6 +180,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------- model
     def _setup_model(self, d: tdist.Dist) -> None:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.disable_progress_bar()  # library code does not print; progress goes through `progress`
 
         cfg = self.cfg
         self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda")
