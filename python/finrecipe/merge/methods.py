@@ -185,7 +185,7 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
                   doc="interpolate the vectors along dimension 0 (columns) instead of the rows"),
                _p("nuslerp_flatten", "global", True, bool,
                   doc="interpolate the whole tensor as one vector (overrides nuslerp_row_wise)")),
-              needs_base=False, base_optional=True, min_sources=2, max_sources=2,
+              needs_base=False, base_optional=True, min_sources=2, max_sources=2, bf16_compute=True,
               doc="spherical interpolation of two models (or of their task vectors when a base is given), "
                   "t = weight2 / (weight1 + weight2)"),
     MethodDef("multislerp", "multislerp",

@@ -39,6 +39,13 @@ pub enum Stats {
         k: usize,
         c: Vec<f32>,
     },
+    /// nuslerp under bf16 compute: per vector [n₀, n₁, s₀, s₁, sin θ, colinear] (methods_sph.rs).
+    NuslerpBf16 {
+        groups: super::methods_sph::Groups,
+        deltas: bool,
+        t: f32,
+        c: Vec<f32>,
+    },
     /// arcee_fusion: per-row KL factor of the importance, and its threshold.
     Fusion {
         row_len: usize,

@@ -146,7 +146,7 @@ pub(crate) fn della_mask(
 pub fn bf16_ok(k: Kernel) -> bool {
     matches!(
         k,
-        Kernel::Nearswap | Kernel::Ram | Kernel::RamplusTl | Kernel::Sce
+        Kernel::Nearswap | Kernel::Ram | Kernel::RamplusTl | Kernel::Sce | Kernel::Nuslerp
     )
 }
 

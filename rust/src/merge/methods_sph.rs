@@ -32,6 +32,7 @@
 
 use rayon::prelude::*;
 
+use super::bf16::rb;
 use super::kernels::{dot, Stats};
 use super::plan::{Job, Kernel};
 use super::select::{self, Bound, KeepRule, HI_BINS, LO_BINS};
@@ -110,14 +111,21 @@ fn load_range(
 ) {
     let job = ctx.job;
     let m = b - a;
+    let bf = job.bf16_compute;
     if let Some(r) = job.base {
         ctx.load(r, a, b, base);
+        if bf {
+            super::bf16::round_all(&mut base[..m]);
+        }
     }
     for (i, &r) in job.sources.iter().enumerate() {
         ctx.load(r, a, b, &mut srcs[i]);
+        if bf {
+            super::bf16::round_all(&mut srcs[i][..m]);
+        }
         if deltas && job.base.is_some() {
             for (x, &y) in srcs[i][..m].iter_mut().zip(&base[..m]) {
-                *x -= y;
+                *x = if bf { rb(*x - y) } else { *x - y };
             }
         }
     }
@@ -243,6 +251,162 @@ fn gram_pairs(ctx: &Ctx, ctl: &Control, groups: Groups, deltas: bool) -> Result<
             Ok(out)
         }
     }
+}
+
+/// Per vector of `groups`: three sums of f(vector, v₀[e], v₁[e]) over its elements, reduced in a
+/// fixed order (spans of the whole tensor, whole rows, or fixed groups of rows for columns).
+fn group_sums3<F>(
+    ctx: &Ctx,
+    ctl: &Control,
+    groups: Groups,
+    deltas: bool,
+    f: F,
+) -> Result<Vec<[f64; 3]>>
+where
+    F: Fn(usize, f32, f32) -> [f64; 3] + Sync + Send,
+{
+    let n = ctx.job.numel;
+    let add = |acc: &mut [f64; 3], g: usize, x: f32, y: f32| {
+        let v = f(g, x, y);
+        for l in 0..3 {
+            acc[l] += v[l];
+        }
+    };
+    let out = match groups {
+        Groups::Whole => {
+            let parts: Vec<[f64; 3]> = (0..n.div_ceil(SPAN))
+                .into_par_iter()
+                .map(|sp| {
+                    let mut acc = [0f64; 3];
+                    if ctl.check().is_err() {
+                        return acc;
+                    }
+                    let (a, b) = (sp * SPAN, ((sp + 1) * SPAN).min(n));
+                    with_scratch(2, SPAN, |s| {
+                        load_range(ctx, a, b, deltas, &mut s.base, &mut s.srcs);
+                        for j in 0..b - a {
+                            add(&mut acc, 0, s.srcs[0][j], s.srcs[1][j]);
+                        }
+                    });
+                    acc
+                })
+                .collect();
+            let mut acc = [0f64; 3];
+            for p in parts {
+                for l in 0..3 {
+                    acc[l] += p[l];
+                }
+            }
+            vec![acc]
+        }
+        Groups::Rows(len) => (0..groups.count(n))
+            .into_par_iter()
+            .map(|r| {
+                let mut acc = [0f64; 3];
+                if ctl.check().is_err() {
+                    return acc;
+                }
+                with_scratch(2, len, |s| {
+                    load_range(
+                        ctx,
+                        r * len,
+                        (r + 1) * len,
+                        deltas,
+                        &mut s.base,
+                        &mut s.srcs,
+                    );
+                    for j in 0..len {
+                        add(&mut acc, r, s.srcs[0][j], s.srcs[1][j]);
+                    }
+                });
+                acc
+            })
+            .collect(),
+        Groups::Cols(ncols) => {
+            let nrows = n / ncols.max(1);
+            let ngrp = nrows.clamp(1, 16);
+            let parts: Vec<Vec<[f64; 3]>> = (0..ngrp)
+                .into_par_iter()
+                .map(|g| {
+                    let mut acc = vec![[0f64; 3]; ncols];
+                    let (r0, r1) = (g * nrows / ngrp, (g + 1) * nrows / ngrp);
+                    with_scratch(2, ncols, |s| {
+                        for r in r0..r1 {
+                            if ctl.check().is_err() {
+                                return;
+                            }
+                            let (a, b) = (r * ncols, (r + 1) * ncols);
+                            load_range(ctx, a, b, deltas, &mut s.base, &mut s.srcs);
+                            for (j, a) in acc.iter_mut().enumerate() {
+                                add(a, j, s.srcs[0][j], s.srcs[1][j]);
+                            }
+                        }
+                    });
+                    acc
+                })
+                .collect();
+            let mut out = vec![[0f64; 3]; ncols];
+            for p in parts {
+                for (o, q) in out.iter_mut().zip(p) {
+                    for l in 0..3 {
+                        o[l] += q[l];
+                    }
+                }
+            }
+            out
+        }
+    };
+    ctl.check()?;
+    Ok(out)
+}
+
+/// nuslerp under bf16 compute, per vector: [n₀, n₁, r(sin(r((1 − t)θ))), r(sin(r(tθ))), r(sin θ),
+/// colinear] as mergekit's bf16 operations give them: n_i = max(r(‖v_i‖), r(1e-7)) (squares
+/// summed unrounded), cos = r(Σ r(r(v₀/n₀)·r(v₁/n₁))) clamped, colinear when r(1 − r(cos²)) = 0,
+/// θ = r(acos(cos)). Two passes (norms, then the cosines).
+fn nuslerp_bf16(
+    ctx: &Ctx,
+    ctl: &Control,
+    groups: Groups,
+    deltas: bool,
+    t: f64,
+) -> Result<Vec<f32>> {
+    let sq = group_sums3(ctx, ctl, groups, deltas, |_g, x, y| {
+        [x as f64 * x as f64, y as f64 * y as f64, 0.0]
+    })?;
+    let lo = rb(1e-7);
+    let norms: Vec<[f32; 2]> = sq
+        .iter()
+        .map(|v| {
+            [
+                rb((v[0] as f32).sqrt()).max(lo),
+                rb((v[1] as f32).sqrt()).max(lo),
+            ]
+        })
+        .collect();
+    let nr = &norms;
+    let dots = group_sums3(ctx, ctl, groups, deltas, |g, x, y| {
+        let [n0, n1] = nr[g];
+        [rb(rb(x / n0) * rb(y / n1)) as f64, 0.0, 0.0]
+    })?;
+    let (t0, t1) = ((1.0 - t) as f32, t as f32);
+    let mut out = Vec::with_capacity(norms.len() * 6);
+    for (nn, d) in norms.iter().zip(&dots) {
+        let cos = rb(d[0] as f32).clamp(-1.0, 1.0);
+        let colinear = rb(1.0 - rb(cos * cos)) <= rb(1e-16);
+        let th = if colinear { 0.0 } else { rb(cos.acos()) };
+        let s0 = rb(rb(th * t0).sin());
+        let s1 = rb(rb(th * t1).sin());
+        out.extend_from_slice(&[
+            nn[0],
+            nn[1],
+            s0,
+            s1,
+            rb(th.sin()),
+            f32::from(u8::from(colinear)),
+        ]);
+    }
+    Ok(out)
 }
 
 /// nuslerp's two coefficients for one vector pair from its Gram sums.
@@ -553,6 +717,14 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
             let total = w0 + w1;
             let t = if total.abs() < 1e-6 { 0.5 } else { w1 / total };
             let groups = nuslerp_groups(job);
+            if job.bf16_compute {
+                return Ok(Stats::NuslerpBf16 {
+                    groups,
+                    deltas,
+                    t: t as f32,
+                    c: nuslerp_bf16(ctx, ctl, groups, deltas, t)?,
+                });
+            }
             let g = gram_pairs(ctx, ctl, groups, deltas)?;
             let c = g
                 .iter()
@@ -726,6 +898,29 @@ pub(crate) fn compute(
                     }
                     out[j] = acc;
                 }
+            }
+        }
+        Stats::NuslerpBf16 {
+            groups,
+            deltas,
+            t,
+            c,
+        } => {
+            let (t0, t1) = (1.0 - *t, *t);
+            for j in 0..m {
+                let g = &c[groups.of(a + j) * 6..][..6];
+                let b0 = base[j];
+                let (mut v0, mut v1) = (srcs[0][j], srcs[1][j]);
+                if *deltas {
+                    v0 = rb(v0 - b0);
+                    v1 = rb(v1 - b0);
+                }
+                let r = if g[5] != 0.0 {
+                    rb(rb(v0 * t0) + rb(v1 * t1))
+                } else {
+                    rb(rb(rb(g[2] * v0) + rb(g[3] * v1)) / g[4])
+                };
+                out[j] = if *deltas { rb(b0 + r) } else { r };
             }
         }
         Stats::Fusion { row_len, kl, thr } => {
