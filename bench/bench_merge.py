@@ -33,6 +33,7 @@ file-backed (RssFile) and are not counted: they belong to the page cache, not th
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
@@ -223,8 +224,9 @@ def snapshot() -> tuple[Path, str]:
     """A copy of the python package as it is now, with the installed Rust core, so that edits others
     make in a shared working tree while the bench runs do not change what it measures.
     Returns (the copy's python directory, a description)."""
-    d = OUT / "snapshot"
+    d = OUT / f"snapshot-{os.getpid()}"  # one per bench process; removed when it ends
     shutil.rmtree(d, ignore_errors=True)
+    atexit.register(shutil.rmtree, d, True)
     src = ROOT / "python" / "finrecipe"
     shutil.copytree(src, d / "python" / "finrecipe", ignore=shutil.ignore_patterns("__pycache__"))
     cores = sorted(src.glob("_core*.so"))
@@ -604,7 +606,7 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
     codes = sorted({r.get("code", r["commit"]) for r in rows})
     lines = [
         f"Machine: {machine()}, shared with other engineers' jobs (the load average before each run is in the "
-        f"table). Dates: {dates[0] if dates else '?'} – {dates[-1] if dates else '?'} UTC; finrecipe: "
+        f"table). Rows started between {dates[0] if dates else '?'} and {dates[-1] if dates else '?'} UTC; finrecipe: "
         f"{'; '.join(codes)}. {mergekit_version()}, CPU. Command: `make bench-merge` "
         "(`python bench/bench_merge.py`; a row can be rerun alone with `--methods NAME`).",
         "",
@@ -613,8 +615,11 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
         "(dtype float32, out_dtype bfloat16), alternating; times are medians of wall time including process "
         "start-up. `mergekit-yaml CONFIG OUT --quiet --out-shard-size N/2` (its defaults otherwise; it counts "
         "parameters per shard) vs `finrecipe merge CONFIG OUT --quiet --out-shard-size N` (bytes; all cores); "
-        "N = 5 GB, so both write one shard. Runs are (mergekit, finrecipe); mergekit runs once where its "
-        "first run took more than 90 s.",
+        "N = 5 GB, so both write one shard. The runs column gives (mergekit, finrecipe) runs: where mergekit ran "
+        "once (it takes minutes per method on a loaded machine; `--mergekit-runs`, or automatically when its "
+        "first run takes longer than `--mergekit-slow`, 90 s), its one time is set against finrecipe's median. "
+        "The load is the 1-minute average read before each run, so a finrecipe run that follows a mergekit run "
+        "sees part of mergekit's own load.",
         "",
         "| method | config | mergekit | finrecipe | runs | speed-up (target) | peak anon mergekit | "
         "peak anon finrecipe (≤ 512 MiB) | finrecipe / I/O floor | load before runs | bit-identical with mergekit |",
