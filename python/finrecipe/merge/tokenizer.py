@@ -188,12 +188,11 @@ def _union(base: str, names: list[str], tokenizers: dict[str, Any], vocabs: dict
                 plain[t] = None
     out = load_tokenizer(base, base_path)
     base_vocab = vocabs[base]
-    for t in plain:
-        if t in added or t in base_vocab:
-            continue
-        out.add_tokens(t)
-    for info in added.values():
-        out.add_tokens(info)
+    new_plain = [t for t in plain if t not in added and t not in base_vocab]
+    if new_plain:  # one call: ids in list order, as from one call per token
+        out.add_tokens(new_plain)
+    if added:
+        out.add_tokens(list(added.values()))
     return out
 
 
@@ -277,7 +276,10 @@ def vocab_entry(vp: VocabPlan, cfg: MergeConfig, part_index: int, entry_index: i
 
 def rearrange(vp: VocabPlan, job: VocabJob, tensors: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(model, its tensor in the output vocabulary) for each model, one at a time (`tensors`: model ->
-    its input tensor, already cast to the config's dtype), with mergekit's rules and operation order."""
+    its input tensor, already cast to the config's dtype), with mergekit's rules and operation order.
+
+    Rows a model has (and that are not forced) are gathered at once; the others come from the rules
+    (module docs), evaluated only for the tokens that need them."""
     import torch
 
     models = job.order
@@ -285,68 +287,64 @@ def rearrange(vp: VocabPlan, job: VocabJob, tensors: dict[str, Any]) -> Iterator
     dtype = tensors[models[0]].dtype
     for m in models:
         dtype = torch.promote_types(dtype, tensors[m].dtype)
-    perms = {m: vp.perms[m] for m in models}
-    configs: dict[str, TokenEmbedding] = dict(vp.tokens)
-    to_average: set[str] = set()
-    for tok, tid in vp.vocab.items():
-        if tok in configs:
-            continue
-        has = [perms[m][tid] >= 0 for m in models]
-        n = sum(has)
-        if n == 1:
-            configs[tok] = TokenEmbedding(source=models[has.index(True)])
-        elif n == 0:
-            configs[tok] = TokenEmbedding(source=ZeroSource(kind="zero"))
-            log.warning("token %r is in no input model: its rows are zero", tok)
-        elif job.base is not None and job.base in models and perms[job.base][tid] >= 0:
-            configs[tok] = TokenEmbedding(source=job.base)
-        else:
-            to_average.add(tok)
     n_vocab = len(vp.vocab)
-    defaults: dict[str, Any] = {}
+    names = [""] * n_vocab
     for tok, tid in vp.vocab.items():
-        cfg = configs.get(tok)
-        if not (cfg is not None and cfg.force) and all(perms[m][tid] >= 0 for m in models):
-            continue
-        if tok in to_average:
-            emb = torch.zeros(token_shape, dtype=dtype)
-            count = 0
-            for m in models:
-                if perms[m][tid] < 0:
-                    continue
-                emb = emb + tensors[m][perms[m][tid]]
-                count += 1
-            emb /= count
-        elif cfg is not None:
+        names[tid] = tok
+    perm = torch.tensor([vp.perms[m] for m in models], dtype=torch.long).reshape(len(models), n_vocab)
+    present = perm >= 0
+    count = present.sum(0)
+    forced = torch.zeros(n_vocab, dtype=torch.bool)
+    for t, c in vp.tokens.items():
+        if c.force:
+            forced[vp.vocab[t]] = True
+    base_i = models.index(job.base) if job.base is not None and job.base in models else None
+
+    def row(i: int, tid: int) -> Any:
+        return tensors[models[i]][int(perm[i, tid])]
+
+    defaults: dict[int, Any] = {}
+    for tid in torch.nonzero((count < len(models)) | forced).reshape(-1).tolist():
+        tok = names[tid]
+        cfg = vp.tokens.get(tok)
+        if cfg is None:
+            n = int(count[tid])
+            if n == 1:  # the one model that has it
+                emb = row(int(torch.nonzero(present[:, tid])[0]), tid)
+            elif n == 0:
+                log.warning("token %r is in no input model: its rows are zero", tok)
+                emb = torch.zeros(token_shape, dtype=tensors[models[0]].dtype)
+            elif base_i is not None and bool(present[base_i, tid]):
+                emb = row(base_i, tid)
+            else:  # the mean over the models that have it, summed in the models' order
+                emb = torch.zeros(token_shape, dtype=dtype)
+                k = 0
+                for i in range(len(models)):
+                    if present[i, tid]:
+                        emb = emb + row(i, tid)
+                        k += 1
+                emb /= k
+        else:
             s = cfg.source
             if isinstance(s, ZeroSource):
-                emb = tensors[models[0]].new_zeros(token_shape)
+                emb = torch.zeros(token_shape, dtype=tensors[models[0]].dtype)
             elif isinstance(s, ModelTokenSource):
                 sid = s.token_id if s.token_id is not None else vp.orig_vocabs[s.model][s.token or ""]
                 if not 0 <= sid < tensors[s.model].shape[0]:
                     raise MismatchError(f"token {tok!r}: row {sid} is beyond tensor {job.name!r} of model {s.model!r}")
                 emb = tensors[s.model][sid]
-            else:
-                assert isinstance(s, str) and perms[s][tid] >= 0  # checked while planning
-                emb = tensors[s][perms[s][tid]]
-        else:
-            continue
-        defaults[tok] = emb
-    forced = {vp.vocab[t] for t, c in vp.tokens.items() if c.force}
-    for m in models:
-        p = perms[m]
-        old = tensors[m]
+            elif isinstance(s, str) and vp.perms[s][tid] >= 0:
+                emb = tensors[s][vp.perms[s][tid]]
+            else:  # refused while planning
+                raise MismatchError(f"token {tok!r} has no row source for tensor {job.name!r}")
+        defaults[tid] = emb
+    for i, m in enumerate(models):
         new = torch.zeros((vp.rows, *token_shape), dtype=dtype)
-        own = [(tid, p[tid]) for tid in range(n_vocab) if p[tid] >= 0 and tid not in forced]
-        if own:  # the model's own rows, copied (one gather instead of a loop over the vocabulary)
-            dst, src = zip(*own, strict=True)
-            new[torch.tensor(dst)] = old[torch.tensor(src)].to(dtype)
-        for tok, tid in vp.vocab.items():
-            if p[tid] >= 0 and tid not in forced:
-                continue
-            if tok not in defaults:  # unreachable: every missing or forced token has a default
-                raise MismatchError(f"no row for token {tok!r} in model {m!r} (tensor {job.name!r})")
-            new[tid] = defaults[tok]
+        keep = present[i] & ~forced
+        dst = torch.nonzero(keep).reshape(-1)
+        new[dst] = tensors[m][perm[i, dst]].to(dtype)  # the model's own rows, one gather
+        for tid in torch.nonzero(~keep).reshape(-1).tolist():
+            new[tid] = defaults[tid]
         if vp.rows > n_vocab:
             new[n_vocab:] = torch.mean(new[:n_vocab], dim=0)
         yield m, new
