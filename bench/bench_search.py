@@ -15,8 +15,13 @@ Contenders (run alternately, `--repeats` times each, on the same models and deve
   instruct responses) with the same batched scorer: the loop pays for processes, disk and model
   loads, not for a slower scorer.
 
-Both score the instruct model's responses, generated once beforehand (not timed). The candidates
-are `strategy: random` draws (seed 0) over task_arithmetic and TIES. The table (median wall times,
+Both produce the same numbers: the instruct model's own scores (the agreement reference), the fixed
+1.0/1.0 task-arithmetic merge's (the reference a search reports; the loop merges and scores it as
+its first candidate) and every candidate's. The instruct responses are generated once beforehand
+and given to both (not timed). The candidates are `strategy: random` draws (seed 0) over
+task_arithmetic and TIES. Torch runs with `--torch-threads` (default 1: the development machine is
+shared, and two torch threads per process slow both contenders down when other work runs); the
+Rust core's merges (the loop's `finrecipe merge`, finrecipe's in-place kernel) use every core. The table (median wall times,
 the ratio, per-trial medians, the largest score difference, machine load) goes into the
 merge-search section of BENCHMARKS.md.
 """
@@ -118,7 +123,7 @@ def run_loop(trio: dict[str, Path], cands: list[Any], data_file: Path, work: Pat
     subprocess.run([PY, __file__, "--eval-one", str(trio["instruct"]), str(data_file), str(work / "instruct.json")],
                    check=True)
     inst = json.loads((work / "instruct.json").read_text())
-    for i, c in enumerate(cands):
+    for i, c in enumerate(cands):  # cands[0]: the fixed 1.0/1.0 merge, which finrecipe scores too
         ts = time.monotonic()
         cfg = c.merge_config(str(trio["base"]), dtype="float32")
         cfg["models"] = [{**m, "model": str(trio["instruct"] if m["model"] == "instruct" else trio["cpt"])}
@@ -154,6 +159,9 @@ def fin_one(spec_file: str, out_file: str) -> None:
     res = run_search(SearchSetup(cache_dir=Path(d["cache_dir"]), **kw))
     Path(out_file).write_text(json.dumps({"trials": [{"key": t.candidate.key, **t.scores.to_json(),
                                                       "seconds": t.seconds} for t in res.trials],
+                                          "fixed": [{"key": t.candidate.key, **t.scores.to_json(),
+                                                     "seconds": t.seconds} for t in res.fixed],
+                                          "instruct_seconds": res.instruct.seconds,
                                           "search_seconds": res.seconds}))
 
 
@@ -205,7 +213,7 @@ def main() -> int:
 
     from finrecipe.eval.model import load_model
     from finrecipe.search.objective import InstructionObjective, SelectRule, generate_responses
-    from finrecipe.search.space import SearchSpace
+    from finrecipe.search.space import SearchSpace, fixed_candidate
     from finrecipe.search.strategy import candidates_of
 
     trio = build_trio(a.small)
@@ -224,6 +232,10 @@ def main() -> int:
                                         "weights": {"instruct": [0.5, 1.5], "cpt": [0.5, 1.5]},
                                         "density": [0.3, 0.9]})
     cands = list(candidates_of("random", space, "instruct", ["cpt"], a.trials, 0))
+    # finrecipe's search also scores the fixed 1.0/1.0 merge (the reference of its report): the
+    # loop merges and scores it too, so both produce the same numbers
+    fixed = fixed_candidate("instruct", "cpt")
+    loop_cands = [fixed, *cands]
     ins = InstructionObjective(prompts="bench", max_new_tokens=16, chat=True)
     setup_kw = dict(base="base", instruct="instruct", domains=["cpt"], paths=dict(trio), space=space,
                     strategy="random", trials=a.trials, seed=0, domain_texts=texts, prompts=prompts,
@@ -241,39 +253,56 @@ def main() -> int:
     loads: list[str] = []
     fin_res: dict[str, Any] = {}
     loop_scores: list[dict[str, Any]] = []
-    loop_per: list[float] = []
+    fin_per: dict[str, list[float]] = {}  # candidate key -> seconds per repeat
+    loop_per: dict[str, list[float]] = {}
+    fin_fixed_costs: list[float] = []  # whole process minus the trials (start, load, instruct, fixed)
     for r in range(a.repeats):
         loads.append(loadavg())
         t, fin_res = run_finrecipe(setup_kw, OUT / "fin")
         fin_t.append(t)
-        log(f"repeat {r + 1}: finrecipe {t:.1f} s (load {loads[-1]})")
+        for tr in [*fin_res["trials"], *fin_res["fixed"]]:
+            fin_per.setdefault(tr["key"], []).append(tr["seconds"])
+        fin_fixed_costs.append(t - sum(tr["seconds"] for tr in fin_res["trials"]))
+        log(f"repeat {r + 1}: finrecipe {t:.1f} s, of which outside the search trials {fin_fixed_costs[-1]:.1f} s "
+            f"(instruct scored in {fin_res['instruct_seconds']:.1f} s, fixed merge "
+            f"{fin_res['fixed'][0]['seconds']:.1f} s; load {loads[-1]})")
         loads.append(loadavg())
-        t, loop_scores, per = run_loop(trio, cands, data_file, OUT / "loop")
+        t, scores, per = run_loop(trio, loop_cands, data_file, OUT / "loop")
         loop_t.append(t)
-        loop_per += per
+        loop_fixed = scores[0]
+        loop_scores = scores[1:]
+        for c, x in zip(loop_cands, per, strict=True):
+            loop_per.setdefault(c.key, []).append(x)
         log(f"repeat {r + 1}: loop {t:.1f} s (load {loads[-1]})")
     by_key = {t["key"]: t for t in fin_res["trials"]}
-    d_bpb = max(abs(by_key[c.key]["bits_per_byte"] - s["bits_per_byte"]) for c, s in zip(cands, loop_scores,
-                                                                                           strict=True))
-    d_agr = max(abs((by_key[c.key]["agreement"] or 0) - s["agreement"]) for c, s in zip(cands, loop_scores,
-                                                                                         strict=True))
-    fin_per = [t["seconds"] for t in fin_res["trials"]]
+    by_key.update({t["key"]: t for t in fin_res["fixed"]})
+    pairs = [(fixed, loop_fixed), *zip(cands, loop_scores, strict=True)]
+    d_bpb = max(abs(by_key[c.key]["bits_per_byte"] - s["bits_per_byte"]) for c, s in pairs)
+    d_agr = max(abs((by_key[c.key]["agreement"] or 0) - s["agreement"]) for c, s in pairs)
     med_f, med_l = statistics.median(fin_t), statistics.median(loop_t)
     ratio = med_l / med_f
-    log(f"median finrecipe {med_f:.1f} s, loop {med_l:.1f} s: {ratio:.1f}x; per trial {statistics.median(fin_per):.2f}"
-        f" s vs {statistics.median(loop_per):.2f} s; max |d bits/byte| {d_bpb:.2e}, max |d agreement| {d_agr:.2e}")
+
+    def per_trial(which: dict[str, list[float]], method: str | None = None) -> float:
+        """Median over the search trials (each a median over the repeats)."""
+        return statistics.median(statistics.median(which[c.key]) for c in cands if method in (None, c.method))
+
+    pf, pl = per_trial(fin_per), per_trial(loop_per)
+    log(f"median finrecipe {med_f:.1f} s, loop {med_l:.1f} s: {ratio:.1f}x; per trial {pf:.2f} s vs {pl:.2f} s "
+        f"({pl / pf:.1f}x); max |d bits/byte| {d_bpb:.2e}, max |d agreement| {d_agr:.2e}")
+    by_method = []
     for method in sorted({c.method for c in cands}):
-        f_m = [by_key[c.key]["seconds"] for c in cands if c.method == method]
-        l_m = [t for i, t in enumerate(loop_per) if cands[i % len(cands)].method == method]
-        log(f"  {method}: per trial median {statistics.median(f_m):.2f} s (finrecipe) vs "
-            f"{statistics.median(l_m):.2f} s (loop): {statistics.median(l_m) / statistics.median(f_m):.1f}x")
+        f_m, l_m = per_trial(fin_per, method), per_trial(loop_per, method)
+        by_method.append(f"{'TA' if method == 'task_arithmetic' else method.upper()} {f_m:.2f} / {l_m:.2f} "
+                         f"({l_m / f_m:.1f}x)")
+        log(f"  {method}: per trial median {f_m:.2f} s (finrecipe) vs {l_m:.2f} s (loop): {l_m / f_m:.1f}x")
+    row = (f"| {dt.date.today()} | {trio['base'].parent.name} ({n_params / 1e6:.0f}M, bf16) | {len(cands)} "
+           f"({n_ta} TA / {len(cands) - n_ta} TIES) + fixed | {a.docs}x{a.words} words, {a.prompts} prompts | "
+           f"{med_f:.1f} | {med_l:.1f} | **{ratio:.1f}x** | {pf:.2f} / {pl:.2f} ({pl / pf:.1f}x; "
+           f"{', '.join(by_method)}) | {d_bpb:.1e} / {d_agr:.1e} | {a.repeats} | {a.torch_threads or 'default'} | "
+           f"{', '.join(loads)} |")
+    log(f"row: {row}")
     if a.no_write:
         return 0
-    row = (f"| {dt.date.today()} | {trio['base'].parent.name} ({n_params / 1e6:.0f}M, bf16) | {len(cands)} "
-           f"({n_ta} TA / {len(cands) - n_ta} TIES) | {a.docs}x{a.words} words, {a.prompts} prompts | "
-           f"{med_f:.1f} | {med_l:.1f} | **{ratio:.1f}x** | {statistics.median(fin_per):.2f} / "
-           f"{statistics.median(loop_per):.2f} | {d_bpb:.1e} / {d_agr:.1e} | {a.repeats} | {a.torch_threads or 'default'} | "
-           f"{', '.join(loads)} |")
     write_section(row, platform.processor() or platform.machine(), os.cpu_count() or 0)
     return 0
 

@@ -95,6 +95,52 @@ def test_in_memory_merge_equals_the_core(trio: dict[str, Path], tmp_path: Path, 
     assert any(not torch.equal(base[k], v) for k, v in want.items())
 
 
+def test_prefetched_task_vectors_are_the_lazily_read_ones(trio: dict[str, Path], tmp_path: Path) -> None:
+    """The background read (the core's load_task_vectors) gives the same base, task vectors and
+    sorted keys as reading them lazily; a model it cannot read leaves the merger reading lazily."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finrecipe.search.fastmerge import InMemoryMerger, Prefetch
+
+    pre = Prefetch(trio, "base", ["instruct", "finance"], sort=True)
+    assert pre.wait()
+    model = AutoModelForCausalLM.from_pretrained(trio["instruct"], dtype=torch.float32)
+    lazy = InMemoryMerger(model, trio, "base")
+    assert set(pre.base_t) == set(lazy.targets)
+    for (m, t), d in pre.delta.items():
+        assert torch.equal(d, lazy._delta_t(m, t)), (m, t)
+        assert torch.equal(pre.base_t[t], lazy._base_t(t)), t
+        want = np.sort(np.abs(d.reshape(-1).numpy()).view(np.uint32))
+        assert np.array_equal(pre.keys[(m, t)], want), (m, t)
+    cfg = {"merge_method": "ties", "base_model": "base",
+           "models": [{"model": "instruct", "parameters": {"weight": 1.1, "density": 0.3}},
+                      {"model": "finance", "parameters": {"weight": 0.8, "density": 0.5}}]}
+    InMemoryMerger(model, trio, "base", prefetch=pre).apply(cfg)
+    got = {k: v.clone() for k, v in model.state_dict().items()}
+    lazy.apply(cfg)
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    # a domain model without one of the base's tensors: that tensor is not read ahead (the merge
+    # refuses the model by name); the core's reader refuses a missing tensor by name
+    broken = tmp_path / "broken"
+    shutil.copytree(trio["finance"], broken)
+    from safetensors.torch import load_file, save_file
+
+    from finrecipe import _core
+    from finrecipe.errors import MismatchError
+
+    sd = load_file(str(broken / "model.safetensors"))
+    gone = sorted(sd)[0]
+    del sd[gone]
+    save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    part = Prefetch({**trio, "finance": broken}, "base", ["instruct", "finance"], sort=False)
+    assert part.wait() and gone not in part.base_t and set(part.base_t) == set(lazy.targets) - {gone}
+    x = np.empty(1, np.float32)
+    with pytest.raises(MismatchError, match=gone.replace(".", r"\.")):
+        _core.load_task_vectors(str(trio["base"]), [str(broken)], [gone], [x], [[np.empty(1, np.float32)]])
+
+
 @pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.4})])
 def test_torch_path_merges_what_the_core_writes(trio: dict[str, Path], tmp_path: Path, method: str,
                                                 params: dict[str, Any]) -> None:
