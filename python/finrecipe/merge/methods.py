@@ -192,7 +192,7 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
               (WEIGHT,
                _p("normalize_weights", "global", True, bool, doc="divide the weights by their sum"),
                _p("eps", "global", 1e-8, lo=0.0, doc="added to norms for numerical stability")),
-              needs_base=False, base_optional=True, zero_sum_flag="normalize_weights",
+              needs_base=False, base_optional=True, zero_sum_flag="normalize_weights", bf16_compute=True,
               doc="barycentric spherical interpolation of any number of models (or task vectors)"),
     MethodDef("arcee_fusion", "arcee_fusion", (), needs_base=True, min_sources=1, max_sources=1,
               doc="take the other model's value where its importance (|delta| times the row's softmax KL "

@@ -46,6 +46,11 @@ pub enum Stats {
         t: f32,
         c: Vec<f32>,
     },
+    /// multislerp under bf16 compute (methods_sph.rs).
+    MultislerpBf16 {
+        deltas: bool,
+        st: super::methods_sph::MsBf16,
+    },
     /// arcee_fusion: per-row KL factor of the importance, and its threshold.
     Fusion {
         row_len: usize,

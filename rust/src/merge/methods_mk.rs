@@ -146,7 +146,12 @@ pub(crate) fn della_mask(
 pub fn bf16_ok(k: Kernel) -> bool {
     matches!(
         k,
-        Kernel::Nearswap | Kernel::Ram | Kernel::RamplusTl | Kernel::Sce | Kernel::Nuslerp
+        Kernel::Nearswap
+            | Kernel::Ram
+            | Kernel::RamplusTl
+            | Kernel::Sce
+            | Kernel::Nuslerp
+            | Kernel::Multislerp
     )
 }
 

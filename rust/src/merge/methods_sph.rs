@@ -409,6 +409,168 @@ fn nuslerp_bf16(
     Ok(out)
 }
 
+/// k sums over the whole tensor of f(sources' (task) values of a span, span length, sums),
+/// reduced over fixed spans in order.
+fn span_sums<F>(ctx: &Ctx, ctl: &Control, deltas: bool, k: usize, f: F) -> Result<Vec<f64>>
+where
+    F: Fn(&[Vec<f32>], usize, &mut [f64]) + Sync + Send,
+{
+    let n = ctx.job.numel;
+    let nsrc = ctx.job.sources.len();
+    let parts: Vec<Vec<f64>> = (0..n.div_ceil(SPAN))
+        .into_par_iter()
+        .map(|sp| {
+            let mut acc = vec![0f64; k];
+            if ctl.check().is_err() {
+                return acc;
+            }
+            let (a, b) = (sp * SPAN, ((sp + 1) * SPAN).min(n));
+            with_scratch(nsrc, SPAN, |s| {
+                load_range(ctx, a, b, deltas, &mut s.base, &mut s.srcs);
+                f(&s.srcs, b - a, &mut acc);
+            });
+            acc
+        })
+        .collect();
+    ctl.check()?;
+    let mut out = vec![0f64; k];
+    for p in parts {
+        for (x, y) in out.iter_mut().zip(p) {
+            *x += y;
+        }
+    }
+    Ok(out)
+}
+
+/// multislerp under bf16 compute: the scalars of mergekit's bf16 operations (see `ms_bf16_elem`).
+#[derive(Debug, Clone)]
+pub struct MsBf16 {
+    /// per source r(‖v_i‖) and r(‖v_i‖ + eps)
+    pub norm: Vec<f32>,
+    pub normq: Vec<f32>,
+    /// r(weights), normalised as r(w_i / r(Σ w))
+    pub w: Vec<f32>,
+    /// r(‖mean‖) of the weighted unit vectors (0: the two-model linear fallback)
+    pub mn: f32,
+    /// r(⟨u_i, mean⟩)
+    pub dots: Vec<f32>,
+    pub cos_tn: f32,
+    /// r(r(sin tn) / tn)
+    pub sin_tn: f32,
+    /// r(Σ r(‖v_i‖·w_i))
+    pub avg: f32,
+}
+
+/// One element of multislerp in bf16: the unnormalised weighted mean of the unit vectors, and,
+/// given `st.mn` and `st.dots`, the normalised mean and the weighted tangent.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn ms_bf16_elem(v: &[f32], st: &MsBf16, stage: u8) -> (f32, f32, f32) {
+    let n = st.w.len();
+    let mut acc = 0f32;
+    for i in 0..n {
+        acc += rb(rb(v[i] / st.normq[i]) * st.w[i]);
+    }
+    let raw = rb(acc);
+    if stage == 0 {
+        return (raw, 0.0, 0.0);
+    }
+    let mean = rb(raw / st.mn);
+    if stage == 1 {
+        return (raw, mean, 0.0);
+    }
+    let mut tr = 0f32;
+    for i in 0..n {
+        let u = rb(v[i] / st.normq[i]);
+        let tang = rb(u - rb(st.dots[i] * mean));
+        tr += rb(tang * st.w[i]);
+    }
+    (raw, mean, rb(tr))
+}
+
+#[allow(clippy::needless_range_loop)]
+fn multislerp_bf16(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<MsBf16> {
+    let job = ctx.job;
+    let n = job.sources.len();
+    let eps = num(job, "eps", 1e-8) as f32;
+    let sq = span_sums(ctx, ctl, deltas, n, |v, m, acc| {
+        for i in 0..n {
+            acc[i] += v[i][..m].iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+        }
+    })?;
+    let norm: Vec<f32> = sq.iter().map(|&x| rb((x as f32).sqrt())).collect();
+    let normq: Vec<f32> = norm.iter().map(|&x| rb(x + eps)).collect();
+    let mut w: Vec<f32> = job.weights.iter().map(|&x| rb(x)).collect();
+    if flag(job, "normalize_weights", true) {
+        let sum = rb(w.iter().sum());
+        w.iter_mut().for_each(|x| *x = rb(*x / sum));
+    }
+    let mut st = MsBf16 {
+        avg: rb(norm.iter().zip(&w).map(|(&a, &b)| rb(a * b)).sum()),
+        norm,
+        normq,
+        w,
+        mn: 0.0,
+        dots: vec![0.0; n],
+        cos_tn: 0.0,
+        sin_tn: 0.0,
+    };
+    let mut vals = vec![0f32; n];
+    let s0 = &st;
+    let msq = span_sums(ctx, ctl, deltas, 1, |v, m, acc| {
+        let mut vals = vec![0f32; n];
+        for j in 0..m {
+            for i in 0..n {
+                vals[i] = v[i][j];
+            }
+            let raw = ms_bf16_elem(&vals, s0, 0).0 as f64;
+            acc[0] += raw * raw;
+        }
+    })?;
+    st.mn = rb((msq[0] as f32).sqrt());
+    if st.mn < eps {
+        if n == 2 {
+            st.mn = 0.0; // the linear fallback
+            return Ok(st);
+        }
+        return Err(Error::Mismatch(format!(
+            "multislerp, tensor '{}': the weighted mean of the {n} unit task vectors is zero \
+             (antipodal vectors whose weights balance out); give different weights",
+            job.name
+        )));
+    }
+    let s1 = &st;
+    let dots = span_sums(ctx, ctl, deltas, n, |v, m, acc| {
+        let mut vals = vec![0f32; n];
+        for j in 0..m {
+            for i in 0..n {
+                vals[i] = v[i][j];
+            }
+            let mean = ms_bf16_elem(&vals, s1, 1).1;
+            for i in 0..n {
+                acc[i] += rb(rb(vals[i] / s1.normq[i]) * mean) as f64;
+            }
+        }
+    })?;
+    st.dots = dots.iter().map(|&x| rb(x as f32)).collect();
+    let s2 = &st;
+    let tsq = span_sums(ctx, ctl, deltas, 1, |v, m, acc| {
+        let mut vals = vec![0f32; n];
+        for j in 0..m {
+            for i in 0..n {
+                vals[i] = v[i][j];
+            }
+            let tr = ms_bf16_elem(&vals, s2, 2).2 as f64;
+            acc[0] += tr * tr;
+        }
+    })?;
+    let tn = rb(rb((tsq[0] as f32).sqrt()) + eps);
+    st.cos_tn = rb(tn.cos());
+    st.sin_tn = rb(rb(tn.sin()) / tn);
+    vals.clear();
+    Ok(st)
+}
+
 /// nuslerp's two coefficients for one vector pair from its Gram sums.
 pub fn nuslerp_coeffs(t: f64, g00: f64, g11: f64, g01: f64) -> [f64; 2] {
     let n0 = g00.max(0.0).sqrt().max(1e-7);
@@ -747,6 +909,12 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                     c: vec![1.0],
                 });
             }
+            if job.bf16_compute {
+                return Ok(Stats::MultislerpBf16 {
+                    deltas,
+                    st: multislerp_bf16(ctx, ctl, deltas)?,
+                });
+            }
             let up = gram_whole(ctx, ctl, deltas)?;
             let mut gram = vec![0f64; nsrc * nsrc];
             let mut p = 0;
@@ -921,6 +1089,26 @@ pub(crate) fn compute(
                     rb(rb(rb(g[2] * v0) + rb(g[3] * v1)) / g[4])
                 };
                 out[j] = if *deltas { rb(b0 + r) } else { r };
+            }
+        }
+        Stats::MultislerpBf16 { deltas, st } => {
+            let mut v = vec![0f32; nsrc];
+            for j in 0..m {
+                let b0 = base[j];
+                for i in 0..nsrc {
+                    v[i] = if *deltas {
+                        rb(srcs[i][j] - b0)
+                    } else {
+                        srcs[i][j]
+                    };
+                }
+                let r = if st.mn == 0.0 {
+                    rb(rb(v[0] * st.w[0]) + rb(v[1] * st.w[1]))
+                } else {
+                    let (_, mean, tr) = ms_bf16_elem(&v, st, 2);
+                    rb(rb(rb(mean * st.cos_tn) + rb(tr * st.sin_tn)) * st.avg)
+                };
+                out[j] = if *deltas { rb(r + b0) } else { r };
             }
         }
         Stats::Fusion { row_len, kl, thr } => {
