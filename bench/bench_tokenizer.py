@@ -6,7 +6,8 @@ vocabularies differ (end to end, both CLIs, alternating runs, medians).
 Models (built once under bench/out/tokenizer/): llama, 2 layers, bf16; word-level tokenizers:
 base `vocab` words, instruct = base + 2 special tokens, cpt = base's first 94% of words + 6% words of
 its own, in another order. The union has vocab + 6% + 2 tokens. mergekit runs from .venv-mergekit
-(make parity installs it). Prints one line per run and the medians; note the load average.
+(make parity installs it). Prints one line per run, the parity verdict of the last outputs (bench/parity/
+check.py) and the medians; note the load average.
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ def main() -> int:
                 return 1
             times[name].append(dt)
             print(f"run {i} {name:9s} {dt:6.2f} s  load {os.getloadavg()[0]:.2f}", flush=True)
+    sys.path.insert(0, str(ROOT / "bench" / "parity"))
+    from check import compare  # the parity harness's verdict on the last pair of outputs
+
+    verdict = compare(cfg, "exact", OUT / "fr", OUT / "mk")
+    print(f"parity of the outputs: {verdict.verdict} ({verdict.differing} differing elements; {verdict.detail})")
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"union of {a.vocab}-word vocabularies, hidden {a.hidden}: median finrecipe {med['finrecipe']:.2f} s, "
           f"mergekit {med['mergekit']:.2f} s, ratio {med['mergekit'] / med['finrecipe']:.2f}x "
