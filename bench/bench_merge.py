@@ -260,9 +260,9 @@ def refusal(cfg_path: Path) -> str | None:
     return None
 
 
-def choose_config(method: str, cands: list[tuple[str, dict[str, Any]]]) -> tuple[str, Path, str | None]:
-    """The first candidate finrecipe accepts: (label, config path, why the preferred one was not used)."""
-    d = OUT / "configs"
+def choose_config(method: str, cands: list[tuple[str, dict[str, Any]]], d: Path) -> tuple[str, Path, str | None]:
+    """The first candidate finrecipe accepts, written into `d`: (label, config path, why the preferred
+    one was not used)."""
     d.mkdir(parents=True, exist_ok=True)
     first_refusal = None
     for i, (label, cfg) in enumerate(cands):
@@ -562,7 +562,7 @@ def main() -> None:
         f"load {load1():.2f}")
     for method in methods:
         try:
-            label, cfg_path, note = choose_config(method, reps[method])
+            label, cfg_path, note = choose_config(method, reps[method], OUT / ("configs-small" if a.small else "configs"))
             rows[method] = bench_method(method, cfg_path, label, note, models, mk, a, env, code)
             failed.pop(method, None)
         except RuntimeError as e:
@@ -675,21 +675,18 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
     return "\n".join(lines) + "\n"
 
 
-EARLIER = "\n### Earlier measurements"
-
-
 def update_benchmarks(text: str) -> None:
-    """Replace the generated part of the merge section (up to its 'Earlier measurements' subsection,
-    which is kept, or the next section)."""
+    """Replace the generated part of the merge section: from its heading up to its first `###`
+    subsection (hand-written analysis and earlier measurements, which are kept) or the next section."""
     p = ROOT / "BENCHMARKS.md"
     s = p.read_text()
     head = "## Merge core vs mergekit (`make bench-merge`)"
     start = s.index(head) + len(head)
     nxt = s.find("\n## ", start)
     end = nxt if nxt != -1 else len(s)
-    earlier = s.find(EARLIER, start, end)
-    if earlier != -1:
-        end = earlier
+    sub = s.find("\n### ", start, end)
+    if sub != -1:
+        end = sub
     p.write_text(s[:start] + "\n\n" + text + s[end:])
 
 
