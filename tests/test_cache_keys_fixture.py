@@ -10,6 +10,11 @@ held out by document): the keys of demo.yaml's base and finance, and of what dep
 merge_search in the demo: the new dataset finance_dev and stage searched have keys of their own; the
 eval stage evaluates `searched` too, so its config (models) and therefore its key changed. No other
 key changed.
+
+merge_probe in the demo: the finance stage gained `merge_probe:` (its config and its inputs, instruct
+and finance_dev, are part of its key), so finance's key changed, and with it those of merged,
+searched and eval (downstream). The kind's version stays 2: a stage without `merge_probe` keeps its
+key (merge_tiny.yaml, demo's base, and test_merge_probe.py check it).
 """
 
 from pathlib import Path
@@ -29,11 +34,11 @@ KEYS = {
         "finance_heldout": "feef19fc7dc056c7",
         "base": "78616b99792cf2b7",
         "instruct": "c29c93e96d85af1f",
-        "finance": "f6c71f08ff1501ea",
-        "merged": "050ed3e44c34b42e",
+        "finance": "aee2ba0698b07922",
+        "merged": "e68c16fa2e06f267",
         "finance_dev": "5a404adb1748708d",
-        "searched": "ff9eba8e2c3bf257",
-        "eval": "0167026fcbf11326",
+        "searched": "246899a0f0e6400b",
+        "eval": "66c273cd704c1752",
     },
     "merge_tiny.yaml": {
         "base": "97d24008029adbe4",
