@@ -266,3 +266,14 @@ def test_plan_refusals(tok_models: dict[str, dict[str, Path]], tmp_path: Path) -
                                           {"model": str(short), "parameters": {"weight": 1.0}}]})
     with pytest.raises(MismatchError, match="ids at or beyond its vocab_size 20"):
         validate_merge(c)
+    # an output config whose vocab_size is nested (multimodal): refused, not left stale
+    nested = tmp_path / "nested"
+    shutil.copytree(ms["instruct"], nested)
+    conf = json.loads((nested / "config.json").read_text())
+    conf["text_config"] = {"vocab_size": conf.pop("vocab_size")}
+    (nested / "config.json").write_text(json.dumps(conf))
+    c = MergeConfig.from_dict({"merge_method": "linear", "tokenizer_source": "union",
+                               "models": [{"model": str(nested), "parameters": {"weight": 1.0}},
+                                          {"model": str(ms["cpt"]), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(MismatchError, match="no top-level integer vocab_size"):
+        validate_merge(c)

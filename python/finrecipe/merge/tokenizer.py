@@ -126,6 +126,10 @@ def plan_vocabulary(cfg: MergeConfig, paths: dict[str, Path]) -> VocabPlan | Non
 
         raise cfg.error(f"tokenizer source {src!r} is not one of the models" + suggest(src, list(paths))
                         + "; use 'base', 'union' or a model name", _where(cfg))
+    if _config_vocab_size(paths[base]) is None:  # the output config.json is the base's (the donor's)
+        raise MismatchError(f"model {base!r} ({paths[base]}): config.json has no top-level integer vocab_size, "
+                            "which a new vocabulary must update (nested text/vision configs are not "
+                            "supported with tokenizer_source / tokenizer)")
     tokenizers = {n: load_tokenizer(n, paths[n]) for n in names}
     vocabs: dict[str, dict[str, int]] = {}
     sizes: dict[str, int] = {}
