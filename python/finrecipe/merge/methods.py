@@ -194,7 +194,7 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
                _p("eps", "global", 1e-8, lo=0.0, doc="added to norms for numerical stability")),
               needs_base=False, base_optional=True, zero_sum_flag="normalize_weights", bf16_compute=True,
               doc="barycentric spherical interpolation of any number of models (or task vectors)"),
-    MethodDef("arcee_fusion", "arcee_fusion", (), needs_base=True, min_sources=1, max_sources=1,
+    MethodDef("arcee_fusion", "arcee_fusion", (), needs_base=True, min_sources=1, max_sources=1, bf16_compute=True,
               doc="take the other model's value where its importance (|delta| times the row's softmax KL "
                   "divergence) reaches median + 1.5 IQR"),
     MethodDef("karcher", "karcher",

@@ -152,6 +152,7 @@ pub fn bf16_ok(k: Kernel) -> bool {
             | Kernel::Sce
             | Kernel::Nuslerp
             | Kernel::Multislerp
+            | Kernel::ArceeFusion
     )
 }
 

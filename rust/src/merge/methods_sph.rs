@@ -646,6 +646,30 @@ fn fusion_row_len(job: &Job) -> usize {
     }
 }
 
+/// As `kl_row` in mergekit's bf16 operations: P = r(r(e^(p − max)·(1/Σ)) + 1e-8) (torch's
+/// softmax computes in f32 and rounds its output), likewise Q; KL = r(Σ r(P·r(ln r(P/Q)))) with the
+/// row sum in f32.
+fn kl_row_bf16(p: &[f32], b: &[f32]) -> f32 {
+    let sm = |x: &[f32]| -> (f32, f32) {
+        let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        // torch's vectorised f32 sum is close to the exact sum of the f32 terms
+        let s: f64 = x
+            .iter()
+            .map(|&v| ((v - mx) as f64).exp() as f32 as f64)
+            .sum();
+        (mx, 1.0 / s as f32)
+    };
+    let (mp, ip) = sm(p);
+    let (mb, ib) = sm(b);
+    let mut kl = 0f64;
+    for (&x, &y) in p.iter().zip(b) {
+        let pp = rb(rb(((x - mp) as f64).exp() as f32 * ip) + 1e-8);
+        let qq = rb(rb(((y - mb) as f64).exp() as f32 * ib) + 1e-8);
+        kl += rb(pp * rb(rb(pp / qq).ln())) as f64;
+    }
+    rb(kl as f32)
+}
+
 /// KL(P ‖ Q) of one row, P = softmax(p) + 1e-8, Q = softmax(b) + 1e-8 (in f32 as torch stores them).
 fn kl_row(p: &[f32], b: &[f32]) -> f32 {
     let sm = |x: &[f32]| -> (f64, f64) {
@@ -952,7 +976,11 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                     }
                     with_scratch(1, len, |s| {
                         load_range(ctx, r * len, (r + 1) * len, false, &mut s.base, &mut s.srcs);
-                        kl_row(&s.srcs[0][..len], &s.base[..len])
+                        if job.bf16_compute {
+                            kl_row_bf16(&s.srcs[0][..len], &s.base[..len])
+                        } else {
+                            kl_row(&s.srcs[0][..len], &s.base[..len])
+                        }
                     })
                 })
                 .collect();
@@ -972,13 +1000,14 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                 .map(|&q| n - ((q * (n - 1) as f32) as u64).min(n - 1))
                 .collect();
             let kl_ref = &kl;
+            let bf = job.bf16_compute;
             let rs2 = rs.clone();
             let sel = select_by(
                 ctx,
                 ctl,
                 false,
                 false,
-                |a, s, m, buf| importance(a, len, kl_ref, &s.base[..m], &s.srcs[0][..m], buf),
+                |a, s, m, buf| importance(a, len, kl_ref, bf, &s.base[..m], &s.srcs[0][..m], buf),
                 move |_h, _nz| rs2,
             )?;
             let mut q = [0f32; 3];
@@ -991,7 +1020,11 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                 };
             }
             let (q1, med, q3) = (q[0], q[1], q[2]);
-            let thr = med + 1.5f32 * (q3 - q1);
+            let thr = if bf {
+                rb(med + rb(1.5f32 * rb(q3 - q1)))
+            } else {
+                med + 1.5f32 * (q3 - q1)
+            };
             Ok(Stats::Fusion {
                 row_len: len,
                 kl,
@@ -1009,7 +1042,15 @@ fn min_importance(ctx: &Ctx, ctl: &Control, len: usize, kl: &[f32]) -> Result<f3
         false,
         || (f32::INFINITY, Vec::new()),
         |(mn, buf), _c, a, s, m| {
-            importance(a, len, kl, &s.base[..m], &s.srcs[0][..m], buf);
+            importance(
+                a,
+                len,
+                kl,
+                ctx.job.bf16_compute,
+                &s.base[..m],
+                &s.srcs[0][..m],
+                buf,
+            );
             for &x in &buf[..m] {
                 *mn = mn.min(x);
             }
@@ -1020,14 +1061,23 @@ fn min_importance(ctx: &Ctx, ctl: &Control, len: usize, kl: &[f32]) -> Result<f3
 }
 
 /// arcee_fusion's importance |p − b|·KL_row of elements a.. (f32, as torch computes it).
-fn importance(a: usize, len: usize, kl: &[f32], b: &[f32], p: &[f32], out: &mut Vec<f32>) {
+fn importance(
+    a: usize,
+    len: usize,
+    kl: &[f32],
+    bf: bool,
+    b: &[f32],
+    p: &[f32],
+    out: &mut Vec<f32>,
+) {
     out.clear();
-    out.extend(
-        b.iter()
-            .zip(p)
-            .enumerate()
-            .map(|(j, (&y, &x))| (x - y).abs() * kl[(a + j) / len]),
-    );
+    out.extend(b.iter().zip(p).enumerate().map(|(j, (&y, &x))| {
+        if bf {
+            rb(rb(x - y).abs() * kl[(a + j) / len])
+        } else {
+            (x - y).abs() * kl[(a + j) / len]
+        }
+    }));
 }
 
 /// One chunk: raw θ in `srcs` (and `base`), result in `out`.
@@ -1112,11 +1162,19 @@ pub(crate) fn compute(
             }
         }
         Stats::Fusion { row_len, kl, thr } => {
+            // bf16 compute: r(p − b) times the (float32) mask, added to b in f32 (mergekit's mask
+            // promotes the result to float32; the output dtype rounds it)
+            let bf = job.bf16_compute;
             for j in 0..m {
                 let (b0, p) = (base[j], srcs[0][j]);
-                let imp = (p - b0).abs() * kl[(a + j) / row_len];
+                let d = if bf { rb(p - b0) } else { p - b0 };
+                let imp = if bf {
+                    rb(d.abs() * kl[(a + j) / row_len])
+                } else {
+                    d.abs() * kl[(a + j) / row_len]
+                };
                 let mask = if imp >= *thr { 1.0f32 } else { 0.0 };
-                out[j] = b0 + (p - b0) * mask;
+                out[j] = b0 + d * mask;
             }
         }
         _ => unreachable!("methods_sph kernel without its statistics"),
