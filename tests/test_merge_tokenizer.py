@@ -255,6 +255,11 @@ def test_plan_refusals(tok_models: dict[str, dict[str, Path]], tmp_path: Path) -
                                           {"model": str(bare), "parameters": {"weight": 1.0}}]})
     with pytest.raises(MismatchError, match="tokenizer cannot be loaded"):
         validate_merge(c)
+    # a chat template for a donor without tokenizer files: refused while planning
+    c = MergeConfig.from_dict({"merge_method": "linear", "chat_template": "chatml",
+                               "models": [{"model": str(bare), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(MismatchError, match="chat_template is set but model .* has no tokenizer files"):
+        validate_merge(c)
     # a tokenizer with ids beyond the model's vocab_size
     short = tmp_path / "short"
     shutil.copytree(ms["far"], short)

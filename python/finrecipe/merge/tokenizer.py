@@ -117,10 +117,16 @@ def plan_vocabulary(cfg: MergeConfig, paths: dict[str, Path]) -> VocabPlan | Non
     """The output vocabulary and each model's permutation into it, or None without tokenizer_source
     / tokenizer. Loads the tokenizers only; refuses what cannot be done exactly."""
     src = cfg.tokenizer_source_name
-    if src is None:
-        return None
     names = list(paths)  # base first when given, then the config's order
     base = cfg.base_model or names[0]
+    if src is None:
+        d = paths[base]
+        if cfg.chat_template is not None and not ((d / "tokenizer_config.json").is_file() and (
+                (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file())):
+            raise MismatchError(f"chat_template is set but model {base!r} ({d}), whose tokenizer the output "
+                                "gets, has no tokenizer files (tokenizer_config.json and tokenizer.json or "
+                                "tokenizer.model)")
+        return None
     if src not in ("base", "union") and src not in paths:
         from finrecipe.yamlio import suggest
 
