@@ -421,3 +421,27 @@ def test_progress_line_shows_the_probe() -> None:
                   "probe_best_step": 2})
     assert line == "loss 1.2500 · probe 0.8471 bpb agr 0.676 (best @2)"
     assert _info({"step": 3, "loss": 1.0}) == "loss 1.0000"
+
+
+def test_a_large_instruction_vector_is_read_per_tensor(data: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the budget τ_I is not kept but read from the memory-mapped files at each probe: the
+    same scores."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finrecipe.search import probe as sprobe
+    from finrecipe.search.objective import InstructionObjective
+
+    live = AutoModelForCausalLM.from_pretrained(data["base"], dtype=torch.float32)
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    kw: dict[str, Any] = dict(weight=0.8, domain_texts=DEV, prompts=PROMPTS, device="cpu",
+                              instruction=InstructionObjective(max_new_tokens=4, chat=False))
+    kept = sprobe.MergeProbe.load(data["base"], data["instruct"], **kw)
+    monkeypatch.setattr(sprobe, "TAU_BUDGET_BYTES", 0)
+    lazy = sprobe.MergeProbe.load(data["base"], data["instruct"], **kw)
+    assert kept.tau and not lazy.tau and lazy.readers is not None
+    a, b = kept.score(live.named_parameters()), lazy.score(live.named_parameters())
+    assert a.bits_per_byte == b.bits_per_byte and a.agreement == b.agreement

@@ -15,7 +15,8 @@ the scoring model's device); the instruct responses are generated once at `load`
 
 `score` takes any iterable of ``(name, tensor)`` pairs holding full tensors, so a sharded
 (FSDP2) trainer can gather one block at a time and pass a generator: memory is bounded by one
-gathered block plus the scoring copy and τ_I. Names are the Hugging Face parameter names; a name
+gathered block plus the scoring copy and τ_I (kept when it fits in TAU_BUDGET_BYTES, else read
+per tensor from the memory-mapped base and instruct files at every probe). Names are the Hugging Face parameter names; a name
 the probe does not know is an error (a wrong model), a tensor not passed keeps its last value.
 The trainer side (the `continual_pretraining` stage's `merge_probe:` option) is
 `finrecipe.train.probe`.
@@ -37,10 +38,14 @@ from finrecipe.search.objective import (
     score_model,
 )
 
+# τ_I is kept (float32, on the scoring device) when it takes at most this many bytes; a larger one
+# is read per tensor from the memory-mapped base and instruct files at every probe instead.
+TAU_BUDGET_BYTES = 8 * 1024**3
+
 
 class MergeProbe:
     def __init__(self, model: Any, tokenizer: Any, instruct_vector: dict[str, Any], weight: float,
-                 data: DevData) -> None:
+                 data: DevData, readers: tuple[Any, Any] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.tau = instruct_vector
@@ -48,6 +53,17 @@ class MergeProbe:
         self.data = data
         self.targets = dict(model.state_dict())
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.readers = readers  # (base, instruct): τ_I read per tensor when it is not kept
+
+    def _tau(self, name: str, device: Any) -> Any:
+        import torch
+
+        if self.readers is None:
+            return self.tau.get(name)
+        base, inst = self.readers
+        if name not in inst.where:
+            return None
+        return inst.get(name).to(device, torch.float32) - base.get(name).to(device, torch.float32)
 
     @classmethod
     def load(cls, base_dir: str | Path, instruct_dir: str | Path, *, weight: float = 1.0,
@@ -77,15 +93,18 @@ class MergeProbe:
         base, inst = _Reader(Path(base_dir)), _Reader(Path(instruct_dir))
         tau: dict[str, Any] = {}
         targets = model.state_dict()
+        for name in inst.where:
+            if name not in targets:
+                from finrecipe.errors import MismatchError
+
+                # e.g. experts that transformers fuses in memory: τ_I would silently go missing
+                raise MismatchError(f"merge probe: the instruct model's tensor {name!r} has no parameter of "
+                                    "that name once loaded (an in-memory layout that differs from the "
+                                    "checkpoint's); probing this architecture is not supported")
+        if 4 * sum(targets[n].numel() for n in inst.where) > TAU_BUDGET_BYTES:
+            return cls(model, tok, tau, weight, data, readers=(base, inst))
         with torch.no_grad():
             for name in inst.where:
-                if name not in targets:
-                    from finrecipe.errors import MismatchError
-
-                    # e.g. experts that transformers fuses in memory: τ_I would silently go missing
-                    raise MismatchError(f"merge probe: the instruct model's tensor {name!r} has no parameter of "
-                                        "that name once loaded (an in-memory layout that differs from the "
-                                        "checkpoint's); probing this architecture is not supported")
                 tau[name] = inst.get(name).to(dev, torch.float32) - base.get(name).to(dev, torch.float32)
         return cls(model, tok, tau, weight, data)
 
@@ -101,7 +120,7 @@ class MergeProbe:
                 if target is None:
                     raise MismatchError(f"merge probe: the live model's tensor {name!r} is not in the instruct model")
                 x = t.detach().to(target.device, torch.float32)
-                tau = self.tau.get(name)
+                tau = self._tau(name, target.device)
                 if tau is not None:
                     x = x + self.weight * tau
                 target.copy_(x.reshape(target.shape))
