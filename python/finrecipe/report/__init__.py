@@ -7,7 +7,9 @@ node a models × tasks table with the leaderboard average (best per column marke
 own direction: lower-is-better metrics such as bits/byte handled), deltas against the reference
 model, a bar chart and the task-vector analysis (global cosines and the layer × module heatmaps);
 CPT loss curves from training nodes (`artifacts["loss_curve"]` PNG, or drawn from
-`artifacts["metrics"]` / `metrics.jsonl`).
+`artifacts["metrics"]` / `metrics.jsonl`), with a merge probe's curves beside the loss and a
+section naming the best probe, the stage's output step and the data the probe used; a merge
+search's section (trial table, Pareto plot).
 
 Modules: `run` (run.json read into typed records; the shared run summary), `tables` (the results
 table shared with `finrecipe apply`), `render` (Markdown, HTML), `plots` (matplotlib PNGs),
