@@ -282,3 +282,24 @@ def test_plan_refusals(tok_models: dict[str, dict[str, Path]], tmp_path: Path) -
                                           {"model": str(ms["cpt"]), "parameters": {"weight": 1.0}}]})
     with pytest.raises(MismatchError, match="no top-level integer vocab_size"):
         validate_merge(c)
+
+
+def _mergekit_templates() -> Path | None:
+    root = Path(__file__).resolve().parents[1] / ".venv-mergekit" / "lib"
+    found = sorted(root.glob("python3*/site-packages/mergekit/_data/chat_templates"))
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(_mergekit_templates() is None, reason="needs the parity venv (.venv-mergekit, made by make parity)")
+@pytest.mark.parametrize("name", NAMES)
+def test_named_templates_render_as_mergekits(name: str) -> None:
+    # finrecipe's own template text; the oracle is mergekit 0.1.5's template of that name, read from its venv
+    ref_dir = _mergekit_templates()
+    assert ref_dir is not None
+    ref = (ref_dir / f"{name}.jinja").read_text(encoding="utf-8")
+    ours = template_text(name)
+    assert ours != ref
+    assert tokenizer_cases.render_problem(ours, ref) is None
+    # the comparison is not vacuous: another template renders differently
+    other = template_text("chatml" if name != "chatml" else "llama3")
+    assert tokenizer_cases.render_problem(other, ref) is not None

@@ -27,8 +27,45 @@ from typing import Any
 import torch
 
 TOKENIZER_KEYS = {"tokenizer_source", "tokenizer", "chat_template"}
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = ("{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+          "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+# Conversations on which two chat templates must render equal strings (or both fail) to count as the same
+# template: finrecipe writes its own text for a named template, so parity is checked by rendering.
+_S = {"role": "system", "content": "  You are terse.\n"}
+CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "hi"}],
+    [_S, {"role": "user", "content": "hi there "}],
+    [{"role": "user", "content": " q1"}, {"role": "assistant", "content": "a1 "}, {"role": "user", "content": "q2"}],
+    [_S, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+     {"role": "assistant", "content": "a2\n"}],
+    [{"role": "assistant", "content": "only assistant"}],
+    [{"role": "user", "content": "q"}, {"role": "user_context", "content": " ctx\n"}, {"role": "assistant", "content": "r"}],
+    [_S], [_S, _S, {"role": "user", "content": "x"}],
+    [{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": " "}], [{"role": "user", "content": ""}],
+]
+
+
+def render_problem(ours: str | None, ref: str | None) -> str | None:
+    """None when the two chat templates render every conversation of CONVERSATIONS the same (with and
+    without the generation prompt; a failure counts as equal only to a failure), else the first difference."""
+    if ours is None or ref is None:
+        return None if ours == ref else f"chat template written by {'finrecipe' if ours else 'mergekit'} only"
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    def render(t: Any, conv: list[dict[str, str]], gen: bool) -> str:
+        try:
+            return str(t.render(messages=conv, add_generation_prompt=gen, bos_token="<s>", eos_token="</s>"))
+        except Exception:  # noqa: BLE001 - a template may refuse a conversation; both must then refuse it
+            return "<fails>"
+    a, b = _compile_jinja_template(ours), _compile_jinja_template(ref)
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            x, y = render(a, conv, gen), render(b, conv, gen)
+            if x != y:
+                return f"chat templates render differently (generation prompt {gen}): {x[:60]!r} vs {y[:60]!r}"
+    return None
+
+
 FIN = ["bond", "equity", "yield", "coupon", "spread", "hedge", "ebitda", "dividend"]
 FAMILIES = {
     "tok-llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -179,22 +216,32 @@ def check_tokenizer(ours_dir: Path, ref_dir: Path, ours: dict[str, torch.Tensor]
     if set(va) != set(vb):
         return (f"vocabularies differ: only finrecipe {sorted(set(va) - set(vb))[:4]}, only mergekit "
                 f"{sorted(set(vb) - set(va))[:4]}"), ours, ""
-    if ta.chat_template != tb.chat_template:
-        return "chat templates differ", ours, ""
+    same_template_text = ta.chat_template == tb.chat_template
+    if not same_template_text:
+        problem = render_problem(ta.chat_template, tb.chat_template)
+        if problem:
+            return problem, ours, ""
     ca, cb = _read(ours_dir, "config.json"), _read(ref_dir, "config.json")
     if ca.get("vocab_size") != cb.get("vocab_size"):
         return f"config.json vocab_size {ca.get('vocab_size')} vs mergekit {cb.get('vocab_size')}", ours, ""
     for f in ("tokenizer_config.json", "chat_template.jinja"):
         x, y = _read(ours_dir, f), _read(ref_dir, f)
+        if f == "chat_template.jinja" and not same_template_text:
+            continue  # compared by rendering above
         if f == "tokenizer_config.json" and x is not None and y is not None:
             x = {**x, "added_tokens_decoder": sorted(v["content"] for v in x.get("added_tokens_decoder", {}).values())}
             y = {**y, "added_tokens_decoder": sorted(v["content"] for v in y.get("added_tokens_decoder", {}).values())}
+            if not same_template_text:
+                x.pop("chat_template", None)
+                y.pop("chat_template", None)
         if x != y:
             return f"{f} differs", ours, ""
     moved = sum(va[t] != vb[t] for t in va)
     same_bytes = (ours_dir / "tokenizer.json").read_bytes() == (ref_dir / "tokenizer.json").read_bytes()
     note = ("tokenizer.json identical" if same_bytes
             else f"same tokens; {moved} appended tokens have other ids (mergekit's hash order)")
+    if not same_template_text:
+        note += f"; chat template: own text, renders as mergekit's on {len(CONVERSATIONS)} conversations"
     if not moved:
         return None, ours, note
     rows = int(ca["vocab_size"])

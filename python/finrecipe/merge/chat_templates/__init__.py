@@ -1,6 +1,8 @@
 """Named chat templates for `chat_template: NAME` in a merge config.
 
-The texts are data files beside this module (see NOTICE.md for their origin and license). A value
+The texts are Jinja files beside this module, written here: each renders every conversation as
+mergekit 0.1.5's template of the same name renders it under transformers (the parity harness,
+bench/parity/tokenizer_cases.py, renders both and requires equal strings). A value
 of `chat_template` is one of: `auto` (the template most of the input models share), one of the
 names in `NAMES`, or a Jinja template string; anything else is refused by name.
 """
