@@ -578,23 +578,28 @@ def _close(x: torch.Tensor, cands: list[torch.Tensor]) -> torch.Tensor:
     return ok
 
 
-def _sce_out(base: torch.Tensor, tvs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """mergekit 0.1.5's sce combination for a given element mask (its operation order)."""
+def _sce_out(base: torch.Tensor, tvs: torch.Tensor, keep: torch.Tensor, wkeep: torch.Tensor) -> torch.Tensor:
+    """mergekit 0.1.5's sce combination (its operation order) with the element mask `keep`, its
+    weights taken from the task vectors masked by `wkeep` (the selection the whole tensor used)."""
+    wt = tvs * wkeep.to(tvs.dtype).unsqueeze(0)
+    w = wt.square().reshape(wt.shape[0], -1).mean(dim=1)
+    ws = float(torch.sum(w).item())
+    w = torch.ones_like(w) / w.shape[0] if abs(ws) < 1e-6 else w / ws
     tvs = tvs * keep.to(tvs.dtype).unsqueeze(0)
     sign = tvs.sign()
     majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
     erase = (sign == majority).to(tvs.dtype)
-    w = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
-    ws = float(torch.sum(w).item())
-    w = torch.ones_like(w) / w.shape[0] if abs(ws) < 1e-6 else w / ws
     w = w.view(-1, *([1] * (tvs.dim() - 1))) * erase
     return base + (tvs * w).sum(dim=0) / torch.sum(w, dim=0).clamp(min=1e-6)
 
 
 def explain_sce(inp: Inputs, name: str, ours: torch.Tensor, ref: torch.Tensor, where: torch.Tensor) -> int:
-    """An element beyond 1 ulp is explained when its variance across the task vectors equals the
-    k-th largest variance and that value's equal run straddles the cut (so torch.topk may keep or
-    drop it), and both finrecipe's and mergekit's values are the element kept or dropped."""
+    """Explained only when the k-th largest variance across the task vectors is shared by elements
+    on both sides of the cut (so torch.topk may keep any of them): an element beyond 1 ulp is
+    explained when finrecipe's value is the element computed with the weights of finrecipe's
+    selection (lower index first among the tied) and mergekit's with the weights of torch.topk's
+    selection, a tied element kept or dropped, any other in its own state (sce's weights are means
+    over the masked task vectors, so which tied elements stay moves every element a little)."""
     topk = float(_global_param(inp, name, "select_topk", 1.0))
     if topk >= 1:
         return 0
@@ -609,44 +614,69 @@ def explain_sce(inp: Inputs, name: str, ours: torch.Tensor, ref: torch.Tensor, w
     if above + equal <= k:
         return 0
     amb = (var == kth)[where]
-    # finrecipe's tie break (lower index first) fixes the weights; the element kept or dropped
-    keep = var > kth
-    keep[torch.nonzero(var == kth).reshape(-1)[: k - above]] = True
     shape = base.shape
-    kept = keep.clone()
-    kept[where] = True
-    dropped = keep.clone()
-    dropped[where] = False
-    cands = [_sce_out(base, tvs, m.reshape(shape)).to(inp.out_dt).reshape(-1)[where] for m in (kept, dropped)]
-    return int((amb & _close(ours, cands) & _close(ref, cands)).sum())
+    ours_sel = var > kth
+    ours_sel[torch.nonzero(var == kth).reshape(-1)[: k - above]] = True
+    mk_sel = torch.zeros(var.numel(), dtype=torch.bool)
+    mk_sel[torch.topk(var.abs(), k=k, largest=True).indices] = True
+    every = torch.ones(var.numel(), dtype=torch.bool)
+
+    state = (var > kth)[where]
+
+    def ok(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        # a tied element kept or dropped; any other element in its own state, with the weights
+        # that the tied selection `sel` implies (the weights depend on which tied elements stay)
+        w = sel.reshape(shape)
+        kept, dropped = (_sce_out(base, tvs, m.reshape(shape), w).to(inp.out_dt).reshape(-1)[where]
+                         for m in (every, ~every))
+        return (amb & _close(x, [kept, dropped])) | (~amb & torch.where(state, _close(x, [kept]), _close(x, [dropped])))
+
+    return int((ok(ours, ours_sel) & ok(ref, mk_sel)).sum())
 
 
-# An importance counts as on arcee_fusion's threshold when within 2^-9 of it (relative). Its row's KL
-# is a sum of p·log(p/q) terms of both signs whose p/q ≈ 1 is rounded to float32, so mergekit's own
-# float32 KL differs from the exact one (float64 from the same float32 softmax) by up to 1.1e-3
-# relative on the parity models (median 2e-4); every importance and the threshold inherit that noise,
-# and finrecipe sums the KL in float64.
-FUSION_TIE = 2.0 ** -9
-
-
-def explain_arcee_fusion(inp: Inputs, name: str, ours: torch.Tensor, ref: torch.Tensor, where: torch.Tensor) -> int:
-    """An element beyond 1 ulp is explained when its importance (recomputed with mergekit's operation
-    order) is within FUSION_TIE of the threshold, and both values are the base's or the other model's."""
-    base = inp.tensor(inp.base_path, name).to(inp.dt)
-    p = inp.tensor(inp.donors[0].path, name).to(inp.dt)
+def _fusion(base: torch.Tensor, p: torch.Tensor, exact: bool) -> tuple[torch.Tensor, float]:
+    """arcee_fusion's importance and threshold: mergekit's float32 operations, or (exact) the same
+    float32 softmax probabilities with the KL summed in float64 (what finrecipe computes)."""
     diff = (p - base).abs()
-    pp = torch.softmax(p, dim=-1) + 1e-8
-    qq = torch.softmax(base, dim=-1) + 1e-8
-    imp = (diff * torch.sum(pp * torch.log(pp / qq), dim=-1, keepdim=True)).reshape(-1)
+    if exact:
+        pp = (torch.softmax(p.double(), dim=-1).float() + 1e-8).double()
+        qq = (torch.softmax(base.double(), dim=-1).float() + 1e-8).double()
+        imp = (diff * torch.sum(pp * torch.log(pp / qq), dim=-1, keepdim=True).float()).reshape(-1)
+    else:
+        pp = torch.softmax(p, dim=-1) + 1e-8
+        qq = torch.softmax(base, dim=-1) + 1e-8
+        imp = (diff * torch.sum(pp * torch.log(pp / qq), dim=-1, keepdim=True)).reshape(-1)
     srt = torch.sort(imp).values
     q = (torch.tensor([0.25, 0.5, 0.75]) * (srt.numel() - 1)).long()
     q1, med, q3 = srt[q]
-    thr = med + 1.5 * (q3 - q1)
-    near = ((imp.double() - float(thr)).abs() <= FUSION_TIE * abs(float(thr)))[where]
+    return imp, float(med + 1.5 * (q3 - q1))
+
+
+def explain_arcee_fusion(inp: Inputs, name: str, ours: torch.Tensor, ref: torch.Tensor, where: torch.Tensor) -> int:
+    """An element beyond 1 ulp is explained when its decision (importance ≥ threshold) flips between
+    mergekit's float32 KL and the KL of the same probabilities summed exactly, and finrecipe's value
+    is the exact decision's, mergekit's the float32 one's (for close models the KL is a small
+    difference of large terms: torch's float32 KL is off by percents, which moves elements across the
+    threshold); or when its exact importance equals the exact threshold (a tie, within 2^-20)."""
+    if inp.dt != torch.float32:
+        return 0  # bf16 rows: see the case's note
+    base = inp.tensor(inp.base_path, name).to(inp.dt)
+    p = inp.tensor(inp.donors[0].path, name).to(inp.dt)
+    imp_mk, thr_mk = _fusion(base, p, exact=False)
+    imp_ex, thr_ex = _fusion(base, p, exact=True)
+    dec_mk = (imp_mk >= thr_mk)[where]
+    dec_ex = (imp_ex >= thr_ex)[where]
     b = base.reshape(-1)[where]
-    d = (p - base).reshape(-1)[where]
-    cands = [b.to(inp.out_dt), (b + d * torch.ones((), dtype=torch.float32)).to(inp.out_dt), p.reshape(-1)[where].to(inp.out_dt)]
-    return int((near & _close(ours, cands) & _close(ref, cands)).sum())
+    took = (b + (p - base).reshape(-1)[where]).to(inp.out_dt)
+    kept = b.to(inp.out_dt)
+
+    def is_(x: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        return torch.where(dec, _close(x, [took]), _close(x, [kept]))
+
+    flip = (dec_mk != dec_ex) & is_(ours, dec_ex) & is_(ref, dec_mk)
+    tie = ((imp_ex[where].double() - thr_ex).abs() <= 2.0 ** -20 * abs(thr_ex)) & _close(ours, [took, kept]) \
+        & _close(ref, [took, kept])
+    return int((flip | tie).sum())
 
 
 EXPLAIN.update(sce=explain_sce, arcee_fusion=explain_arcee_fusion)

@@ -670,7 +670,9 @@ fn kl_row_bf16(p: &[f32], b: &[f32]) -> f32 {
     rb(kl as f32)
 }
 
-/// KL(P ‖ Q) of one row, P = softmax(p) + 1e-8, Q = softmax(b) + 1e-8 (in f32 as torch stores them).
+/// KL(P ‖ Q) of one row, P = softmax(p) + 1e-8, Q = softmax(b) + 1e-8 (rounded to f32 as torch
+/// stores them), the sum in f64: for close models the KL is a small difference of large terms, and
+/// float32 arithmetic (mergekit's) leaves it with percent-level rounding error.
 fn kl_row(p: &[f32], b: &[f32]) -> f32 {
     let sm = |x: &[f32]| -> (f64, f64) {
         let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
@@ -683,7 +685,7 @@ fn kl_row(p: &[f32], b: &[f32]) -> f32 {
     for (&x, &y) in p.iter().zip(b) {
         let pp = (((x as f64 - mp).exp() / sp) as f32 + 1e-8f32) as f64;
         let qq = (((y as f64 - mb).exp() / sb) as f32 + 1e-8f32) as f64;
-        kl += pp * ((pp / qq) as f32 as f64).ln();
+        kl += pp * (pp / qq).ln();
     }
     kl as f32
 }

@@ -797,7 +797,7 @@ pub fn build_jobs(plan: &Plan, models: &[Model]) -> Result<Vec<Job>> {
             Some(other) => {
                 return Err(Error::Config(format!(
                     "{where_}: compute_dtype '{other}' is not supported by kernel '{}' (F32, or \
-                     BF16 for the task-arithmetic kernels)",
+                     BF16 for the kernels that follow mergekit's bf16 arithmetic)",
                     spec.name
                 )))
             }
