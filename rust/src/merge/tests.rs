@@ -722,11 +722,22 @@ fn spherical_methods_independent_of_threads_and_chunks() {
         "sources": [src(1, json!({"weight": 0.2})), src(2, json!({"weight": 0.5})),
                     src(3, json!({"weight": 0.3}))],
         "params": {"normalize_weights": true, "eps": 1e-8}});
+    let bf = |mut t: Value| {
+        t["compute_dtype"] = json!("BF16");
+        t
+    };
+    let arcee = json!({"name": "x", "kernel": "arcee_fusion", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({}))], "params": {}});
     for (case, t) in [
         (&c1, nuslerp(true, false, true)),
-        (&c1, ms),
+        (&c1, ms.clone()),
         (&c, nuslerp(false, false, true)),
         (&c, nuslerp(false, true, false)),
+        // bf16 compute: every step rounded, sums in fixed order
+        (&c1, bf(nuslerp(true, false, true))),
+        (&c, bf(nuslerp(false, true, true))),
+        (&c1, bf(ms)),
+        (&c, bf(arcee)),
     ] {
         let k = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let r1 = case.run_with(&format!("a{k}"), t.clone(), 1, 1 << 20);
