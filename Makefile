@@ -21,9 +21,17 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@ $(EXT_BUILT)
 
-# Later: rebuild the extension when the Rust sources change.
+# Later: rebuild the extension when the Rust sources change. The new library replaces the old one by
+# rename, never by rewriting it in place (`maturin develop` truncates the file, which crashes any running
+# finrecipe process that has it mapped: a long merge, a training run, another test job).
 $(EXT_BUILT): $(INSTALLED) $(RUST_SRC)
-	$(VENV)/bin/maturin develop --release --quiet
+	rm -rf target/ext-wheel
+	$(VENV)/bin/maturin build --release --quiet --out target/ext-wheel
+	$(PY) -c 'import glob, os, sys, zipfile; \
+	  whl, = glob.glob("target/ext-wheel/*.whl"); z = zipfile.ZipFile(whl); \
+	  so, = [n for n in z.namelist() if n.startswith("finrecipe/_core") and n.endswith(".so")]; \
+	  dst = os.path.join("python", so); tmp = dst + ".new"; \
+	  open(tmp, "wb").write(z.read(so)); os.chmod(tmp, 0o755); os.replace(tmp, dst)'
 	touch $@
 
 build: $(EXT_BUILT)
