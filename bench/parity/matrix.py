@@ -189,11 +189,11 @@ CASES: list[Case] = [
              parameters={"eps": 1e-4})),
     Case("multislerp-one", "qwen2", "exact", cfg("multislerp", [m("far", weight=0.4)])),
     Case("karcher", "llama", "exact", cfg("karcher", [m("instruct"), m("cpt"), m("far")], base=None),
-         note="open (bf16 row): mergekit's bf16 Karcher iteration does not converge on these models (layers.0 "
-              "k_proj: its dot products alternate between the adjacent bf16 values 0.9648 and 0.9609 every step, the "
-              "tangent norm stays near 0.005 > tol), so its output is the state step 10 lands in; a step-by-step bf16 "
-              "emulation matched the first step but not the cycle (12088 elements beyond 1 ulp), so finrecipe keeps "
-              "the exact iteration (f64 coefficients)"),
+         note="bf16 row: finrecipe replays mergekit's bf16 iteration op by op (its bf16 iteration does not "
+              "converge on these models, so the output is wherever step 10 lands and hinges on last bits): "
+              "torch's f32 vector_norm sums squares in 8 f32 lanes (not the exact norm), and the 0-dim f32 "
+              "cos(tn), sin(tn) and scale are rounded to bf16 before they multiply; mergekit's own output is "
+              "the same with 1, 2 or 4 torch threads and ATen CPU capability default, AVX2 or AVX512"),
     # ---- others --------------------------------------------------------------------------------------------
     Case("model_stock", "llama", "exact", cfg("model_stock", [m("instruct"), m("cpt"), m("far")]),
          note=BF16_WHOLE_SUMS + " (its mean cos of embed_tokens: -0.000576 with 1 thread, -0.000572 "

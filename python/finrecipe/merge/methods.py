@@ -200,7 +200,7 @@ METHODS: dict[str, MethodDef] = {m.name: m for m in (
     MethodDef("karcher", "karcher",
               (_p("max_iter", "global", 10.0, lo=0.0, hi=10_000.0, doc="iterations of the Karcher mean"),
                _p("tol", "global", 1e-5, lo=0.0, doc="convergence tolerance")),
-              needs_base=False, doc="Riemannian (Karcher) mean of the models' directions, mean norm"),
+              needs_base=False, bf16_compute=True, doc="Riemannian (Karcher) mean of the models' directions, mean norm"),
 )}
 
 

@@ -63,6 +63,8 @@ pub enum Stats {
         rule: KeepRule,
         w: Vec<f32>,
     },
+    /// karcher under bf16 compute: the scalars of mergekit's bf16 iteration (methods_mk.rs).
+    KarcherBf16(Box<super::methods_mk::KarcherBf16>),
 }
 
 fn sparse(job: &Job) -> bool {

@@ -19,7 +19,9 @@
 //! - karcher (`max_iter`, `tol`, no base): the weighted Karcher mean (equal weights) of the sources'
 //!   directions on the unit sphere, scaled by the mean of their norms. Every iterate is a linear
 //!   combination of the sources, so the iteration runs on the coefficient vector with the Gram
-//!   matrix ⟨θ_i, θ_j⟩ (one f64 pass); the output is Σ c_i·θ_i.
+//!   matrix ⟨θ_i, θ_j⟩ (one f64 pass); the output is Σ c_i·θ_i. Under bf16 compute the iteration
+//!   is mergekit's bf16 one, op by op (`karcher_bf16`): its iterate is rounded every step, so each
+//!   pass replays every element's trajectory from the sources and the per-step scalars.
 
 use super::bf16::rb;
 use super::kernels::Stats;
@@ -153,6 +155,7 @@ pub fn bf16_ok(k: Kernel) -> bool {
             | Kernel::Nuslerp
             | Kernel::Multislerp
             | Kernel::ArceeFusion
+            | Kernel::Karcher
     )
 }
 
@@ -319,6 +322,9 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                 Some(rule) => Stats::SceTopk { rule, w },
             })
         }
+        Kernel::Karcher if job.bf16_compute && nsrc > 1 => {
+            Ok(Stats::KarcherBf16(Box::new(karcher_bf16(ctx, ctl)?)))
+        }
         Kernel::Karcher => {
             let k = nsrc * (nsrc + 1) / 2;
             let g = ctx.fold(
@@ -444,6 +450,329 @@ pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -
         .collect()
 }
 
+/// Elements per pass unit of karcher's bf16 iteration (a multiple of torch's 8 norm lanes).
+const KSPAN: usize = 1 << 16;
+
+/// karcher under bf16 compute: the scalars of mergekit's bf16 iteration. Every step rounds the
+/// iterate to bf16, so the mean is no linear combination of the sources; each element's trajectory
+/// is replayed from its sources and these scalars (see `karcher_elem`).
+#[derive(Debug, Clone, Default)]
+pub struct KarcherBf16 {
+    /// per source torch's float32 norm (`vector_norm`, see `Lanes`)
+    pub norms: Vec<f32>,
+    /// the sources whose norm exceeds tol, and their f32 weights α_i / Σα (Python doubles)
+    pub valid: Vec<usize>,
+    pub alphas: Vec<f32>,
+    /// Some(i): the weighted mean's norm was below tol, the start is valid source i's unit vector
+    pub start: Option<usize>,
+    /// f32 norm of the initial weighted mean
+    pub mean_norm: f32,
+    pub steps: Vec<KStep>,
+    /// r(Σ f32(1/N)·norm_i) (the f32 scalar is rounded to bf16 as the left operand of a bf16 product)
+    pub scale: f32,
+    /// no source is valid: zeros
+    pub zero: bool,
+}
+
+/// One completed step of the iteration.
+#[derive(Debug, Clone, Default)]
+pub struct KStep {
+    /// per valid source: r(⟨mean, u_i⟩) clamped, and r(f32(α_i)·r(θ / r(sin θ))) (None: θ < tol)
+    pub dots: Vec<f32>,
+    pub ks: Vec<Option<f32>>,
+    /// f32 tangent norm, r(cos tn) and r(sin tn)
+    pub tn: f32,
+    pub cos: f32,
+    pub sin: f32,
+    /// f32 norm of the updated mean (None: ≤ tol, not renormalised)
+    pub unorm: Option<f32>,
+}
+
+/// torch's float32 `vector_norm` of a contiguous tensor on the CPU: squares summed into 8 float32
+/// lanes (element j into lane j % 8, in order), the lanes summed 0..7, then the last numel % 8
+/// squares one by one, square root in f32. Measured against torch 2.15 (ATen CPU capability AVX512
+/// and AVX2, 1 or 2 threads); it is not the exact norm (several f32 ulps off), and mergekit's bf16
+/// karcher output depends on it.
+struct Lanes {
+    l: [f32; 8],
+    tail: f32,
+    main: usize,
+    tail_started: bool,
+}
+
+impl Lanes {
+    fn new(numel: usize) -> Self {
+        Lanes {
+            l: [0.0; 8],
+            tail: 0.0,
+            main: numel - numel % 8,
+            tail_started: false,
+        }
+    }
+
+    /// `v` holds the values of elements a.. in order (called in element order).
+    fn add(&mut self, a: usize, v: &[f32]) {
+        for (j, &x) in v.iter().enumerate() {
+            let e = a + j;
+            if e < self.main {
+                self.l[e % 8] += x * x;
+            } else {
+                if !self.tail_started {
+                    self.tail_started = true;
+                    self.tail = self.lanes_sum();
+                }
+                self.tail += x * x;
+            }
+        }
+    }
+
+    fn lanes_sum(&self) -> f32 {
+        self.l[1..].iter().fold(self.l[0], |s, &x| s + x)
+    }
+
+    fn norm(&self) -> f32 {
+        if self.tail_started {
+            self.tail.sqrt()
+        } else {
+            self.lanes_sum().sqrt()
+        }
+    }
+}
+
+/// What one element's replay yields.
+#[derive(Clone, Copy)]
+enum Want {
+    /// the initial weighted mean before normalisation
+    Raw,
+    /// the mean after `k` steps
+    Mean(usize),
+    /// the tangent of step k (its dots and coefficients known)
+    Tangent(usize),
+    /// the updated mean of step k before renormalisation (its tangent norm known)
+    Pre(usize),
+}
+
+/// One element: `x` the sources' bf16 values, `u` scratch for their units.
+#[allow(clippy::needless_range_loop)]
+fn karcher_elem(x: &[f32], st: &KarcherBf16, want: Want, u: &mut [f32]) -> f32 {
+    // (tensor / norm).to(bf16): the f32 norm is the divisor (torch's scalar fast path)
+    for (i, &p) in st.valid.iter().enumerate() {
+        u[i] = rb(rb(x[p]) / st.norms[p]);
+    }
+    let nv = st.valid.len();
+    let mut mean = match (st.start, want) {
+        (_, Want::Raw) | (None, _) => {
+            let mut m = 0f32;
+            for i in 0..nv {
+                m = rb(m + rb(u[i] * st.alphas[i]));
+            }
+            if let Want::Raw = want {
+                return m;
+            }
+            rb(m / st.mean_norm)
+        }
+        (Some(s), _) => u[s],
+    };
+    let upto = match want {
+        Want::Raw => 0,
+        Want::Mean(k) | Want::Tangent(k) | Want::Pre(k) => k,
+    };
+    for (k, step) in st.steps.iter().enumerate().take(upto + 1) {
+        if k == upto && matches!(want, Want::Mean(_)) {
+            break;
+        }
+        let mut t = 0f32;
+        for i in 0..nv {
+            if let Some(c) = step.ks[i] {
+                t = rb(t + rb(c * rb(u[i] - rb(step.dots[i] * mean))));
+            }
+        }
+        if k == upto && matches!(want, Want::Tangent(_)) {
+            return t;
+        }
+        // cos(tn)·mean + sin(tn)·(tangent / tn): the 0-dim f32 factors on the left are rounded
+        // to bf16 first, the divisor on the right is not
+        let pre = rb(rb(step.cos * mean) + rb(step.sin * rb(t / step.tn)));
+        if k == upto {
+            return pre;
+        }
+        mean = match step.unorm {
+            Some(un) => rb(pre / un),
+            None => pre,
+        };
+    }
+    mean
+}
+
+/// One pass over the tensor in fixed spans: `per_span` runs in parallel on batches of spans
+/// (sources loaded and rounded to bf16), `fold` receives the results in element order, so the
+/// outcome does not depend on the thread count; memory: a batch of spans.
+fn karcher_pass<T, F, G>(ctx: &Ctx, ctl: &Control, per_span: F, mut fold: G) -> Result<()>
+where
+    T: Send,
+    F: Fn(usize, usize, &[Vec<f32>]) -> T + Sync + Send,
+    G: FnMut(usize, T),
+{
+    use rayon::prelude::*;
+    let job = ctx.job;
+    let (n, nsrc) = (job.numel, job.sources.len());
+    let nspans = n.div_ceil(KSPAN);
+    let batch = rayon::current_num_threads().max(1);
+    let mut s0 = 0;
+    while s0 < nspans {
+        let s1 = (s0 + batch).min(nspans);
+        let parts: Vec<T> = (s0..s1)
+            .into_par_iter()
+            .map(|sp| {
+                let (a, b) = (sp * KSPAN, ((sp + 1) * KSPAN).min(n));
+                super::with_scratch(nsrc, KSPAN, |s| {
+                    for (i, &r) in job.sources.iter().enumerate() {
+                        ctx.load(r, a, b, &mut s.srcs[i]);
+                        super::bf16::round_all(&mut s.srcs[i][..b - a]);
+                    }
+                    per_span(a, b - a, &s.srcs)
+                })
+            })
+            .collect();
+        ctl.check()?;
+        for (k, p) in parts.into_iter().enumerate() {
+            fold((s0 + k) * KSPAN, p);
+        }
+        s0 = s1;
+    }
+    Ok(())
+}
+
+/// torch's f32 norm of a per-element quantity of the replay.
+#[allow(clippy::needless_range_loop)]
+fn karcher_norm(ctx: &Ctx, ctl: &Control, st: &KarcherBf16, want: Want) -> Result<f32> {
+    let nsrc = ctx.job.sources.len();
+    let mut lanes = Lanes::new(ctx.job.numel);
+    karcher_pass(
+        ctx,
+        ctl,
+        |_a, m, srcs| {
+            let (mut x, mut u) = (vec![0f32; nsrc], vec![0f32; nsrc]);
+            (0..m)
+                .map(|j| {
+                    for i in 0..nsrc {
+                        x[i] = srcs[i][j];
+                    }
+                    karcher_elem(&x, st, want, &mut u)
+                })
+                .collect::<Vec<f32>>()
+        },
+        |a, v| lanes.add(a, &v),
+    )?;
+    Ok(lanes.norm())
+}
+
+/// mergekit's karcher iteration in bf16 (merge_methods/karcher.py under `dtype: bfloat16`).
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn karcher_bf16(ctx: &Ctx, ctl: &Control) -> Result<KarcherBf16> {
+    let job = ctx.job;
+    let nsrc = job.sources.len();
+    let max_iter = num(job, "max_iter", 10.0).clamp(0.0, 10_000.0) as usize;
+    let tol = num(job, "tol", 1e-5);
+    // the sources' norms, torch's f32 summation
+    let mut lanes: Vec<Lanes> = (0..nsrc).map(|_| Lanes::new(job.numel)).collect();
+    karcher_pass(
+        ctx,
+        ctl,
+        |_a, m, srcs| (0..nsrc).map(|i| srcs[i][..m].to_vec()).collect::<Vec<_>>(),
+        |a, v| {
+            for (l, x) in lanes.iter_mut().zip(&v) {
+                l.add(a, x);
+            }
+        },
+    )?;
+    let norms: Vec<f32> = lanes.iter().map(|l| l.norm()).collect();
+    // Python floats: α = 1/N, Σ over the valid sources in order, α / Σ
+    let alpha = 1.0 / nsrc as f64;
+    let mut st = KarcherBf16 {
+        // Σ α·norm_i over all sources: f32 products (the Python float cast to f32), f32 sum
+        scale: rb(norms.iter().fold(0f32, |s, &x| s + (alpha as f32) * x)),
+        norms,
+        ..Default::default()
+    };
+    st.valid = (0..nsrc).filter(|&i| st.norms[i] as f64 > tol).collect();
+    if st.valid.is_empty() {
+        st.zero = true;
+        return Ok(st);
+    }
+    let asum = st.valid.iter().fold(0f64, |s, _| s + alpha);
+    st.alphas = st.valid.iter().map(|_| (alpha / asum) as f32).collect();
+    let mn = karcher_norm(ctx, ctl, &st, Want::Raw)?;
+    if (mn as f64) < tol {
+        st.start = Some(0);
+    } else {
+        st.mean_norm = mn;
+    }
+    let nv = st.valid.len();
+    for k in 0..max_iter {
+        // torch.dot of two bf16 vectors: f32 products summed in float, rounded to bf16 (here the
+        // sum is exact in f64, rounded to f32, then to bf16)
+        let mut d = vec![0f64; nv];
+        {
+            let stc = &st;
+            karcher_pass(
+                ctx,
+                ctl,
+                |_a, m, srcs| {
+                    let (mut x, mut u) = (vec![0f32; nsrc], vec![0f32; nsrc]);
+                    let mut acc = vec![0f64; nv];
+                    for j in 0..m {
+                        for i in 0..nsrc {
+                            x[i] = srcs[i][j];
+                        }
+                        let mean = karcher_elem(&x, stc, Want::Mean(k), &mut u) as f64;
+                        for i in 0..nv {
+                            acc[i] += mean * u[i] as f64;
+                        }
+                    }
+                    acc
+                },
+                |_a, acc| {
+                    for (x, y) in d.iter_mut().zip(acc) {
+                        *x += y;
+                    }
+                },
+            )?;
+        }
+        let mut step = KStep {
+            dots: vec![0.0; nv],
+            ks: vec![None; nv],
+            ..Default::default()
+        };
+        for i in 0..nv {
+            let dot = rb(d[i] as f32).clamp(-1.0, 1.0);
+            let th = rb(dot.acos());
+            step.dots[i] = dot;
+            if (th as f64) < tol {
+                continue;
+            }
+            step.ks[i] = Some(rb(rb(th / rb(th.sin())) * st.alphas[i]));
+        }
+        st.steps.push(step);
+        let tn = karcher_norm(ctx, ctl, &st, Want::Tangent(k))?;
+        if (tn as f64) < tol {
+            st.steps.pop();
+            break;
+        }
+        {
+            let s = st.steps.last_mut().unwrap();
+            s.tn = tn;
+            s.cos = rb(tn.cos());
+            s.sin = rb(tn.sin());
+        }
+        let un = karcher_norm(ctx, ctl, &st, Want::Pre(k))?;
+        if un as f64 > tol {
+            st.steps.last_mut().unwrap().unorm = Some(un);
+        }
+    }
+    Ok(st)
+}
+
 /// One chunk: raw θ in `srcs` (and `base`), result in `out`.
 pub fn compute(
     job: &Job,
@@ -552,6 +881,24 @@ pub fn compute(
                     }
                 }
                 out[j] = r(b0 + r(r(num) / r(den).max(floor)));
+            }
+        }
+        Kernel::Karcher if matches!(stats, Stats::KarcherBf16(_)) => {
+            let Stats::KarcherBf16(st) = stats else {
+                unreachable!()
+            };
+            let nv = st.valid.len();
+            let (mut x, mut u) = (vec![0f32; nsrc], vec![0f32; nv.max(1)]);
+            let last = st.steps.len();
+            for j in 0..m {
+                if st.zero {
+                    out[j] = 0.0;
+                    continue;
+                }
+                for i in 0..nsrc {
+                    x[i] = srcs[i][j];
+                }
+                out[j] = rb(st.scale * karcher_elem(&x, st, Want::Mean(last), &mut u));
             }
         }
         Kernel::Karcher => {

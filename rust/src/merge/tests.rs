@@ -745,3 +745,149 @@ fn spherical_methods_independent_of_threads_and_chunks() {
         assert_eq!(r1, case.run_with(&format!("c{k}"), t.clone(), 3, 65536));
     }
 }
+
+/// torch's float32 norm of a contiguous tensor (8 f32 lanes, then the tail), whole-vector form.
+fn torch_norm_f32(v: &[f32]) -> f32 {
+    let main = v.len() - v.len() % 8;
+    let mut lanes = [0f32; 8];
+    for (j, &x) in v[..main].iter().enumerate() {
+        lanes[j % 8] += x * x;
+    }
+    let mut s = lanes[0];
+    for &l in &lanes[1..] {
+        s += l;
+    }
+    for &x in &v[main..] {
+        s += x * x;
+    }
+    s.sqrt()
+}
+
+/// mergekit's karcher_merge_tensors under bf16, statement by statement on whole vectors (every
+/// bf16 tensor op rounded, 0-dim f32 factors on the left of a product rounded to bf16 first).
+fn karcher_bf16_reference(xs: &[Vec<f32>], max_iter: usize, tol: f64) -> Vec<f32> {
+    use super::bf16::rb;
+    let r = |v: Vec<f32>| v.into_iter().map(rb).collect::<Vec<f32>>();
+    let xs: Vec<Vec<f32>> = xs.iter().map(|x| r(x.clone())).collect();
+    let n = xs[0].len();
+    let norms: Vec<f32> = xs.iter().map(|x| torch_norm_f32(x)).collect();
+    let valid: Vec<usize> = (0..xs.len()).filter(|&i| norms[i] as f64 > tol).collect();
+    if valid.is_empty() {
+        return vec![0.0; n];
+    }
+    let units: Vec<Vec<f32>> = valid
+        .iter()
+        .map(|&i| xs[i].iter().map(|&x| rb(x / norms[i])).collect())
+        .collect();
+    let al = 1.0 / xs.len() as f64;
+    let asum = valid.iter().fold(0.0, |s, _| s + al);
+    let a = (al / asum) as f32;
+    let mut mean = vec![0f32; n];
+    for u in &units {
+        for (m, &x) in mean.iter_mut().zip(u) {
+            *m = rb(*m + rb(x * a));
+        }
+    }
+    let mn = torch_norm_f32(&mean);
+    mean = if (mn as f64) < tol {
+        units[0].clone()
+    } else {
+        mean.iter().map(|&m| rb(m / mn)).collect()
+    };
+    for _ in 0..max_iter {
+        let mut t = vec![0f32; n];
+        for u in &units {
+            let s: f64 = mean.iter().zip(u).map(|(&p, &q)| p as f64 * q as f64).sum();
+            let dot = rb(s as f32).clamp(-1.0, 1.0);
+            let th = rb(dot.acos());
+            if (th as f64) < tol {
+                continue;
+            }
+            let c = rb(rb(th / rb(th.sin())) * a);
+            for j in 0..n {
+                t[j] = rb(t[j] + rb(c * rb(u[j] - rb(dot * mean[j]))));
+            }
+        }
+        let tn = torch_norm_f32(&t);
+        if (tn as f64) < tol {
+            break;
+        }
+        let (cb, sb) = (rb(tn.cos()), rb(tn.sin()));
+        for j in 0..n {
+            mean[j] = rb(rb(cb * mean[j]) + rb(sb * rb(t[j] / tn)));
+        }
+        let un = torch_norm_f32(&mean);
+        if un as f64 > tol {
+            mean = mean.iter().map(|&m| rb(m / un)).collect();
+        }
+    }
+    let scale = norms.iter().fold(0f32, |s, &x| s + (al as f32) * x);
+    mean.iter().map(|&m| rb(rb(scale) * m)).collect()
+}
+
+#[test]
+fn karcher_bf16_follows_mergekits_bf16_iteration_whatever_threads_and_chunks() {
+    // more than one 64 Ki span, and a tail of numel % 8 = 5 elements outside torch's norm lanes
+    let n = 2 * 65_536 + 3_077;
+    let v = |f: f32, g: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| 0.02 * ((i as f32 * f).sin() + g * (i as f32 * 0.013).cos()))
+            .collect()
+    };
+    let xs = vec![v(0.37, 0.0), v(0.37, 0.3), v(0.41, -0.2)];
+    let c = Case::new(&xs);
+    let t = |max_iter: f64, bf: bool| {
+        let mut t = json!({"name": "x", "kernel": "karcher", "out_dtype": "F32",
+            "sources": [src(0, json!({})), src(1, json!({})), src(2, json!({}))],
+            "params": {"max_iter": max_iter, "tol": 1e-5}});
+        if bf {
+            t["compute_dtype"] = json!("BF16");
+        }
+        t
+    };
+    for it in [0usize, 1, 10] {
+        let out = c.run1(t(it as f64, true));
+        let want = karcher_bf16_reference(&xs, it, 1e-5);
+        let bad = out.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(bad, 0, "max_iter {it}: {bad} elements differ");
+    }
+    let r1 = c.run_with("t1", t(10.0, true), 1, 1 << 20);
+    assert_eq!(r1, c.run_with("t2", t(10.0, true), 2, 1000));
+    assert_eq!(r1, c.run_with("t3", t(10.0, true), 3, 65_536));
+    // float32 compute keeps the exact iteration: not the bf16 one
+    let f = c.run1(t(10.0, false));
+    assert!(f.iter().zip(&r1).any(|(a, b)| a != b));
+    assert!(f.iter().zip(&r1).all(|(a, b)| (a - b).abs() < 1e-3));
+}
+
+#[test]
+fn karcher_bf16_edge_cases_follow_mergekit() {
+    let t = |k: usize| {
+        let sources: Vec<Value> = (0..k).map(|i| src(i, json!({}))).collect();
+        json!({"name": "x", "kernel": "karcher", "out_dtype": "F32", "compute_dtype": "BF16",
+            "sources": sources, "params": {"max_iter": 10.0, "tol": 1e-5}})
+    };
+    let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin()).collect();
+    let neg: Vec<f32> = a.iter().map(|x| -x).collect();
+    // opposite directions: the weighted mean vanishes, the first unit vector is the start
+    let xs = vec![a.clone(), neg];
+    assert_eq!(
+        Case::new(&xs).run1(t(2)),
+        karcher_bf16_reference(&xs, 10, 1e-5)
+    );
+    // a zero source is excluded from the mean (its norm still counts in the scale)
+    let xs = vec![
+        a.clone(),
+        vec![0.0; 37],
+        a.iter().map(|x| x * 0.5 + 0.1).collect(),
+    ];
+    let out = Case::new(&xs).run1(t(3));
+    assert_eq!(out, karcher_bf16_reference(&xs, 10, 1e-5));
+    assert!(out.iter().any(|&x| x != 0.0));
+    // every source zero: zeros; one source: its bf16 values
+    let z = vec![vec![0.0f32; 37]; 2];
+    assert_eq!(Case::new(&z).run1(t(2)), vec![0.0; 37]);
+    let one = Case::new(std::slice::from_ref(&a)).run1(t(1));
+    let ab: Vec<f32> = a.iter().map(|&x| super::bf16::rb(x)).collect();
+    assert_eq!(one, ab);
+}
