@@ -597,8 +597,10 @@ def _parity_cell(r: dict[str, Any]) -> str:
         return "n/a (random masks)"
     cell = f"{p['fraction'] * 100:.4f}%, max {p['max_ulp']} ulp"
     if p.get("beyond_1ulp") and not p.get("differing"):
-        cell += (f" ({p['beyond_1ulp']:,} elements > 1 ulp, {p.get('noise', 0):,} of them within 2^-20 of the "
-                 "tensor's largest magnitude)")
+        cell += f" ({p['beyond_1ulp']:,} elements > 1 ulp"
+        if "noise" in p:  # rows measured before this count existed do not have it
+            cell += f", {p['noise']:,} of them within 2^-20 of the tensor's largest magnitude"
+        cell += ")"
     if p.get("differing"):
         cell += f"; {p['at_threshold'] / p['differing'] * 100:.2f}% of the differing on a top-k tie"
     if p.get("mismatched_names"):
