@@ -450,12 +450,15 @@ pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -
         .collect()
 }
 
+/// The most steps karcher's bf16 iteration replays (about 1.5·max_iter² element steps).
+pub const KARCHER_BF16_MAX_ITER: usize = 64;
+
 /// Elements per pass unit of karcher's bf16 iteration (a multiple of torch's 8 norm lanes).
 const KSPAN: usize = 1 << 16;
 
 /// karcher under bf16 compute: the scalars of mergekit's bf16 iteration. Every step rounds the
 /// iterate to bf16, so the mean is no linear combination of the sources; each element's trajectory
-/// is replayed from its sources and these scalars (see `karcher_elem`).
+/// is replayed from its sources and these scalars (see `karcher_span`).
 #[derive(Debug, Clone, Default)]
 pub struct KarcherBf16 {
     /// per source torch's float32 norm (`vector_norm`, see `Lanes`)
@@ -552,27 +555,56 @@ enum Want {
     Pre(usize),
 }
 
-/// One element: `x` the sources' bf16 values, `u` scratch for their units.
-#[allow(clippy::needless_range_loop)]
-fn karcher_elem(x: &[f32], st: &KarcherBf16, want: Want, u: &mut [f32]) -> f32 {
-    // (tensor / norm).to(bf16): the f32 norm is the divisor (torch's scalar fast path)
-    for (i, &p) in st.valid.iter().enumerate() {
-        u[i] = rb(rb(x[p]) / st.norms[p]);
-    }
+/// Scratch of a span's replay: the valid sources' unit vectors, the mean, the tangent.
+#[derive(Default)]
+struct KBuf {
+    u: Vec<Vec<f32>>,
+    mean: Vec<f32>,
+    t: Vec<f32>,
+}
+
+/// Replays elements 0..m of a span (`x`: the sources' bf16 values) and writes the wanted quantity
+/// into `res`; each step is a loop over the span's elements (vectorised), in mergekit's order of
+/// bf16 operations.
+fn karcher_span(
+    x: &[Vec<f32>],
+    m: usize,
+    st: &KarcherBf16,
+    want: Want,
+    b: &mut KBuf,
+    res: &mut [f32],
+) {
     let nv = st.valid.len();
-    let mut mean = match (st.start, want) {
+    b.u.resize_with(nv, Vec::new);
+    b.mean.resize(m, 0.0);
+    b.t.resize(m, 0.0);
+    let KBuf { u, mean, t } = b;
+    let (mean, t, res) = (&mut mean[..m], &mut t[..m], &mut res[..m]);
+    // (tensor / norm).to(bf16): the f32 norm is the divisor (torch's scalar fast path)
+    for (up, &i) in u.iter_mut().zip(&st.valid) {
+        up.resize(m, 0.0);
+        let nm = st.norms[i];
+        for (o, &v) in up[..m].iter_mut().zip(&x[i][..m]) {
+            *o = rb(rb(v) / nm);
+        }
+    }
+    match (st.start, want) {
         (_, Want::Raw) | (None, _) => {
-            let mut m = 0f32;
-            for i in 0..nv {
-                m = rb(m + rb(u[i] * st.alphas[i]));
+            mean.fill(0.0);
+            for (up, &al) in u.iter().zip(&st.alphas) {
+                for (o, &v) in mean.iter_mut().zip(&up[..m]) {
+                    *o = rb(*o + rb(v * al));
+                }
             }
             if let Want::Raw = want {
-                return m;
+                res.copy_from_slice(mean);
+                return;
             }
-            rb(m / st.mean_norm)
+            let mn = st.mean_norm;
+            mean.iter_mut().for_each(|o| *o = rb(*o / mn));
         }
-        (Some(s), _) => u[s],
-    };
+        (Some(s), _) => mean.copy_from_slice(&u[s][..m]),
+    }
     let upto = match want {
         Want::Raw => 0,
         Want::Mean(k) | Want::Tangent(k) | Want::Pre(k) => k,
@@ -581,27 +613,38 @@ fn karcher_elem(x: &[f32], st: &KarcherBf16, want: Want, u: &mut [f32]) -> f32 {
         if k == upto && matches!(want, Want::Mean(_)) {
             break;
         }
-        let mut t = 0f32;
-        for i in 0..nv {
-            if let Some(c) = step.ks[i] {
-                t = rb(t + rb(c * rb(u[i] - rb(step.dots[i] * mean))));
+        t.fill(0.0);
+        for (p, up) in u.iter().enumerate() {
+            if let Some(c) = step.ks[p] {
+                let d = step.dots[p];
+                for ((o, &v), &mv) in t.iter_mut().zip(&up[..m]).zip(mean.iter()) {
+                    *o = rb(*o + rb(c * rb(v - rb(d * mv))));
+                }
             }
         }
         if k == upto && matches!(want, Want::Tangent(_)) {
-            return t;
+            res.copy_from_slice(t);
+            return;
         }
         // cos(tn)·mean + sin(tn)·(tangent / tn): the 0-dim f32 factors on the left are rounded
         // to bf16 first, the divisor on the right is not
-        let pre = rb(rb(step.cos * mean) + rb(step.sin * rb(t / step.tn)));
+        let (cs, sn, tn) = (step.cos, step.sin, step.tn);
         if k == upto {
-            return pre;
+            for ((o, &mv), &tv) in res.iter_mut().zip(mean.iter()).zip(t.iter()) {
+                *o = rb(rb(cs * mv) + rb(sn * rb(tv / tn)));
+            }
+            return;
         }
-        mean = match step.unorm {
-            Some(un) => rb(pre / un),
-            None => pre,
-        };
+        let un = step.unorm;
+        for (o, &tv) in mean.iter_mut().zip(t.iter()) {
+            let pre = rb(rb(cs * *o) + rb(sn * rb(tv / tn)));
+            *o = match un {
+                Some(un) => rb(pre / un),
+                None => pre,
+            };
+        }
     }
-    mean
+    res.copy_from_slice(mean);
 }
 
 /// One pass over the tensor in fixed spans: `per_span` runs in parallel on batches of spans
@@ -646,21 +689,14 @@ where
 /// torch's f32 norm of a per-element quantity of the replay.
 #[allow(clippy::needless_range_loop)]
 fn karcher_norm(ctx: &Ctx, ctl: &Control, st: &KarcherBf16, want: Want) -> Result<f32> {
-    let nsrc = ctx.job.sources.len();
     let mut lanes = Lanes::new(ctx.job.numel);
     karcher_pass(
         ctx,
         ctl,
         |_a, m, srcs| {
-            let (mut x, mut u) = (vec![0f32; nsrc], vec![0f32; nsrc]);
-            (0..m)
-                .map(|j| {
-                    for i in 0..nsrc {
-                        x[i] = srcs[i][j];
-                    }
-                    karcher_elem(&x, st, want, &mut u)
-                })
-                .collect::<Vec<f32>>()
+            let mut res = vec![0f32; m];
+            karcher_span(srcs, m, st, want, &mut KBuf::default(), &mut res);
+            res
         },
         |a, v| lanes.add(a, &v),
     )?;
@@ -673,6 +709,14 @@ pub(crate) fn karcher_bf16(ctx: &Ctx, ctl: &Control) -> Result<KarcherBf16> {
     let job = ctx.job;
     let nsrc = job.sources.len();
     let max_iter = num(job, "max_iter", 10.0).clamp(0.0, 10_000.0) as usize;
+    if max_iter > KARCHER_BF16_MAX_ITER {
+        return Err(crate::error::Error::Config(format!(
+            "{}: karcher under bf16 compute refuses max_iter {max_iter} (at most \
+             {KARCHER_BF16_MAX_ITER}: each step replays every element's bf16 trajectory, the cost \
+             grows with max_iter²); set compute_dtype: float32 for the exact float32 iteration",
+            job.name
+        )));
+    }
     let tol = num(job, "tol", 1e-5);
     // the sources' norms, torch's f32 summation
     let mut lanes: Vec<Lanes> = (0..nsrc).map(|_| Lanes::new(job.numel)).collect();
@@ -719,18 +763,16 @@ pub(crate) fn karcher_bf16(ctx: &Ctx, ctl: &Control) -> Result<KarcherBf16> {
                 ctx,
                 ctl,
                 |_a, m, srcs| {
-                    let (mut x, mut u) = (vec![0f32; nsrc], vec![0f32; nsrc]);
-                    let mut acc = vec![0f64; nv];
-                    for j in 0..m {
-                        for i in 0..nsrc {
-                            x[i] = srcs[i][j];
-                        }
-                        let mean = karcher_elem(&x, stc, Want::Mean(k), &mut u) as f64;
-                        for i in 0..nv {
-                            acc[i] += mean * u[i] as f64;
-                        }
-                    }
-                    acc
+                    let (mut b, mut mean) = (KBuf::default(), vec![0f32; m]);
+                    karcher_span(srcs, m, stc, Want::Mean(k), &mut b, &mut mean);
+                    b.u.iter()
+                        .map(|up| {
+                            mean.iter()
+                                .zip(&up[..m])
+                                .map(|(&p, &q)| p as f64 * q as f64)
+                                .sum::<f64>()
+                        })
+                        .collect::<Vec<f64>>()
                 },
                 |_a, acc| {
                     for (x, y) in d.iter_mut().zip(acc) {
@@ -887,18 +929,13 @@ pub fn compute(
             let Stats::KarcherBf16(st) = stats else {
                 unreachable!()
             };
-            let nv = st.valid.len();
-            let (mut x, mut u) = (vec![0f32; nsrc], vec![0f32; nv.max(1)]);
-            let last = st.steps.len();
-            for j in 0..m {
-                if st.zero {
-                    out[j] = 0.0;
-                    continue;
-                }
-                for i in 0..nsrc {
-                    x[i] = srcs[i][j];
-                }
-                out[j] = rb(st.scale * karcher_elem(&x, st, Want::Mean(last), &mut u));
+            if st.zero {
+                out[..m].fill(0.0);
+            } else {
+                let last = st.steps.len();
+                karcher_span(srcs, m, st, Want::Mean(last), &mut KBuf::default(), out);
+                let sc = st.scale;
+                out[..m].iter_mut().for_each(|o| *o = rb(sc * *o));
             }
         }
         Kernel::Karcher => {

@@ -887,6 +887,14 @@ fn karcher_bf16_edge_cases_follow_mergekit() {
     // every source zero: zeros; one source: its bf16 values
     let z = vec![vec![0.0f32; 37]; 2];
     assert_eq!(Case::new(&z).run1(t(2)), vec![0.0; 37]);
+    // more steps than the replay allows: refused by name (float32 compute is not limited)
+    let mut many = t(2);
+    many["params"]["max_iter"] = json!(65.0);
+    let c = Case::new(&[a.clone(), a.iter().map(|x| x + 0.5).collect()]);
+    let err = run_merge(&c.plan("m", many.clone(), 1, 1 << 20), &Control::default()).unwrap_err();
+    assert!(err.to_string().contains("max_iter 65"), "{err}");
+    many["compute_dtype"] = json!("F32");
+    assert_eq!(c.run1(many).len(), 37);
     let one = Case::new(std::slice::from_ref(&a)).run1(t(1));
     let ab: Vec<f32> = a.iter().map(|&x| super::bf16::rb(x)).collect();
     assert_eq!(one, ab);
