@@ -12,7 +12,7 @@ import torch
 
 from conftest import load_state_dict
 from finrecipe.errors import RecipeError
-from finrecipe.merge import MergeConfig, run_merge
+from finrecipe.merge import MergeConfig, build_plan, run_merge
 
 
 def _merge(tmp_path: Path, d: dict[str, Any], name: str = "out") -> dict[str, torch.Tensor]:
@@ -90,6 +90,50 @@ def test_karcher(related_models: Any, tmp_path: Path) -> None:
             mean = mean / mean.norm()
         ref = (sum(norms) / 3 * mean).float()
         torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _karcher_bf16(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """The Karcher mean as torch computes it with bf16 tensors (every op in bf16, norms of the f32
+    upcast, 0-dim f32 scalars as torch promotes them), in the order of mergekit 0.1.5's statements."""
+    xs = [x.to(torch.bfloat16) for x in xs]
+    norms = [torch.linalg.vector_norm(x.float()) for x in xs]
+    units = [(x / n).to(torch.bfloat16) for x, n in zip(xs, norms, strict=True)]
+    a = 1.0 / len(xs)
+    mean = torch.zeros_like(units[0])
+    for u in units:
+        mean += a * u
+    mean = (mean / torch.linalg.vector_norm(mean.float())).to(torch.bfloat16)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            d = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            th = torch.arccos(d)
+            if th.item() < tol:
+                continue
+            tangent += a * (th / torch.sin(th)) * (u - d * mean)
+        tn = torch.linalg.vector_norm(tangent.float())
+        if tn.item() < tol:
+            break
+        mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(torch.bfloat16)
+        un = torch.linalg.vector_norm(mean.float())
+        if un.item() > tol:
+            mean = (mean / un).to(torch.bfloat16)
+    return sum(a * n for n in norms) * mean
+
+
+def test_karcher_bf16_follows_torchs_bf16_iteration(related_models: Any, tmp_path: Path) -> None:
+    ms = related_models("llama", "bfloat16", n=3, scale=0.05)
+    S = {k: load_state_dict(v) for k, v in ms.items()}
+    d = _cfg("karcher", ms, ["m1", "m2", "m3"], base=False) | {"dtype": "bfloat16"}
+    assert all(t.get("compute_dtype") == "BF16" for t in build_plan(MergeConfig.from_dict(d)).plan["tensors"])
+    out = _merge(tmp_path, d, "bf16")
+    exact = _merge(tmp_path, d | {"compute_dtype": "float32"}, "f32")
+    differs = 0
+    for k in S["base"]:
+        ref = _karcher_bf16([S[f"m{i}"][k] for i in (1, 2, 3)])
+        assert torch.equal(out[k], ref), k
+        differs += int((exact[k] != out[k]).sum())
+    assert differs > 0, "the exact float32 iteration must differ from the bf16 one somewhere"
 
 
 def test_della_keeps_by_magnitude_rank_and_rescales(related_models: Any, tmp_path: Path) -> None:
