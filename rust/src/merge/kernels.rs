@@ -543,23 +543,24 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
 }
 
 /// DARE: keep each element with the stream's probability, scaling kept ones by `f`.
-/// Groups of 8 lanes so the 32-bit hash vectorises.
+/// Split where the index's high 32 bits change, so each part hashes a 32-bit counter against a
+/// fixed high word (`KeepStream::draw_lo`) and the loop vectorises.
 #[inline(always)]
 fn dare_mask(d: &mut [f32], k: &KeepStream, a: u64, f: f32) {
-    let n = d.len();
-    let mut groups = d.chunks_exact_mut(8);
-    for (g, xs) in groups.by_ref().enumerate() {
-        let base = a + (g * 8) as u64;
-        for (l, x) in xs.iter_mut().enumerate() {
-            let keep = k.keep(base + l as u64);
+    let mut rest = d;
+    let mut idx = a;
+    while !rest.is_empty() {
+        // elements left before the high word of the index changes
+        let span = ((1u64 << 32) - (idx & 0xFFFF_FFFF)).min(rest.len() as u64) as usize;
+        let (part, tail) = rest.split_at_mut(span);
+        let hi = k.hi_word((idx >> 32) as u32);
+        let lo0 = idx as u32;
+        for (j, x) in part.iter_mut().enumerate() {
+            let keep = k.keep_lo(lo0.wrapping_add(j as u32), hi);
             *x = if keep { *x * f } else { 0.0 };
         }
-    }
-    let rest = groups.into_remainder();
-    let base = a + (n - rest.len()) as u64;
-    for (l, x) in rest.iter_mut().enumerate() {
-        let keep = k.keep(base + l as u64);
-        *x = if keep { *x * f } else { 0.0 };
+        idx += span as u64;
+        rest = tail;
     }
 }
 

@@ -67,11 +67,28 @@ impl KeepStream {
     /// The stream's uniform 32-bit draw for element `index` (`keep` compares it with p·2^32).
     #[inline(always)]
     pub fn draw(&self, index: u64) -> u32 {
-        let lo = index as u32;
-        let hi = (index >> 32) as u32;
+        self.draw_lo(index as u32, self.hi_word((index >> 32) as u32))
+    }
+
+    /// The part of `draw` that depends only on the index's high 32 bits (constant over runs of
+    /// 2^32 elements, so loops over a chunk hoist it).
+    #[inline(always)]
+    pub fn hi_word(&self, hi: u32) -> u32 {
+        self.k2 ^ hi.wrapping_mul(0x85EB_CA77)
+    }
+
+    /// `draw` of the element whose index has low word `lo` and whose high word gave `hw`.
+    #[inline(always)]
+    pub fn draw_lo(&self, lo: u32, hw: u32) -> u32 {
         let h = fmix32(lo.wrapping_mul(0x9E37_79B1) ^ self.k1);
-        let h = fmix32(h ^ self.k2 ^ hi.wrapping_mul(0x85EB_CA77));
+        let h = fmix32(h ^ hw);
         fmix32(h ^ self.k3)
+    }
+
+    /// `keep` from the low word and `hi_word` (see `draw_lo`).
+    #[inline(always)]
+    pub fn keep_lo(&self, lo: u32, hw: u32) -> bool {
+        (self.draw_lo(lo, hw) < self.threshold) | self.all
     }
 }
 
