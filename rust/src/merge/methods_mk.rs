@@ -227,16 +227,28 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                 true,
                 || vec![0u64; 2 * nsrc],
                 |acc, _c, _a, s, m| {
-                    for j in 0..m {
-                        let c = (0..nsrc).filter(|&i| s.srcs[i][j].abs() > eps).count();
-                        if c == 0 {
-                            continue;
-                        }
-                        for i in 0..nsrc {
-                            if s.srcs[i][j].abs() > eps {
-                                acc[2 * i + usize::from(c == 1)] += 1;
+                    // blocked: per element the count c of sources above eps, then per source
+                    // its elements above eps with c > 1 (shared) and with c = 1 (unique)
+                    let mut j0 = 0;
+                    while j0 < m {
+                        let n = RAM_BLOCK.min(m - j0);
+                        let mut cnt = [0u32; RAM_BLOCK];
+                        for src in s.srcs.iter().take(nsrc) {
+                            for (c, &x) in cnt[..n].iter_mut().zip(&src[j0..j0 + n]) {
+                                *c += u32::from(x.abs() > eps);
                             }
                         }
+                        for i in 0..nsrc {
+                            let (mut shared, mut unique) = (0u32, 0u32);
+                            for (&c, &x) in cnt[..n].iter().zip(&s.srcs[i][j0..j0 + n]) {
+                                let nz = x.abs() > eps;
+                                shared += u32::from(nz & (c > 1));
+                                unique += u32::from(nz & (c == 1));
+                            }
+                            acc[2 * i] += shared as u64;
+                            acc[2 * i + 1] += unique as u64;
+                        }
+                        j0 += n;
                     }
                 },
                 |mut a, b| {
@@ -844,34 +856,10 @@ pub fn compute(
                 Stats::Dare(l) => l,
                 _ => &[],
             };
-            for j in 0..m {
-                let b0 = base[j];
-                let c = (0..nsrc)
-                    .filter(|&i| r(srcs[i][j] - b0).abs() > eps)
-                    .count();
-                let mut acc = 0f32;
-                for (i, src) in srcs.iter().enumerate().take(nsrc) {
-                    let d = r(src[j] - b0);
-                    if d.abs() <= eps {
-                        continue;
-                    }
-                    acc += if c == 1 {
-                        if lam.is_empty() {
-                            d
-                        } else {
-                            d * lam[i]
-                        }
-                    } else {
-                        r(d / c as f32)
-                    };
-                }
-                // ramplus_tl: λ is a float32 tensor, so under bf16 compute mergekit's sum and the
-                // final add are float32 (promoted); ram stays in bf16
-                *o_at(out, j) = if lam.is_empty() {
-                    r(b0 + r(acc))
-                } else {
-                    b0 + acc
-                };
+            if bf {
+                ram::<true>(eps, lam, &base[..m], &srcs[..nsrc], &mut out[..m]);
+            } else {
+                ram::<false>(eps, lam, &base[..m], &srcs[..nsrc], &mut out[..m]);
             }
         }
         Kernel::Sce => {
@@ -954,9 +942,62 @@ pub fn compute(
     }
 }
 
+/// Elements per block of `ram` (stack arrays of counts and sums).
+const RAM_BLOCK: usize = 256;
+
+/// ram / ramplus_tl over a chunk, per element exactly as mergekit orders it: c = the number of δ_i
+/// with |δ_i| > eps; acc = Σ_i (in source order, skipping |δ_i| ≤ eps) of δ_i (·λ_i for
+/// ramplus_tl) when c = 1, else δ_i / c. Blocked, sources outer and elements inner, so the loops
+/// vectorise: a skipped term adds +0.0, which leaves acc (never −0.0, it starts at +0.0) as it is.
 #[inline(always)]
-fn o_at(out: &mut [f32], j: usize) -> &mut f32 {
-    &mut out[j]
+fn ram<const BF: bool>(eps: f32, lam: &[f32], base: &[f32], srcs: &[Vec<f32>], out: &mut [f32]) {
+    let r = |x: f32| if BF { rb(x) } else { x };
+    let m = out.len();
+    let mut j0 = 0;
+    while j0 < m {
+        let n = RAM_BLOCK.min(m - j0);
+        let bb = &base[j0..j0 + n];
+        let mut cnt = [0f32; RAM_BLOCK];
+        for src in srcs {
+            for ((c, &x), &b0) in cnt[..n].iter_mut().zip(&src[j0..j0 + n]).zip(bb) {
+                *c += if r(x - b0).abs() > eps { 1.0 } else { 0.0 };
+            }
+        }
+        let mut acc = [0f32; RAM_BLOCK];
+        for (i, src) in srcs.iter().enumerate() {
+            let li = lam.get(i).copied();
+            for (((s, &c), &x), &b0) in acc[..n]
+                .iter_mut()
+                .zip(&cnt[..n])
+                .zip(&src[j0..j0 + n])
+                .zip(bb)
+            {
+                let d = r(x - b0);
+                let t = if c == 1.0 {
+                    match li {
+                        Some(l) => d * l,
+                        None => d,
+                    }
+                } else {
+                    r(d / c)
+                };
+                *s += if d.abs() <= eps { 0.0 } else { t };
+            }
+        }
+        // ramplus_tl: λ is a float32 tensor, so under bf16 compute mergekit's sum and the final
+        // add are float32 (promoted); ram stays in bf16
+        let o = &mut out[j0..j0 + n];
+        if lam.is_empty() {
+            for ((o, &b0), &s) in o.iter_mut().zip(bb).zip(&acc[..n]) {
+                *o = r(b0 + r(s));
+            }
+        } else {
+            for ((o, &b0), &s) in o.iter_mut().zip(bb).zip(&acc[..n]) {
+                *o = b0 + s;
+            }
+        }
+        j0 += n;
+    }
 }
 
 #[cfg(test)]
