@@ -46,7 +46,7 @@ pub enum Stats {
         t: f32,
         c: Vec<f32>,
     },
-    /// multislerp under bf16 compute (methods_sph.rs).
+    /// multislerp replayed op by op under bf16 or float32 compute (methods_sph.rs).
     MultislerpBf16 {
         deltas: bool,
         st: super::methods_sph::MsBf16,
