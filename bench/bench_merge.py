@@ -16,7 +16,9 @@ and only once when its first run takes longer than --mergekit-slow seconds), the
 average is recorded before every run, times are medians, the I/O floor is measured (read every
 input byte once + write the output size once with fsync), the last outputs are compared tensor
 by tensor, the outputs are deleted, and the row is saved to bench/out/bench_merge.json (rows of
-methods not run this time are kept, so methods can be rerun one by one, e.g. at a lower load).
+methods not run this time are kept, so methods can be rerun one by one, e.g. at a lower load). With --reuse-mergekit, a method whose
+saved row has the same config keeps that row's mergekit runs and parity cell and runs only finrecipe
+(for a change to finrecipe alone; the table marks such rows with †).
 The table of all saved rows is written into the merge section of BENCHMARKS.md.
 
 Targets (issue 10): every method at least 10x faster than mergekit (TIES 25x) with peak anonymous
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -445,8 +448,12 @@ def load1() -> float:
 
 
 def bench_method(method: str, cfg_path: Path, label: str, note: str | None, models: Path, mk: Path,
-                 a: argparse.Namespace, env: dict[str, str], code: str) -> dict[str, Any]:
+                 a: argparse.Namespace, env: dict[str, str], code: str,
+                 reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row. `reuse`: a saved row of the same config whose mergekit runs (times, memory, loads,
+    parity cell) are kept; only finrecipe runs (`--reuse-mergekit`)."""
     cfg = json.loads(cfg_path.read_text())
+    cfg_sha = hashlib.sha256(cfg_path.read_bytes()).hexdigest()
     outs = {"mergekit": OUT / f"out-mergekit-{method}", "finrecipe": OUT / f"out-finrecipe-{method}"}
     cmds = {
         # mergekit counts parameters per shard, finrecipe bytes: bf16 output = 2 bytes/parameter
@@ -458,7 +465,7 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
     times: dict[str, list[float]] = {"mergekit": [], "finrecipe": []}
     mems: dict[str, list[int]] = {"mergekit": [], "finrecipe": []}
     loads: dict[str, list[float]] = {"mergekit": [], "finrecipe": []}
-    n_mk = a.mergekit_runs if a.mergekit_runs is not None else a.runs
+    n_mk = 0 if reuse else a.mergekit_runs if a.mergekit_runs is not None else a.runs
     slow = False
     started = dt.datetime.now(dt.timezone.utc)
     for i in range(max(a.runs, n_mk)):
@@ -483,8 +490,14 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
     out_bytes = dir_bytes(outs["finrecipe"])
     r_s, w_s = io_floor(models, out_bytes)
     floor = r_s + w_s
-    if method in RANDOM:
-        par: dict[str, Any] | None = None
+    par: dict[str, Any] | None
+    if reuse:
+        par = reuse["parity"]
+        times["mergekit"], mems["mergekit"] = reuse["all"]["mergekit"], [reuse["mk_mem"]]
+        loads["mergekit"], slow = reuse["loads"]["mergekit"], reuse["mk_slow"]
+        log(f"{method}: floor {floor:.2f}s; mergekit's runs and parity cell reused from {reuse['date']}")
+    elif method in RANDOM:
+        par = None
         log(f"{method}: floor {floor:.2f}s; parity not compared (random masks)")
     else:
         par = parity(outs["mergekit"], outs["finrecipe"], topk_spec(method, cfg))
@@ -500,7 +513,8 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
             "fr_mem": max(mems["finrecipe"]), "floor": floor, "read": r_s, "write": w_s, "parity": par,
             "runs": (len(times["mergekit"]), len(times["finrecipe"])), "mk_slow": slow, "all": times,
             "loads": loads, "out_bytes": out_bytes, "date": f"{started:%Y-%m-%d %H:%M}",
-            "commit": git_head(), "code": code, "small": a.small}
+            "commit": git_head(), "code": code, "small": a.small, "cfg_sha": cfg_sha,
+            "mk_reused": (reuse.get("mk_reused") or reuse["date"]) if reuse else None}
 
 
 def main() -> None:
@@ -518,6 +532,10 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="forget saved rows of methods not run this time")
     ap.add_argument("--out-shard-size", type=int, default=5_000_000_000,
                     help="output shard budget in bytes (mergekit is given the same as bf16 parameters)")
+    ap.add_argument("--reuse-mergekit", action="store_true",
+                    help="for methods with a saved row of the same config, keep that row's mergekit runs "
+                         "(times, memory, loads) and its parity cell and run only finrecipe (when only "
+                         "finrecipe changed; the table marks such rows)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--render", action="store_true",
                     help="run nothing: write the table of the saved rows (bench/out/bench_merge.json)")
@@ -569,7 +587,12 @@ def main() -> None:
     for method in methods:
         try:
             label, cfg_path, note = choose_config(method, reps[method], OUT / ("configs-small" if a.small else "configs"))
-            rows[method] = bench_method(method, cfg_path, label, note, models, mk, a, env, code)
+            old = rows.get(method) if a.reuse_mergekit else None
+            if old is not None and (old.get("config") != label or old.get("cfg_sha") not in (
+                    None, hashlib.sha256(cfg_path.read_bytes()).hexdigest())):
+                log(f"{method}: saved row's config differs; mergekit runs again")
+                old = None
+            rows[method] = bench_method(method, cfg_path, label, note, models, mk, a, env, code, old)
             failed.pop(method, None)
         except RuntimeError as e:
             log(f"{method}: {e}")
@@ -639,7 +662,8 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
         mem_ok = r["fr_mem"] <= MEM_LIMIT
         ld = _fmt_load(r["loads"]["mergekit"] + r["loads"]["finrecipe"])
         lines.append(
-            f"| {r['method']} | {r['config']} | {r['mk']:.2f} s | {r['fr']:.2f} s | {r['runs'][0]}, {r['runs'][1]} | "
+            f"| {r['method']} | {r['config']} | {r['mk']:.2f} s{' †' if r.get('mk_reused') else ''} | "
+            f"{r['fr']:.2f} s | {r['runs'][0]}, {r['runs'][1]} | "
             f"{r['speedup']:.1f}× (≥ {r['target']:.0f}×: {'met' if sp_ok else '**NOT met**'}) | "
             f"{r['mk_mem'] / 2**20:.0f} MiB | {r['fr_mem'] / 2**20:.0f} MiB ({'met' if mem_ok else '**NOT met**'}) | "
             f"{r['fr'] / r['floor']:.2f}× | {ld} | {_parity_cell(r)} |")
@@ -656,6 +680,10 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
                                      if r["speedup"] < r["target"]) + ")" if n_sp < len(rows) else "")
         + f"; peak anonymous memory ≤ 512 MiB met by {n_mem} of {len(rows)}"
         + (f" (largest {max(r['fr_mem'] for r in rows) / 2**20:.0f} MiB)" if rows else "") + ".",
+        "- † mergekit's runs (times, memory, loads) and the parity cell come from that row's earlier "
+        "measurement (`--reuse-mergekit`: same config, only finrecipe changed and rerun): "
+        + (", ".join(f"{r['method']} from {r['mk_reused']}" for r in rows if r.get("mk_reused")) or "none")
+        + ".",
         "- Bit identity is reported for deterministic methods. DARE and DELLA draw random keep-masks: "
         "mergekit from torch's global RNG, finrecipe from a generator keyed by (seed, tensor, element), so "
         "their outputs differ by design (`make parity` checks them by decomposition: kept fractions within "
