@@ -527,6 +527,20 @@ impl Lanes {
 
     /// `v` holds the values of elements a.. in order (called in element order).
     fn add(&mut self, a: usize, v: &[f32]) {
+        // whole groups of 8 below numel − numel % 8 (spans start at multiples of 8): vectorised
+        let mut v = v;
+        let mut a = a;
+        if a.is_multiple_of(8) {
+            let groups = (self.main.saturating_sub(a) / 8).min(v.len() / 8);
+            let (head, rest) = v.split_at(groups * 8);
+            for g in head.chunks_exact(8) {
+                for (l, &x) in self.l.iter_mut().zip(g) {
+                    *l += x * x;
+                }
+            }
+            v = rest;
+            a += groups * 8;
+        }
         for (j, &x) in v.iter().enumerate() {
             let e = a + j;
             if e < self.main {
@@ -551,6 +565,83 @@ impl Lanes {
         } else {
             self.lanes_sum().sqrt()
         }
+    }
+}
+
+/// torch.dot of two contiguous bf16 vectors on the CPU (BlasKernel's float-accumulating dot, the
+/// same with ATen CPU capability default, AVX2 and AVX512): the f32 products of element e <
+/// n & !63 go to accumulator e % 64 (8 registers of 8 lanes, summed in order); the registers are
+/// reduced as r[i] += r[i + 4], r[i] += r[i + 2], r[0] += r[1], and its lanes as ((l0 + l4) +
+/// (l2 + l6)) + ((l1 + l5) + (l3 + l7)); elements up to n & !15 go to an 8-lane tail vector
+/// (lane (e − n & !63) % 8) reduced the same way and added; the last n % 16 products are added one
+/// by one. The sum is rounded to bf16 by the caller. Measured against torch 2.15 (bf16 products
+/// are exact in f32, so only this order matters).
+struct DotAcc {
+    regs: [f32; 64],
+    tail: [f32; 8],
+    rest: Vec<f32>,
+    la: usize,
+    lv: usize,
+}
+
+impl DotAcc {
+    fn new(numel: usize) -> Self {
+        DotAcc {
+            regs: [0.0; 64],
+            tail: [0.0; 8],
+            rest: Vec::new(),
+            la: numel & !63,
+            lv: numel & !15,
+        }
+    }
+
+    /// `p` holds the products of elements a.. in order (called in element order).
+    fn add(&mut self, a: usize, p: &[f32]) {
+        // whole blocks of 64 below n & !63 (spans start at multiples of 64): vectorised
+        let mut p = p;
+        let mut a = a;
+        if a.is_multiple_of(64) {
+            let blocks = (self.la.saturating_sub(a) / 64).min(p.len() / 64);
+            let (head, rest) = p.split_at(blocks * 64);
+            for blk in head.chunks_exact(64) {
+                for (r, &x) in self.regs.iter_mut().zip(blk) {
+                    *r += x;
+                }
+            }
+            p = rest;
+            a += blocks * 64;
+        }
+        for (j, &x) in p.iter().enumerate() {
+            let e = a + j;
+            if e < self.la {
+                self.regs[e % 64] += x;
+            } else if e < self.lv {
+                self.tail[(e - self.la) % 8] += x;
+            } else {
+                self.rest.push(x);
+            }
+        }
+    }
+
+    fn lanes(v: &[f32]) -> f32 {
+        ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+    }
+
+    fn sum(&self) -> f32 {
+        let mut r = self.regs;
+        for (step, k) in [(4usize, 4usize), (2, 2), (1, 1)] {
+            for i in 0..k {
+                for l in 0..8 {
+                    r[i * 8 + l] += r[(i + step) * 8 + l];
+                }
+            }
+        }
+        let mut s = Self::lanes(&r[..8]);
+        s += Self::lanes(&self.tail);
+        for &x in &self.rest {
+            s += x;
+        }
+        s
     }
 }
 
@@ -766,9 +857,9 @@ pub(crate) fn karcher_bf16(ctx: &Ctx, ctl: &Control) -> Result<KarcherBf16> {
     }
     let nv = st.valid.len();
     for k in 0..max_iter {
-        // torch.dot of two bf16 vectors: f32 products summed in float, rounded to bf16 (here the
-        // sum is exact in f64, rounded to f32, then to bf16)
-        let mut d = vec![0f64; nv];
+        // torch.dot of the bf16 mean with each unit vector: f32 products summed in torch's order
+        // (`DotAcc`), rounded to bf16
+        let mut d: Vec<DotAcc> = (0..nv).map(|_| DotAcc::new(job.numel)).collect();
         {
             let stc = &st;
             karcher_pass(
@@ -781,14 +872,14 @@ pub(crate) fn karcher_bf16(ctx: &Ctx, ctl: &Control) -> Result<KarcherBf16> {
                         .map(|up| {
                             mean.iter()
                                 .zip(&up[..m])
-                                .map(|(&p, &q)| p as f64 * q as f64)
-                                .sum::<f64>()
+                                .map(|(&p, &q)| p * q)
+                                .collect::<Vec<f32>>()
                         })
-                        .collect::<Vec<f64>>()
+                        .collect::<Vec<Vec<f32>>>()
                 },
-                |_a, acc| {
-                    for (x, y) in d.iter_mut().zip(acc) {
-                        *x += y;
+                |a, prods| {
+                    for (acc, p) in d.iter_mut().zip(&prods) {
+                        acc.add(a, p);
                     }
                 },
             )?;
@@ -799,7 +890,7 @@ pub(crate) fn karcher_bf16(ctx: &Ctx, ctl: &Control) -> Result<KarcherBf16> {
             ..Default::default()
         };
         for i in 0..nv {
-            let dot = rb(d[i] as f32).clamp(-1.0, 1.0);
+            let dot = rb(d[i].sum()).clamp(-1.0, 1.0);
             let th = rb(dot.acos());
             step.dots[i] = dot;
             if (th as f64) < tol {
@@ -873,18 +964,16 @@ pub fn compute(
                 Stats::SceTopk { rule, w } => (w, Some(rule)),
                 _ => unreachable!("sce without stats"),
             };
-            let dl: Vec<Vec<f32>> = srcs
-                .iter()
-                .take(nsrc)
-                .map(|src| {
-                    src[..m]
-                        .iter()
-                        .zip(&base[..m])
-                        .map(|(&x, &b0)| r(x - b0))
-                        .collect()
-                })
-                .collect();
-            let mut keep = Vec::new();
+            // per-thread buffers reused across chunks (taken once per chunk)
+            let (mut dl, mut keep) = SCE_BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+            dl.resize_with(nsrc, Vec::new);
+            for (d, src) in dl.iter_mut().zip(srcs) {
+                d.clear();
+                d.resize(m, 0.0);
+                for ((o, &x), &b0) in d.iter_mut().zip(&src[..m]).zip(&base[..m]) {
+                    *o = r(x - b0);
+                }
+            }
             if let Some(rule) = rule {
                 super::methods_sph::variances(&dl, nsrc, m, &mut keep);
                 if bf {
@@ -912,6 +1001,7 @@ pub fn compute(
                 }
                 out[j] = r(b0 + r(r(num) / r(den).max(floor)));
             }
+            SCE_BUF.with(|b| *b.borrow_mut() = (dl, keep));
         }
         Kernel::Karcher if matches!(stats, Stats::KarcherBf16(_)) => {
             let Stats::KarcherBf16(st) = stats else {
@@ -940,6 +1030,12 @@ pub fn compute(
         }
         _ => unreachable!("not a kernel of methods_mk"),
     }
+}
+
+thread_local! {
+    /// sce's per-chunk δ buffers and variance mask, reused by each worker thread.
+    static SCE_BUF: std::cell::RefCell<(Vec<Vec<f32>>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Elements per block of `ram` (stack arrays of counts and sums).

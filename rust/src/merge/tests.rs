@@ -763,6 +763,40 @@ fn torch_norm_f32(v: &[f32]) -> f32 {
     s.sqrt()
 }
 
+/// torch.dot of two bf16 vectors (float accumulation), whole-vector form: 64 accumulators over
+/// blocks of 64, registers then lanes reduced as a tree, an 8-lane tail over blocks of 16, the
+/// last n % 16 products one by one.
+#[allow(clippy::needless_range_loop)]
+fn torch_dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len();
+    let (la, lv) = (n / 64 * 64, n / 16 * 16);
+    let mut regs = [[0f32; 8]; 8];
+    for b in (0..la).step_by(64) {
+        for r in 0..8 {
+            for l in 0..8 {
+                regs[r][l] += x[b + 8 * r + l] * y[b + 8 * r + l];
+            }
+        }
+    }
+    let red = |v: [f32; 8]| ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+    for half in [4, 2, 1] {
+        for r in 0..half {
+            for l in 0..8 {
+                regs[r][l] += regs[r + half][l];
+            }
+        }
+    }
+    let mut tail = [0f32; 8];
+    for j in la..lv {
+        tail[(j - la) % 8] += x[j] * y[j];
+    }
+    let mut s = red(regs[0]) + red(tail);
+    for j in lv..n {
+        s += x[j] * y[j];
+    }
+    s
+}
+
 /// mergekit's karcher_merge_tensors under bf16, statement by statement on whole vectors (every
 /// bf16 tensor op rounded, 0-dim f32 factors on the left of a product rounded to bf16 first).
 fn karcher_bf16_reference(xs: &[Vec<f32>], max_iter: usize, tol: f64) -> Vec<f32> {
@@ -797,8 +831,7 @@ fn karcher_bf16_reference(xs: &[Vec<f32>], max_iter: usize, tol: f64) -> Vec<f32
     for _ in 0..max_iter {
         let mut t = vec![0f32; n];
         for u in &units {
-            let s: f64 = mean.iter().zip(u).map(|(&p, &q)| p as f64 * q as f64).sum();
-            let dot = rb(s as f32).clamp(-1.0, 1.0);
+            let dot = rb(torch_dot_f32(&mean, u)).clamp(-1.0, 1.0);
             let th = rb(dot.acos());
             if (th as f64) < tol {
                 continue;
