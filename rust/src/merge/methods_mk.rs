@@ -981,25 +981,18 @@ pub fn compute(
                 }
                 rule.apply(chunk, &mut keep[..m]);
             }
-            let floor = r(1e-6);
-            for j in 0..m {
-                let b0 = base[j];
-                let kept = rule.is_none() || keep[j] != 0.0;
-                let d = |i: usize| if kept { dl[i][j] } else { dl[i][j] * 0.0 };
-                let mut sum = 0f32;
-                for i in 0..nsrc {
-                    sum += d(i);
-                }
-                let pos = r(sum) >= 0.0;
-                let (mut num, mut den) = (0f32, 0f32);
-                for (i, &wi) in w.iter().enumerate().take(nsrc) {
-                    let di = d(i);
-                    if (di > 0.0 && pos) || (di < 0.0 && !pos) {
-                        num += r(di * wi);
-                        den += wi;
+            if rule.is_some() {
+                // outside the top-k: δ·0 (mergekit multiplies by the mask)
+                for d in dl.iter_mut() {
+                    for (x, &k) in d.iter_mut().zip(&keep[..m]) {
+                        *x = if k != 0.0 { *x } else { *x * 0.0 };
                     }
                 }
-                out[j] = r(b0 + r(r(num) / r(den).max(floor)));
+            }
+            if bf {
+                sce_mix::<true>(w, &dl, &base[..m], &mut out[..m]);
+            } else {
+                sce_mix::<false>(w, &dl, &base[..m], &mut out[..m]);
             }
             SCE_BUF.with(|b| *b.borrow_mut() = (dl, keep));
         }
@@ -1036,6 +1029,53 @@ thread_local! {
     /// sce's per-chunk δ buffers and variance mask, reused by each worker thread.
     static SCE_BUF: std::cell::RefCell<(Vec<Vec<f32>>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// sce's mix of a chunk's (masked) δ_i, per element in mergekit's order: sum = Σ_i δ_i, elected
+/// sign r(sum) ≥ 0, num = Σ r(δ_i·w_i) and den = Σ w_i over the δ_i of that sign (in source
+/// order), out = r(θ_b + r(r(num) / max(r(den), r(1e-6)))). Blocked, sources outer, so the loops
+/// vectorise: a left-out term adds +0.0, which leaves num and den (never −0.0) as they are.
+#[inline(always)]
+fn sce_mix<const BF: bool>(w: &[f32], dl: &[Vec<f32>], base: &[f32], out: &mut [f32]) {
+    let r = |x: f32| if BF { rb(x) } else { x };
+    let floor = r(1e-6);
+    let m = out.len();
+    let mut j0 = 0;
+    while j0 < m {
+        let n = RAM_BLOCK.min(m - j0);
+        let mut sum = [0f32; RAM_BLOCK];
+        for d in dl {
+            for (s, &x) in sum[..n].iter_mut().zip(&d[j0..j0 + n]) {
+                *s += x;
+            }
+        }
+        for s in sum[..n].iter_mut() {
+            *s = r(*s);
+        }
+        let (mut num, mut den) = ([0f32; RAM_BLOCK], [0f32; RAM_BLOCK]);
+        for (d, &wi) in dl.iter().zip(w) {
+            for (((nu, de), &s), &di) in num[..n]
+                .iter_mut()
+                .zip(&mut den[..n])
+                .zip(&sum[..n])
+                .zip(&d[j0..j0 + n])
+            {
+                let pos = s >= 0.0;
+                let agree = (di > 0.0 && pos) || (di < 0.0 && !pos);
+                *nu += if agree { r(di * wi) } else { 0.0 };
+                *de += if agree { wi } else { 0.0 };
+            }
+        }
+        for (((o, &b0), &nu), &de) in out[j0..j0 + n]
+            .iter_mut()
+            .zip(&base[j0..j0 + n])
+            .zip(&num[..n])
+            .zip(&den[..n])
+        {
+            *o = r(b0 + r(r(nu) / r(de).max(floor)));
+        }
+        j0 += n;
+    }
 }
 
 /// Elements per block of `ram` (stack arrays of counts and sums).
