@@ -1079,17 +1079,37 @@ where
 /// Population variance of the task vectors at each element (as torch.var(unbiased=False) over the
 /// stacked task vectors: Welford's update in f64, rounded to f32).
 pub(crate) fn variances(srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32>) {
+    crate::dtype::avx2_dispatch!(
+        variances_generic,
+        variances_avx2,
+        (srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32>)
+    );
+}
+
+#[inline(always)]
+fn variances_generic(srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32>) {
+    // blocks of VBLOCK elements, sources outer, so the per-element updates (in source order, the
+    // same operations as one element at a time) vectorise
+    const VBLOCK: usize = 256;
     out.clear();
-    out.extend((0..m).map(|j| {
-        let (mut mean, mut m2) = (0f64, 0f64);
+    out.resize(m, 0.0);
+    let div = nsrc.max(1) as f64;
+    for (j0, o) in (0..m).step_by(VBLOCK).zip(out.chunks_mut(VBLOCK)) {
+        let n = o.len();
+        let (mut mean, mut m2) = ([0f64; VBLOCK], [0f64; VBLOCK]);
         for (i, s) in srcs.iter().enumerate().take(nsrc) {
-            let x = s[j] as f64;
-            let d = x - mean;
-            mean += d / (i + 1) as f64;
-            m2 += d * (x - mean);
+            let k = (i + 1) as f64;
+            for ((mu, q), &x) in mean[..n].iter_mut().zip(&mut m2[..n]).zip(&s[j0..j0 + n]) {
+                let x = x as f64;
+                let d = x - *mu;
+                *mu += d / k;
+                *q += d * (x - *mu);
+            }
         }
-        (m2 / nsrc.max(1) as f64) as f32
-    }));
+        for (o, &q) in o.iter_mut().zip(&m2[..n]) {
+            *o = (q / div) as f32;
+        }
+    }
 }
 
 /// sce's variance top-k as a keep rule on the per-element variances (select_topk < 1).
