@@ -15,7 +15,7 @@
 //!   barycentric interpolation on the hypersphere of the (task) vectors, flattened: unit vectors
 //!   u_i = v_i / (‖v_i‖ + eps), weighted mean direction, tangent-space average, exponential map
 //!   back, scaled by Σ w_i‖v_i‖. mergekit's float32 (or bf16) tensor operations are replayed
-//!   element by element from scalars of four ordered passes (norms, mean norm, dots, tangent
+//!   element by element from scalars of ordered passes (norms, mean norm, dots, tangent
 //!   norm); the norms are torch's sequential 8-lane float32 sums (`TorchNorm`), which on large
 //!   tensors are 0.1-0.3% off the exact norms, and mergekit's output follows them (exact arithmetic
 //!   differed from it by up to 28485 bf16 ulps on a 32000 × 2048 lm_head).
@@ -699,8 +699,8 @@ fn ms_span_dyn(v: &[Vec<f32>], m: usize, st: &MsBf16, stage: u8, bufs: &mut [Vec
     }
 }
 
-/// mergekit's multislerp scalars (bf16 or float32 compute): four ordered passes (the sources'
-/// norms, the mean's norm, the dots, the tangent's norm).
+/// mergekit's multislerp scalars (bf16 or float32 compute): ordered passes for the sources'
+/// norms, the mean's norm (with the dots under float32), the dots (bf16), the tangent's norm.
 #[allow(clippy::needless_range_loop)]
 fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Result<MsBf16> {
     let job = ctx.job;
@@ -739,8 +739,9 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         cos_tn: 0.0,
         sin_tn: 0.0,
     };
-    // the weighted mean's norm
+    // the weighted mean's norm; under float32 compute also Σ u_i·raw for the dots (one pass less)
     let mut ln = TorchNorm::new(numel);
+    let mut ur = vec![0f64; n];
     let s0 = &st;
     ordered_pass(
         ctx,
@@ -749,9 +750,28 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         |v, m| {
             let mut bufs: [Vec<f32>; 3] = Default::default();
             ms_span_dyn(v, m, s0, 0, &mut bufs);
-            std::mem::take(&mut bufs[0])
+            let sums: Vec<f64> = if bf16 {
+                Vec::new()
+            } else {
+                (0..n)
+                    .map(|i| {
+                        let q = s0.normq[i];
+                        v[i][..m]
+                            .iter()
+                            .zip(&bufs[0])
+                            .map(|(&x, &y)| (x / q) as f64 * y as f64)
+                            .sum::<f64>()
+                    })
+                    .collect()
+            };
+            (std::mem::take(&mut bufs[0]), sums)
         },
-        |a, raw| ln.add(a, &raw),
+        |a, (raw, sums)| {
+            ln.add(a, &raw);
+            for (u, x) in ur.iter_mut().zip(sums) {
+                *u += x;
+            }
+        },
     )?;
     st.mn = r(ln.norm());
     if st.mn < eps {
@@ -765,21 +785,26 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
             job.name
         )));
     }
-    // dots_i = Σ r(u_i·mean) (torch's float32 sum; here in f64, then rounded)
-    let s1 = &st;
-    let dots = span_sums(ctx, ctl, deltas, n, |v, m, acc| {
-        let mut bufs: [Vec<f32>; 3] = Default::default();
-        ms_span_dyn(v, m, s1, 1, &mut bufs);
-        for i in 0..n {
-            let q = s1.normq[i];
-            acc[i] += v[i][..m]
-                .iter()
-                .zip(&bufs[1])
-                .map(|(&x, &mu)| r(r(x / q) * mu) as f64)
-                .sum::<f64>();
-        }
-    })?;
-    st.dots = dots.iter().map(|&x| r(x as f32)).collect();
+    if bf16 {
+        // dots_i = r(Σ r(u_i·mean)) (torch's float32 sum; here in f64, then rounded)
+        let s1 = &st;
+        let dots = span_sums(ctx, ctl, deltas, n, |v, m, acc| {
+            let mut bufs: [Vec<f32>; 3] = Default::default();
+            ms_span_dyn(v, m, s1, 1, &mut bufs);
+            for i in 0..n {
+                let q = s1.normq[i];
+                acc[i] += v[i][..m]
+                    .iter()
+                    .zip(&bufs[1])
+                    .map(|(&x, &mu)| rb(rb(x / q) * mu) as f64)
+                    .sum::<f64>();
+            }
+        })?;
+        st.dots = dots.iter().map(|&x| rb(x as f32)).collect();
+    } else {
+        // float32: Σ u_i·(raw / mn) to within float32 rounding (torch sums float32 products)
+        st.dots = ur.iter().map(|&x| (x / st.mn as f64) as f32).collect();
+    }
     // the tangent's norm
     let mut lt = TorchNorm::new(numel);
     let s2 = &st;
