@@ -458,8 +458,11 @@ def test_ctrl_c_during_apply_via_cli(rdir: Path) -> None:
         "    models: [cpt, inst]\n", "    models: [cpt, inst]\n    steps: 100\n    step_seconds: 0.05\n")
     (rdir / "r.yaml").write_text(text)
     code = "import sys, test_recipe_fakes; from finrecipe.cli import main; main(['apply', '-q', sys.argv[1]])"
+    # Ctrl-C as in a terminal: SIGINT's default disposition in the child even when this test runs where
+    # it is ignored (a background job: `cmd &` in a script, nohup), which Python would then keep ignoring
     proc = subprocess.Popen([sys.executable, "-c", code, str(rdir / "r.yaml")], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wd = rdir / "runs" / "t"
     deadline = time.monotonic() + 60
     try:
