@@ -106,6 +106,14 @@ def probe_text(n: NodeRecord) -> tuple[str, str]:
                  f"({p.get('stop_when_no_improvement')} probes without improvement)")
     text += "."
     sel = p.get("selection_data") or {}
+    used = _signals_used(sel)
+    protected = ", ".join(map(str, p.get("protected") or [])) or "none"
+    return text, "; ".join(used) + f". Protected (never optimised on): {protected}."
+
+
+def _signals_used(sel: dict[str, Any]) -> list[str]:
+    """The no-instruction-data signals a selection used (domain bits/byte, instruction agreement), as
+    phrases, from a merge search's or a merge probe's `selection_data`."""
     used = []
     dom = sel.get("domain")
     if isinstance(dom, dict):
@@ -114,8 +122,7 @@ def probe_text(n: NodeRecord) -> tuple[str, str]:
     if isinstance(ins, dict):
         used.append(f"instruction agreement on the instruct model's answers to {ins.get('count')} prompts "
                     f"of {ins.get('prompts')}")
-    protected = ", ".join(map(str, p.get("protected") or [])) or "none"
-    return text, "; ".join(used) + f". Protected (never optimised on): {protected}."
+    return used
 
 
 def _search_text(n: NodeRecord) -> tuple[str, str, list[list[str]]]:
@@ -123,14 +130,7 @@ def _search_text(n: NodeRecord) -> tuple[str, str, list[list[str]]]:
     m = n.metrics
     raw_sel = m.get("selection_data")
     sel: dict[str, Any] = raw_sel if isinstance(raw_sel, dict) else {}
-    used = []
-    dom = sel.get("domain")
-    if isinstance(dom, dict):
-        used.append(f"domain: bits/byte on {dom.get('what')} ({dom.get('documents')} documents)")
-    ins = sel.get("instruction")
-    if isinstance(ins, dict):
-        used.append(f"instruction agreement on the instruct model's answers to {ins.get('count')} prompts "
-                    f"of {ins.get('prompts')}")
+    used = _signals_used(sel)
     if sel.get("tasks"):
         used.append("development tasks: " + ", ".join(map(str, sel["tasks"])))
     protected = ", ".join(map(str, m.get("protected") or [])) or "none"
