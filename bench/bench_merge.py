@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
@@ -571,14 +573,10 @@ def main() -> None:
                          "GiB each: free some space first")
     mk = ensure_mergekit()
     store = OUT / ("bench_merge-small.json" if a.small else "bench_merge.json")
-    saved: dict[str, Any] = {}
-    if store.is_file() and not a.fresh:
-        try:
-            saved = json.loads(store.read_text())
-            if not isinstance(saved, dict) or "rows" not in saved:
-                saved = {}
-        except json.JSONDecodeError:
-            saved = {}
+    saved = {} if a.fresh else _load_store(store)
+    if a.fresh:
+        with _store_lock(store):
+            store.write_text(json.dumps({"rows": {}, "failed": {}}, indent=2))
     rows: dict[str, Any] = saved.get("rows", {})
     failed: dict[str, str] = saved.get("failed", {})
     in_bytes = sum(f.stat().st_size for f in input_files(models))
@@ -592,19 +590,55 @@ def main() -> None:
                     None, hashlib.sha256(cfg_path.read_bytes()).hexdigest())):
                 log(f"{method}: saved row's config differs; mergekit runs again")
                 old = None
-            rows[method] = bench_method(method, cfg_path, label, note, models, mk, a, env, code, old)
-            failed.pop(method, None)
+            row: dict[str, Any] | None = bench_method(method, cfg_path, label, note, models, mk, a, env, code, old)
+            err = None
         except RuntimeError as e:
             log(f"{method}: {e}")
-            failed[method] = str(e)
-            rows.pop(method, None)
-        store.write_text(json.dumps({"rows": rows, "failed": failed}, indent=2, default=str))
+            row, err = None, str(e)
+        # Another bench run (another method) may have saved rows meanwhile: merge into what is on
+        # disk now, under a lock, instead of writing back the copy read at the start.
+        with _store_lock(store):
+            cur = _load_store(store)
+            rows, failed = cur.get("rows", {}), cur.get("failed", {})
+            if row is not None:
+                rows[method] = row
+                failed.pop(method, None)
+            else:
+                failed[method] = err or "failed"
+                rows.pop(method, None)
+            store.write_text(json.dumps({"rows": rows, "failed": failed}, indent=2, default=str))
+    with _store_lock(store):
+        cur = _load_store(store)
+    rows, failed = cur.get("rows", rows), cur.get("failed", failed)
     order = implemented + [x for x in rows if x not in implemented]
     text = render([rows[x] for x in order if x in rows], failed, implemented, models, in_bytes, reps)
     print(text)
     if not a.no_write and not a.small:
-        update_benchmarks(text)
+        with _store_lock(store):
+            update_benchmarks(text)
         log("BENCHMARKS.md updated")
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path):
+    """An exclusive lock beside the saved rows, so that bench runs of different methods started at
+    the same time (one per terminal) do not overwrite each other's rows."""
+    with open(store.with_suffix(".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_store(store: Path) -> dict[str, Any]:
+    if not store.is_file():
+        return {}
+    try:
+        saved = json.loads(store.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return saved if isinstance(saved, dict) and "rows" in saved else {}
 
 
 def _fmt_load(xs: list[float]) -> str:
