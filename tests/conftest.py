@@ -6,7 +6,9 @@ Everything here is session-scoped and built once per test run; no network is use
   tokenizer, single-file safetensors) for arch in "llama", "qwen2", "gpt_neox".
 - `related_models(arch, ...)`: a base directory and variants = base + small random deltas, saved as
   safetensors (single file, or sharded with `shard_bytes`). Useful for merging tests.
-- helpers importable from tests: `save_state_dict`, `load_state_dict`, `make_tokenizer_files`.
+- helpers importable from tests: `save_state_dict`, `load_state_dict`, `make_tokenizer_files`,
+  and for training tests `counting_corpus`, `SigtermAt`, `free_port`; the `one_torch_thread`
+  fixture (use it module-wide with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from finrecipe.progress import NullProgress
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -194,3 +200,56 @@ def related_models(tiny_model: Callable[..., Path],
         return out
 
     return get
+
+
+# ------------------------------------------------------------------------------ training helpers
+def counting_corpus(path: Path, n_docs: int = 120) -> Path:
+    """A small repetitive JSONL corpus: counting sequences over a 24-word cycle (w3..w26)."""
+    lines = []
+    for i in range(n_docs):
+        start = (i * 7) % 24
+        n = 8 + (i * 5) % 24
+        lines.append(json.dumps({"text": " ".join(f"w{3 + (start + j) % 24}" for j in range(n))}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """Tiny matmuls: one intra-op thread is faster and immune to the load of a shared 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SigtermAt(NullProgress):
+    """A progress sink that sends this process SIGTERM when the
+    step counter reaches `step`; everything else is a no-op."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def task(self, description: str, total: float | None = None, unit: str = "it") -> Any:
+        outer = self
+
+        class T:
+            def update(self, *, completed: float | None = None, **kw: Any) -> None:
+                if completed == outer.step and unit == "step":
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            def __enter__(self) -> T:
+                return self
+
+            def __exit__(self, *a: object) -> None:
+                return None
+
+        return T()

@@ -6,7 +6,7 @@ outputs the argmax; early stop; a killed run resumes with its probe history; 2-p
 from __future__ import annotations
 
 import json
-import socket
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -18,30 +18,17 @@ from finrecipe.errors import StageError
 from finrecipe.progress import NullProgress
 from finrecipe.stages.base import DatasetRef, ModelRef, StageContext, StageResult, get_kind
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import SigtermAt, counting_corpus, free_port  # noqa: E402
+
 # Dev prose mostly outside the training corpus's words (w3..w26): at this learning rate its bits
 # per byte first fall (the model learns the format), then rise, so a middle probe is the best.
 DEV = ["w40 w41 w42 w30 w31 w32 w40 w41 w42", "w33 w34 w40 w41 w42 w35"]
 PROMPTS = ["w30 w31 w32", "w33 w34", "w35 w36 w37", "w30 w34 w36"]
 
 
-def _corpus(path: Path, n_docs: int = 120) -> Path:
-    lines = []
-    for i in range(n_docs):
-        start = (i * 7) % 24
-        n = 8 + (i * 5) % 24
-        lines.append(json.dumps({"text": " ".join(f"w{3 + (start + j) % 24}" for j in range(n))}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +40,7 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[..., Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("probe_data")
-    corpus = _corpus(root / "corpus.jsonl")
+    corpus = counting_corpus(root / "corpus.jsonl")
     dev = root / "dev.jsonl"
     dev.write_text("".join(json.dumps({"text": t}) + "\n" for t in DEV))
     prompts = root / "prompts.jsonl"
@@ -235,36 +222,12 @@ def test_stop_when_no_improvement(last_run: tuple[Path, StageResult], data: dict
     assert [cap for _s, cap, _p in images(run)] == ["finance: training loss and merge probe curves"]
 
 
-class _SigtermAt(NullProgress):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def task(self, description: str, total: float | None = None, unit: str = "it") -> Any:
-        outer = self
-
-        class T:
-            def update(self, *, completed: float | None = None, **kw: Any) -> None:
-                import os
-                import signal
-
-                if unit == "step" and completed == outer.step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-
-            def __enter__(self) -> T:
-                return self
-
-            def __exit__(self, *a: object) -> None:
-                return None
-
-        return T()
-
-
 def test_a_killed_run_resumes_with_its_probe_history(data: dict[str, Path], tmp_path: Path) -> None:
     cfg = {**CFG, "checkpoint_every_steps": 3, "merge_probe": _probe(keep="best", select=RULE)}
     ref = _run(cfg, data, tmp_path / "ref")
     out = tmp_path / "out"
     with pytest.raises(StageError, match="SIGTERM after step 5"):
-        _run(cfg, data, out, progress=_SigtermAt(5))
+        _run(cfg, data, out, progress=SigtermAt(5))
     man = json.loads((out / "work" / "ckpt" / "step-5" / "manifest.json").read_text())
     assert [r["step"] for r in man["probe"]["history"]] == [2, 4]
     res = _run(cfg, data, out)
@@ -279,19 +242,13 @@ def test_a_killed_run_resumes_with_its_probe_history(data: dict[str, Path], tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_fsdp2_two_processes_probe_like_one(last_run: tuple[Path, StageResult], data: dict[str, Path],
                                             tmp_path: Path) -> None:
     """torchrun, 2 processes, gloo: parameters are gathered one at a time for rank 0's probe."""
     out = tmp_path / "fsdp"
     res = _run({**CFG, "merge_probe": _probe(keep="best", select=RULE),
-                "launch": {"nproc_per_node": 2, "master_port": _free_port(), "backend": "gloo"}}, data, out)
+                "launch": {"nproc_per_node": 2, "master_port": free_port(), "backend": "gloo"}}, data, out)
     assert res.metrics["world_size"] == 2
     a, b = _probes(last_run[0]), _probes(out)
     assert [p["step"] for p in b] == [2, 4, 6, 8]

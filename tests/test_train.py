@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,33 +19,16 @@ from finrecipe.progress import NullProgress
 from finrecipe.stages.base import DatasetRef, ModelRef, StageContext, StageResult, get_kind
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import SigtermAt, counting_corpus, free_port  # noqa: E402
 
-def _corpus(path: Path, n_docs: int = 120) -> Path:
-    """A small repetitive corpus: counting sequences over a 24-word cycle."""
-    lines = []
-    for i in range(n_docs):
-        start = (i * 7) % 24
-        n = 8 + (i * 5) % 24
-        lines.append(json.dumps({"text": " ".join(f"w{3 + (start + j) % 24}" for j in range(n))}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """Tiny matmuls: one intra-op thread is faster and immune to the load of a shared 2-core box."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+    return counting_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
 
 
 BASE_CFG: dict[str, Any] = dict(
@@ -131,29 +112,6 @@ def test_rerun_after_completion_returns_result(reference_run: tuple[Path, StageR
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
-class _SigtermAt(NullProgress):
-    """A progress sink that sends this process SIGTERM when the step counter reaches `step`."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def task(self, description: str, total: float | None = None, unit: str = "it") -> Any:
-        outer = self
-
-        class T:
-            def update(self, *, completed: float | None = None, **kw: Any) -> None:
-                if completed == outer.step and unit == "step":
-                    os.kill(os.getpid(), signal.SIGTERM)
-
-            def __enter__(self) -> T:
-                return self
-
-            def __exit__(self, *a: object) -> None:
-                return None
-
-        return T()
-
-
 def test_sigterm_checkpoints_and_resume_is_bit_identical(
         reference_run: tuple[Path, StageResult], tiny_model: Callable[..., Path], corpus: Path,
         tmp_path: Path) -> None:
@@ -162,7 +120,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(
     out = tmp_path / "out"
     with pytest.raises(StageError, match="SIGTERM after step 5 of 8.*run again to resume"):
         _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache",
-             progress=_SigtermAt(5))
+             progress=SigtermAt(5))
     assert not (out / "model").exists()
     ckpts = sorted(p.name for p in (out / "work" / "ckpt").iterdir())
     assert ckpts == ["step-3", "step-5"]  # periodic at 3, on SIGTERM at 5; the newest two kept
@@ -187,7 +145,7 @@ def test_checkpoints_hold_no_pickle_and_a_damaged_newest_falls_back(
     out = tmp_path / "out"
     with pytest.raises(StageError, match="SIGTERM after step 5"):
         _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache",
-             progress=_SigtermAt(5))
+             progress=SigtermAt(5))
     ckpt = out / "work" / "ckpt"
     names = sorted(p.name for p in (ckpt / "step-5").iterdir())
     assert names == ["manifest.json", "model-rank0.safetensors", "optim-rank0.safetensors", "rank-0.json",
@@ -232,7 +190,7 @@ def test_checkpoint_content_must_match_its_manifest(tiny_model: Callable[..., Pa
     out = tmp_path / "out"
     with pytest.raises(StageError, match="SIGTERM after step 2"):
         _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache",
-             progress=_SigtermAt(2))
+             progress=SigtermAt(2))
     f = out / "work" / "ckpt" / "step-2" / "model-rank0.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
@@ -282,12 +240,6 @@ def test_sigkill_mid_run_resumes_without_replay_or_skip(
     assert got == want
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_torchrun_fsdp2_two_processes_match_single(tiny_model: Callable[..., Path], corpus: Path,
                                                    tmp_path: Path) -> None:
@@ -297,7 +249,7 @@ def test_torchrun_fsdp2_two_processes_match_single(tiny_model: Callable[..., Pat
     # The same recipe: the global batch (4 sequences) does not grow with the processes; each of
     # the two runs one micro-batch of 2 where the single process accumulates two.
     dist = _run("continual_pretraining",
-                {**base, "grad_accum": 2, "launch": {"nproc_per_node": 2, "master_port": _free_port()}},
+                {**base, "grad_accum": 2, "launch": {"nproc_per_node": 2, "master_port": free_port()}},
                 tiny_model("llama"), corpus, tmp_path / "fsdp", tmp_path / "cache")
     assert dist.metrics["world_size"] == 2 and single.metrics["world_size"] == 1
     assert dist.metrics["global_batch_tokens"] == single.metrics["global_batch_tokens"] == 4 * 32

@@ -17,12 +17,13 @@ from finrecipe.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_train import BASE_CFG, _corpus, _metrics, _run  # noqa: E402
+from conftest import counting_corpus, free_port  # noqa: E402
+from test_train import BASE_CFG, _metrics, _run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+    return counting_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
 
 
 # ---------------------------------------------------------------------------------- global batch
@@ -118,14 +119,6 @@ def test_checkpoints_kept_after_done_only_when_asked(tiny_model: Callable[..., P
 
 
 # ------------------------------------------------------------------------------------- launcher
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _procs_with(text: str) -> list[int]:
     """Pids whose command line mentions `text` (our run's spec path)."""
     out = []
@@ -154,7 +147,7 @@ def test_sigkill_of_apply_leaves_no_workers_and_reapply_has_no_duplicate_steps(
     import time
 
     cfg = {**BASE_CFG, "max_tokens": 32 * 4 * 60, "checkpoint_every_steps": 2,
-           "launch": {"nproc_per_node": 2, "master_port": _free_port()}}
+           "launch": {"nproc_per_node": 2, "master_port": free_port()}}
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import json, os, signal, sys
@@ -188,7 +181,7 @@ def test_sigkill_of_apply_leaves_no_workers_and_reapply_has_no_duplicate_steps(
     assert left == [], "torchrun or its workers outlived the launcher"
     steps_before = [r["step"] for r in _metrics(out) if "loss" in r]
     assert 5 <= len(steps_before) < 60
-    res = _run("continual_pretraining", {**cfg, "launch": {**cfg["launch"], "master_port": _free_port()}},
+    res = _run("continual_pretraining", {**cfg, "launch": {**cfg["launch"], "master_port": free_port()}},
                tiny_model("llama"), corpus, out, tmp_path / "cache")
     steps = [r["step"] for r in _metrics(out) if "loss" in r]
     assert steps == list(range(1, 61))
