@@ -65,6 +65,8 @@ pub enum Stats {
     },
     /// karcher under bf16 compute: the scalars of mergekit's bf16 iteration (methods_mk.rs).
     KarcherBf16(Box<super::methods_mk::KarcherBf16>),
+    /// della / della_linear: rescale factors and the statistics pass's masks (methods_mk.rs).
+    Della(Box<super::methods_mk::DellaStats>),
 }
 
 fn sparse(job: &Job) -> bool {

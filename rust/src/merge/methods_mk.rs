@@ -27,6 +27,7 @@ use super::bf16::rb;
 use super::kernels::Stats;
 use super::plan::{Job, Kernel};
 use super::rng::KeepStream;
+use super::select::{key, radix_sort_keyed};
 use super::{Control, Ctx};
 use crate::error::Result;
 
@@ -60,67 +61,239 @@ fn della_row_len(job: &Job) -> usize {
 
 /// DELLA's magnitude-dependent drop for source i on chunk c (elements a.., deltas in `d`): each
 /// element is kept with probability p = (density − ε) + 2ε·(rank − 1)/(n − 1), rank 1..n of its |δ|
-/// within its row (equal magnitudes ranked by index), then multiplied by `f` (the rescale factor).
-/// The row is loaded whole (a bounded per-row buffer), so ranks do not depend on the chunking.
-fn della_source(ctx: &Ctx, seed: u64, i: usize, _c: usize, a: usize, d: &mut [f32], f: f32) {
+/// within its row (equal magnitudes ranked by index); `kb[j]` is set to 1 where element a + j is
+/// kept, 0 where it is dropped. The ranks are those of the whole row (a row that reaches beyond the
+/// chunk is loaded whole, into a bounded per-thread buffer), so they do not depend on the chunking.
+///
+/// A row is ranked by a stable radix sort of its magnitude keys (`select::radix_sort_keyed`:
+/// the order of a stable sort on |δ| by `total_cmp`); p·2^32, the draw's threshold, is a function
+/// of the rank alone (a table per row length), scattered to the row's columns; the keep loop then
+/// compares each element's draw with its column's threshold.
+fn della_keep(ctx: &Ctx, seed: u64, i: usize, a: usize, d: &[f32], kb: &mut Vec<u8>) {
     let job = ctx.job;
     let dens = job.densities[i];
+    let m = d.len();
+    kb.clear();
     if dens >= 1.0 {
+        kb.resize(m, 1);
         return;
     }
+    kb.resize(m, 0);
     if dens <= 0.0 {
-        d.fill(0.0);
         return;
     }
     let eps = job.epsilons.get(i).copied().unwrap_or(0.15);
     let bf = job.bf16_compute;
     let stream = KeepStream::new(seed, &job.name, i, dens);
     let n = della_row_len(job);
-    let m = d.len();
-    let (mut rb_, mut rs) = (vec![0f32; n], vec![0f32; n]);
-    let mut order: Vec<u32> = Vec::with_capacity(n);
-    let mut rank = vec![0u32; n];
-    let mut j = 0;
-    while j < m {
-        let e = a + j;
-        let row = e / n;
-        let (r0, r1) = (row * n, (row + 1) * n);
-        let end = (r1 - a).min(m);
-        // the whole row's deltas, as the chunk loader computes them
-        if let Some(b) = job.base {
-            ctx.load(b, r0, r1, &mut rb_);
-        } else {
-            rb_.fill(0.0);
+    // indices are packed into 32 bits beside the key
+    assert!(
+        n <= 1 << 32,
+        "della: a row of {n} elements is longer than 2^32 (tensor {})",
+        job.name
+    );
+    DELLA_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let DellaBuf {
+            rb_,
+            rs,
+            pairs,
+            tmp,
+            table,
+            thr,
+            table_for,
+        } = &mut *buf;
+        // p·2^32 (2^32: kept whatever the draw) for each rank 0..n−1
+        let tag = (n, dens.to_bits(), eps.to_bits());
+        if *table_for != Some(tag) {
+            let denom = if n > 1 { (n - 1) as f64 } else { 1.0 };
+            table.clear();
+            table.extend((0..n).map(|rk| {
+                let p = (dens - eps) + 2.0 * eps * rk as f64 / denom;
+                let t = (p.clamp(0.0, 1.0) * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+                if p >= 1.0 {
+                    1u64 << 32
+                } else {
+                    u64::from(t)
+                }
+            }));
+            *table_for = Some(tag);
         }
-        ctx.load(job.sources[i], r0, r1, &mut rs);
-        for (x, &y) in rs.iter_mut().zip(&rb_) {
-            let (x0, y0) = if bf { (rb(*x), rb(y)) } else { (*x, y) };
-            *x = if bf { rb(x0 - y0) } else { x0 - y0 };
-        }
-        order.clear();
-        order.extend(0..n as u32);
-        order.sort_by(|&p, &q| rs[p as usize].abs().total_cmp(&rs[q as usize].abs()));
-        for (rk, &p) in order.iter().enumerate() {
-            rank[p as usize] = rk as u32;
-        }
-        let denom = if n > 1 { (n - 1) as f64 } else { 1.0 };
-        for (jj, x) in d[j..end].iter_mut().enumerate() {
-            let col = e + jj - r0;
-            let p = (dens - eps) + 2.0 * eps * rank[col] as f64 / denom;
-            let thr = (p.clamp(0.0, 1.0) * 4_294_967_296.0).min(u32::MAX as f64) as u32;
-            let keep = stream.draw((e + jj) as u64) < thr || p >= 1.0;
-            *x = if !keep {
-                0.0
-            } else if f == 1.0 {
-                *x
-            } else if bf {
-                rb(*x * f)
+        thr.resize(n, 0);
+        let mut j = 0;
+        while j < m {
+            let e = a + j;
+            let row = e / n;
+            let (r0, r1) = (row * n, (row + 1) * n);
+            let end = (r1 - a).min(m);
+            // the whole row's deltas, as the chunk loader computes them: from the chunk when the
+            // row lies inside it, else loaded
+            let row_d: &[f32] = if r0 >= a && end == r1 - a {
+                &d[r0 - a..end]
             } else {
-                *x * f
+                rb_.resize(n, 0.0);
+                rs.resize(n, 0.0);
+                if let Some(b) = job.base {
+                    ctx.load(b, r0, r1, rb_);
+                } else {
+                    rb_.fill(0.0);
+                }
+                ctx.load(job.sources[i], r0, r1, rs);
+                for (x, &y) in rs.iter_mut().zip(rb_.iter()) {
+                    let (x0, y0) = if bf { (rb(*x), rb(y)) } else { (*x, y) };
+                    *x = if bf { rb(x0 - y0) } else { x0 - y0 };
+                }
+                rs
             };
+            pairs.clear();
+            pairs.extend(
+                row_d
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &x)| (u64::from(key(x)) << 32) | c as u64),
+            );
+            radix_sort_keyed(pairs, tmp);
+            for (&p, &t) in pairs.iter().zip(table.iter()) {
+                thr[p as u32 as usize] = t;
+            }
+            let c0 = e - r0;
+            keep_draws(&mut kb[j..end], &thr[c0..c0 + (end - j)], &stream, e as u64);
+            j = end;
         }
-        j = end;
+    });
+}
+
+#[derive(Default)]
+struct DellaBuf {
+    rb_: Vec<f32>,
+    rs: Vec<f32>,
+    pairs: Vec<u64>,
+    tmp: Vec<u64>,
+    /// threshold by rank, for (row length, density bits, ε bits) `table_for`
+    table: Vec<u64>,
+    /// threshold by column of the current row
+    thr: Vec<u64>,
+    table_for: Option<(usize, u64, u64)>,
+}
+
+thread_local! {
+    /// DELLA's per-row buffers, reused by each worker thread.
+    static DELLA_BUF: std::cell::RefCell<DellaBuf> = std::cell::RefCell::new(DellaBuf::default());
+    /// A chunk's keep flags (one byte per element), per worker thread.
+    static DELLA_KB: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// kb[j] = 1 iff the draw of element e0 + j is below its threshold thr[j].
+fn keep_draws(kb: &mut [u8], thr: &[u64], k: &KeepStream, e0: u64) {
+    crate::dtype::avx2_dispatch!(keep_draws_generic, keep_draws_avx2, (kb: &mut [u8], thr: &[u64], k: &KeepStream, e0: u64))
+}
+
+#[inline(always)]
+fn keep_draws_generic(kb: &mut [u8], thr: &[u64], k: &KeepStream, e0: u64) {
+    let (mut rest, mut rt, mut idx) = (kb, thr, e0);
+    while !rest.is_empty() {
+        // elements left before the high word of the index changes
+        let span = ((1u64 << 32) - (idx & 0xFFFF_FFFF)).min(rest.len() as u64) as usize;
+        let (part, tail) = rest.split_at_mut(span);
+        let (pt, ttail) = rt.split_at(span);
+        let hw = k.hi_word((idx >> 32) as u32);
+        let lo0 = idx as u32;
+        for (jj, (x, &t)) in part.iter_mut().zip(pt).enumerate() {
+            *x = u8::from(u64::from(k.draw_lo(lo0.wrapping_add(jj as u32), hw)) < t);
+        }
+        idx += span as u64;
+        rest = tail;
+        rt = ttail;
     }
+}
+
+/// kb's flags as bits (bit j % 64 of word j / 64).
+fn pack_bits(kb: &[u8], out: &mut Vec<u64>) {
+    out.extend(kb.chunks(64).map(|c| {
+        c.iter()
+            .enumerate()
+            .fold(0u64, |w, (t, &b)| w | (u64::from(b) << t))
+    }));
+}
+
+/// A dropped δ becomes +0.0; a kept one is multiplied by the rescale factor `f` (the product
+/// rounded to bf16 under bf16 compute; left as it is when f = 1). `kept(j)`: element j's flag
+/// (0 or 1), applied as a bit mask (branch-free: the flags are random).
+#[inline(always)]
+fn apply_keep(d: &mut [f32], f: f32, bf: bool, kept: impl Fn(usize) -> u32) {
+    #[inline(always)]
+    fn pass(d: &mut [f32], kept: impl Fn(usize) -> u32, g: impl Fn(f32) -> f32) {
+        for (j, x) in d.iter_mut().enumerate() {
+            *x = f32::from_bits(g(*x).to_bits() & 0u32.wrapping_sub(kept(j)));
+        }
+    }
+    if f == 1.0 {
+        pass(d, kept, |x| x)
+    } else if bf {
+        pass(d, kept, |x| rb(x * f))
+    } else {
+        pass(d, kept, |x| x * f)
+    }
+}
+
+fn apply_bytes(d: &mut [f32], kb: &[u8], f: f32, bf: bool) {
+    crate::dtype::avx2_dispatch!(apply_bytes_generic, apply_bytes_avx2, (d: &mut [f32], kb: &[u8], f: f32, bf: bool))
+}
+
+#[inline(always)]
+fn apply_bytes_generic(d: &mut [f32], kb: &[u8], f: f32, bf: bool) {
+    let kb = &kb[..d.len()];
+    apply_keep(d, f, bf, |j| u32::from(kb[j]))
+}
+
+fn apply_bits(d: &mut [f32], bits: &[u64], f: f32, bf: bool) {
+    crate::dtype::avx2_dispatch!(apply_bits_generic, apply_bits_avx2, (d: &mut [f32], bits: &[u64], f: f32, bf: bool))
+}
+
+#[inline(always)]
+fn apply_bits_generic(d: &mut [f32], bits: &[u64], f: f32, bf: bool) {
+    for (dw, &w) in d.chunks_mut(64).zip(bits) {
+        apply_keep(dw, f, bf, |t| ((w >> t) & 1) as u32)
+    }
+}
+
+/// DELLA's whole-tensor statistics: the rescale factors and, when small enough, the keep masks the
+/// statistics pass drew (per chunk, all sources' bits), so the apply pass need not rank again.
+pub struct DellaStats {
+    pub f: Vec<f32>,
+    /// per chunk; empty when not kept (the apply pass draws the masks again)
+    masks: Vec<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl Clone for DellaStats {
+    fn clone(&self) -> Self {
+        DellaStats {
+            f: self.f.clone(),
+            masks: self
+                .masks
+                .iter()
+                .map(|x| std::sync::Mutex::new(x.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for DellaStats {
+    fn fmt(&self, fm: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fm.debug_struct("DellaStats")
+            .field("f", &self.f)
+            .field("cached_chunks", &self.masks.len())
+            .finish()
+    }
+}
+
+/// Largest mask cache (bytes) DELLA's statistics pass keeps for one tensor.
+static DELLA_CACHE_LIMIT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(64 << 20);
+
+#[cfg(test)]
+pub(crate) fn set_della_cache_limit(bytes: usize) {
+    DELLA_CACHE_LIMIT.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Applies DELLA's masks (and rescale factors) to the chunk's deltas before the task-arithmetic
@@ -135,12 +308,32 @@ pub(crate) fn della_mask(
     s: &mut super::Scratch,
 ) {
     let nsrc = ctx.job.sources.len();
-    for i in 0..nsrc {
-        let f = match stats {
-            Stats::Dare(f) => f[i],
-            _ => 1.0,
-        };
-        della_source(ctx, seed, i, c, a, &mut s.srcs[i][..m], f);
+    let bf = ctx.job.bf16_compute;
+    let (f, cached) = match stats {
+        Stats::Della(st) => (
+            &st.f[..],
+            st.masks
+                .get(c)
+                .map(|x| std::mem::take(&mut *x.lock().unwrap_or_else(|e| e.into_inner()))),
+        ),
+        _ => (&[][..], None),
+    };
+    let words = m.div_ceil(64);
+    match cached {
+        Some(bits) if bits.len() == nsrc * words => {
+            for i in 0..nsrc {
+                let fi = f.get(i).copied().unwrap_or(1.0);
+                apply_bits(&mut s.srcs[i][..m], &bits[i * words..], fi, bf);
+            }
+        }
+        _ => DELLA_KB.with(|kb| {
+            let mut kb = kb.borrow_mut();
+            for i in 0..nsrc {
+                let fi = f.get(i).copied().unwrap_or(1.0);
+                della_keep(ctx, seed, i, a, &s.srcs[i][..m], &mut kb);
+                apply_bytes(&mut s.srcs[i][..m], &kb, fi, bf);
+            }
+        }),
     }
 }
 
@@ -179,20 +372,46 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
     let nsrc = job.sources.len();
     match job.kernel {
         Kernel::Della | Kernel::DellaLinear => {
-            // L1 of each δ and of its kept part, with the masks della_mask draws
+            // L1 of each δ and of its kept part, with the masks della_mask applies (kept for it
+            // when the tensor's masks fit the cache)
+            let words = ctx.chunk.div_ceil(64);
+            let cache = ctx.nchunks * nsrc * words * 8
+                <= DELLA_CACHE_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+            let masks: Vec<std::sync::Mutex<Vec<u64>>> = if cache {
+                (0..ctx.nchunks).map(|_| Default::default()).collect()
+            } else {
+                Vec::new()
+            };
             let sums = ctx.fold(
                 ctl,
                 true,
                 || vec![0f64; 2 * nsrc],
                 |acc, c, a, s, m| {
-                    let mut d = Vec::with_capacity(m);
-                    for i in 0..nsrc {
-                        d.clear();
-                        d.extend_from_slice(&s.srcs[i][..m]);
-                        acc[2 * i] += d.iter().map(|&x| x.abs() as f64).sum::<f64>();
-                        della_source(ctx, seed, i, c, a, &mut d, 1.0);
-                        acc[2 * i + 1] += d.iter().map(|&x| x.abs() as f64).sum::<f64>();
-                    }
+                    DELLA_KB.with(|kb| {
+                        let mut kb = kb.borrow_mut();
+                        let mut bits = Vec::new();
+                        for i in 0..nsrc {
+                            let src = &s.srcs[i][..m];
+                            della_keep(ctx, seed, i, a, src, &mut kb);
+                            // the chunk's two sums in element order (a dropped δ adds +0.0),
+                            // side by side in one loop
+                            let (mut before, mut after) = (0f64, 0f64);
+                            for (&x, &k) in src.iter().zip(kb.iter()) {
+                                let ax = x.abs() as f64;
+                                before += ax;
+                                // branch-free: the flags are random
+                                after += f64::from_bits(ax.to_bits() & 0u64.wrapping_sub(k.into()));
+                            }
+                            acc[2 * i] += before;
+                            acc[2 * i + 1] += after;
+                            if cache {
+                                pack_bits(&kb[..m], &mut bits);
+                            }
+                        }
+                        if cache {
+                            *masks[c].lock().unwrap_or_else(|e| e.into_inner()) = bits;
+                        }
+                    })
                 },
                 |mut x, y| {
                     for (p, q) in x.iter_mut().zip(y) {
@@ -201,23 +420,22 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                     x
                 },
             )?;
-            Ok(Stats::Dare(
-                (0..nsrc)
-                    .map(|i| {
-                        let (b, a) = (sums[2 * i], sums[2 * i + 1]);
-                        let d = job.densities[i];
-                        if !job.rescale || d >= 1.0 || d <= 0.0 {
-                            1.0
-                        } else if job.bf16_compute {
-                            super::bf16::rescale_factor(b, a)
-                        } else if b < 1e-7 || a < 1e-7 {
-                            1.0
-                        } else {
-                            (b / a) as f32
-                        }
-                    })
-                    .collect(),
-            ))
+            let f = (0..nsrc)
+                .map(|i| {
+                    let (b, a) = (sums[2 * i], sums[2 * i + 1]);
+                    let d = job.densities[i];
+                    if !job.rescale || d >= 1.0 || d <= 0.0 {
+                        1.0
+                    } else if job.bf16_compute {
+                        super::bf16::rescale_factor(b, a)
+                    } else if b < 1e-7 || a < 1e-7 {
+                        1.0
+                    } else {
+                        (b / a) as f32
+                    }
+                })
+                .collect();
+            Ok(Stats::Della(Box::new(DellaStats { f, masks })))
         }
         Kernel::RamplusTl => {
             let eps = num(job, "epsilon", 1e-5) as f32;

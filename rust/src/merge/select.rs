@@ -173,6 +173,72 @@ fn chunk_test(b: &Bound, chunk: usize) -> Option<u64> {
     }
 }
 
+/// Sorts `pairs`, each `key << 32 | index`, into ascending order: by key, equal keys by index.
+/// `pairs` must hold the indices in ascending order on entry: an LSD radix sort over the key's four
+/// bytes (stable, so equal keys keep that order; a byte on which every key agrees is skipped) then
+/// gives exactly the order of a stable comparison sort on the key. `tmp` is scratch.
+///
+/// Each pass splits the array into `W` parts counted and scattered side by side (part w's
+/// elements of a digit placed after those of parts < w, so the pass stays stable): magnitudes of
+/// one row share most of their high and low bytes, and a single counter per digit would make
+/// every element wait for the previous one's increment.
+pub fn radix_sort_keyed(pairs: &mut Vec<u64>, tmp: &mut Vec<u64>) {
+    const W: usize = 4;
+    let n = pairs.len();
+    if n < 2 {
+        return;
+    }
+    tmp.resize(n, 0);
+    let (mut or, mut and) = (0u32, u32::MAX);
+    for &p in pairs.iter() {
+        let k = (p >> 32) as u32;
+        or |= k;
+        and &= k;
+    }
+    let vary = or ^ and;
+    // parts [w·q, (w+1)·q) for w < W−1, the last one to n
+    let q = n / W;
+    for b in 0..4 {
+        if (vary >> (8 * b)) & 0xFF == 0 {
+            continue; // every key has the same byte b
+        }
+        let shift = 32 + 8 * b;
+        let digit = |p: u64| ((p >> shift) & 0xFF) as usize;
+        let (src, dst) = (&pairs[..], &mut tmp[..]);
+        let mut cnt = [[0u32; 256]; W];
+        for i in 0..q {
+            for (w, c) in cnt.iter_mut().enumerate() {
+                c[digit(src[w * q + i])] += 1;
+            }
+        }
+        for &p in &src[W * q..] {
+            cnt[W - 1][digit(p)] += 1;
+        }
+        let mut off = [[0u32; 256]; W];
+        let mut s = 0u32;
+        for v in 0..256 {
+            for w in 0..W {
+                off[w][v] = s;
+                s += cnt[w][v];
+            }
+        }
+        for i in 0..q {
+            for (w, o) in off.iter_mut().enumerate() {
+                let p = src[w * q + i];
+                let v = digit(p);
+                dst[o[v] as usize] = p;
+                o[v] += 1;
+            }
+        }
+        for &p in &src[W * q..] {
+            let v = digit(p);
+            dst[off[W - 1][v] as usize] = p;
+            off[W - 1][v] += 1;
+        }
+        std::mem::swap(pairs, tmp);
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -223,6 +289,45 @@ pub(crate) mod tests {
             t: th.t,
             keep: th.keep,
             prefix,
+        }
+    }
+
+    #[test]
+    fn radix_sort_keyed_matches_a_stable_sort_on_magnitude() {
+        let mut st = 0x0123_4567_89AB_CDEF_u64;
+        let mut next = move || {
+            st = crate::merge::rng::mix64(st);
+            st
+        };
+        for &n in &[0usize, 1, 2, 3, 17, 256, 1000, 4097] {
+            for kind in 0..5 {
+                let x: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let r = next();
+                        match kind {
+                            // few distinct magnitudes (ties), both signs, zeros of both signs
+                            0 => ((r % 7) as f32 - 3.0) * 0.5,
+                            1 => f32::from_bits(r as u32),
+                            // bf16-exact values: the low 16 bits agree (skipped bytes)
+                            2 => f32::from_bits((r as u32) & 0xFFFF_0000),
+                            3 => 1.0,
+                            _ => [0.0, -0.0, f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40]
+                                [(r % 6) as usize],
+                        }
+                    })
+                    .collect();
+                let mut want: Vec<u32> = (0..n as u32).collect();
+                want.sort_by(|&p, &q| x[p as usize].abs().total_cmp(&x[q as usize].abs()));
+                let mut pairs: Vec<u64> = x
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (u64::from(key(v)) << 32) | i as u64)
+                    .collect();
+                let mut tmp = Vec::new();
+                radix_sort_keyed(&mut pairs, &mut tmp);
+                let got: Vec<u32> = pairs.iter().map(|&p| p as u32).collect();
+                assert_eq!(got, want, "n={n} kind={kind}");
+            }
         }
     }
 

@@ -932,3 +932,117 @@ fn karcher_bf16_edge_cases_follow_mergekit() {
     let ab: Vec<f32> = a.iter().map(|&x| super::bf16::rb(x)).collect();
     assert_eq!(one, ab);
 }
+
+// ---- della / della_linear masks (methods_mk.rs) ----------------------------------------------
+
+/// DELLA's keep decisions as first written: per row a stable comparison sort of |δ| (total_cmp,
+/// equal magnitudes by index), p from the rank, the stream's draw below p·2^32.
+fn della_reference_keep(d: &[f32], row: usize, i: usize, dens: f64, eps: f64) -> Vec<bool> {
+    let stream = super::rng::KeepStream::new(7, "x", i, dens);
+    let mut keep = vec![false; d.len()];
+    for (r, rowd) in d.chunks(row).enumerate() {
+        let n = rowd.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&p, &q| rowd[p].abs().total_cmp(&rowd[q].abs()));
+        let denom = if n > 1 { (n - 1) as f64 } else { 1.0 };
+        for (rk, &c) in order.iter().enumerate() {
+            let p = (dens - eps) + 2.0 * eps * rk as f64 / denom;
+            let thr = (p.clamp(0.0, 1.0) * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+            let e = r * row + c;
+            keep[e] = stream.draw(e as u64) < thr || p >= 1.0;
+        }
+    }
+    keep
+}
+
+/// Values on a coarse grid (many equal magnitudes, zeros of both signs, exact L1 sums).
+fn della_values(n: usize, salt: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|k| {
+            let r = super::rng::mix64(k ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let v = ((r % 41) as f32 - 20.0) / 64.0;
+            if r.is_multiple_of(97) {
+                -0.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn della_masks_follow_the_row_ranks_whatever_threads_chunks_and_cache() {
+    let (rows, cols) = (24, 300);
+    let n = rows * cols;
+    let b: Vec<f32> = della_values(n, 1).iter().map(|x| x.abs() + 1.0).collect();
+    let a1: Vec<f32> = b
+        .iter()
+        .zip(della_values(n, 2))
+        .map(|(x, d)| x + d)
+        .collect();
+    let a2: Vec<f32> = b
+        .iter()
+        .zip(della_values(n, 3))
+        .map(|(x, d)| x + d)
+        .collect();
+    let c = Case::shaped(
+        &[rows, cols],
+        &[b.clone(), a1.clone(), a2.clone(), b.clone()],
+    );
+    let t = |kernel: &str, srcs: Vec<Value>, rescale: bool| {
+        json!({"name": "x", "kernel": kernel, "out_dtype": "F32", "base": base(), "sources": srcs,
+               "params": {"lambda": 1.0, "normalize": false, "rescale": rescale}})
+    };
+    let s = |m: usize, dens: f64, eps: f64| {
+        src(m, json!({"weight": 1.0, "density": dens, "epsilon": eps}))
+    };
+    // one source, no rescale: kept δ as they are, dropped ones zero, keeps as the reference's
+    let d1: Vec<f32> = a1.iter().zip(&b).map(|(x, y)| x - y).collect();
+    let keep = della_reference_keep(&d1, cols, 0, 0.5, 0.2);
+    for (chunk, threads) in [(1 << 20, 1), (7, 2), (1000, 2)] {
+        let out = c.run_with(
+            &format!("one{chunk}"),
+            t("della_linear", vec![s(1, 0.5, 0.2)], false),
+            threads,
+            chunk,
+        );
+        for e in 0..n {
+            let want = if keep[e] { b[e] + d1[e] } else { b[e] };
+            assert_eq!(
+                out[e].to_bits(),
+                want.to_bits(),
+                "element {e}, chunk {chunk}"
+            );
+        }
+    }
+    let kept = keep.iter().filter(|&&k| k).count() as f64 / n as f64;
+    assert!((kept - 0.5).abs() < 0.03, "{kept}");
+    // the second source's stream (index 1), behind a source whose δ is zero
+    let d2: Vec<f32> = a2.iter().zip(&b).map(|(x, y)| x - y).collect();
+    let keep2 = della_reference_keep(&d2, cols, 1, 0.3, 0.1);
+    let out = c.run_with(
+        "two",
+        t("della_linear", vec![s(3, 0.5, 0.1), s(2, 0.3, 0.1)], false),
+        2,
+        999,
+    );
+    for e in 0..n {
+        let want = if keep2[e] { b[e] + d2[e] } else { b[e] };
+        assert_eq!(out[e].to_bits(), want.to_bits(), "element {e}");
+    }
+    // with rescale (masks kept from the statistics pass, or drawn again when the cache is off):
+    // the same output for every thread count and chunking, both kernels
+    for kernel in ["della", "della_linear"] {
+        let srcs = || vec![s(1, 0.5, 0.2), s(2, 0.4, 0.1)];
+        let r1 = c.run_with(&format!("{kernel}-a"), t(kernel, srcs(), true), 1, 1 << 20);
+        let r2 = c.run_with(&format!("{kernel}-b"), t(kernel, srcs(), true), 2, 7);
+        let r3 = c.run_with(&format!("{kernel}-c"), t(kernel, srcs(), true), 2, 999);
+        super::methods_mk::set_della_cache_limit(0);
+        let r4 = c.run_with(&format!("{kernel}-d"), t(kernel, srcs(), true), 2, 999);
+        super::methods_mk::set_della_cache_limit(64 << 20);
+        assert_eq!(r1, r2, "{kernel}");
+        assert_eq!(r1, r3, "{kernel}");
+        assert_eq!(r1, r4, "{kernel}");
+        assert!(r1.iter().zip(&b).any(|(x, y)| x != y));
+    }
+}
