@@ -33,13 +33,15 @@
 //!   the largest variance are kept in every task vector (equal variances at the cut: lower index
 //!   first), the rest zeroed, before sce's weights and sign election.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use super::bf16::rb;
 use super::kernels::{dot, Stats};
 use super::plan::{Job, Kernel};
 use super::select::{self, Bound, KeepRule, HI_BINS, LO_BINS};
-use super::{with_scratch, Control, Ctx};
+use super::{vmath, with_scratch, Control, Ctx};
 use crate::error::{Error, Result};
 
 /// Whether this module computes `k`.
@@ -926,10 +928,79 @@ fn kl_row_bf16(p: &[f32], b: &[f32]) -> f32 {
     rb(kl as f32)
 }
 
+thread_local! {
+    /// Per-thread f64 row buffers of `kl_row` (e^(p − max) then P; e^(b − max) then P/Q).
+    static KL_ROWS: RefCell<(Vec<f64>, Vec<f64>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// KL(P ‖ Q) of one row, P = softmax(p) + 1e-8, Q = softmax(b) + 1e-8 (rounded to f32 as torch
 /// stores them), the sum in f64: for close models the KL is a small difference of large terms, and
 /// float32 arithmetic (mergekit's) leaves it with percent-level rounding error.
+///
+/// Each exponential is computed once (row buffers), by the vectorised f64 exp/ln of `vmath`
+/// (within 1 ulp of libm's), and the softmax and KL sums are fixed-order 8-lane sums; the f32
+/// rounding of P, Q and the KL absorbs these last-bit differences almost always. Rows with a
+/// non-finite value take libm's scalar path (`kl_row_scalar`).
 fn kl_row(p: &[f32], b: &[f32]) -> f32 {
+    let finite = |x: &[f32]| {
+        x.iter().fold(0u32, |a, &v| {
+            a | u32::from(v.to_bits() & 0x7F80_0000 == 0x7F80_0000)
+        }) == 0
+    };
+    if !(finite(p) && finite(b)) {
+        return kl_row_scalar(p, b);
+    }
+    let mx = |x: &[f32]| x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+    let (mp, mb) = (mx(p), mx(b));
+    KL_ROWS.with(|c| {
+        let (ep, eq) = &mut *c.borrow_mut();
+        ep.clear();
+        ep.extend(p.iter().map(|&v| v as f64 - mp));
+        eq.clear();
+        eq.extend(b.iter().map(|&v| v as f64 - mb));
+        kl_row_finite(ep, eq)
+    })
+}
+
+/// `kl_row` of finite rows from the row buffers `ep` = p − max p, `eq` = b − max b (f64).
+fn kl_row_finite(ep: &mut [f64], eq: &mut [f64]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn kl_row_finite_avx512(ep: &mut [f64], eq: &mut [f64]) -> f32 {
+            kl_row_finite_generic(ep, eq)
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { kl_row_finite_avx512(ep, eq) };
+        }
+    }
+    crate::dtype::avx2_dispatch!(
+        kl_row_finite_generic,
+        kl_row_finite_avx2,
+        (ep: &mut [f64], eq: &mut [f64]) -> f32
+    )
+}
+
+#[inline(always)]
+fn kl_row_finite_generic(ep: &mut [f64], eq: &mut [f64]) -> f32 {
+    vmath::exp_nonpos_inline(ep);
+    vmath::exp_nonpos_inline(eq);
+    // the softmax by the reciprocal of its sum (within an ulp of the quotient; P and Q are rounded
+    // to f32 next)
+    let (rp, rb) = (1.0 / vmath::lane_sum(ep), 1.0 / vmath::lane_sum(eq));
+    for (x, y) in ep.iter_mut().zip(eq.iter_mut()) {
+        let pp = ((*x * rp) as f32 + 1e-8f32) as f64;
+        let qq = ((*y * rb) as f32 + 1e-8f32) as f64;
+        *x = pp;
+        *y = pp / qq;
+    }
+    vmath::ln_pos_inline(eq);
+    vmath::lane_dot(ep, eq) as f32
+}
+
+/// `kl_row` with libm's scalar exp/ln and sequential sums (rows with ±∞ or NaN).
+fn kl_row_scalar(p: &[f32], b: &[f32]) -> f32 {
     let sm = |x: &[f32]| -> (f64, f64) {
         let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
         let s: f64 = x.iter().map(|&v| (v as f64 - mx).exp()).sum();
@@ -970,7 +1041,6 @@ where
     V: Fn(usize, &super::Scratch, usize, &mut Vec<f32>) + Sync + Send,
     F: FnOnce(&[u64], u64) -> Vec<u64>,
 {
-    let n = ctx.job.numel as u64;
     let (hist, zeros) = ctx
         .fold(
             ctl,
@@ -978,11 +1048,7 @@ where
             || (vec![0u64; HI_BINS], 0u64, Vec::new()),
             |(h, z, buf), _c, a, s, m| {
                 vals(a, s, m, buf);
-                for &x in &buf[..m] {
-                    let k = select::key(x);
-                    h[(k >> 16) as usize] += 1;
-                    *z += u64::from(k == 0);
-                }
+                hist_add(h, z, &buf[..m]);
             },
             |(mut h1, z1, b), (h2, z2, _)| {
                 for (x, y) in h1.iter_mut().zip(h2) {
@@ -992,6 +1058,36 @@ where
             },
         )
         .map(|(h, z, _)| (h, z))?;
+    select_rest(ctx, ctl, deltas, tie_split, vals, hist, zeros, ranks)
+}
+
+/// Pass 1 of `select_by` on values `xs`: the top-15-bit key histogram and the count of zeros.
+fn hist_add(h: &mut [u64], z: &mut u64, xs: &[f32]) {
+    for &x in xs {
+        let k = select::key(x);
+        h[(k >> 16) as usize] += 1;
+        *z += u64::from(k == 0);
+    }
+}
+
+/// `select_by` after pass 1, from its histogram and zero count (computed by the caller, e.g.
+/// while it derives statistics the values depend on).
+#[allow(clippy::too_many_arguments)]
+fn select_rest<V, F>(
+    ctx: &Ctx,
+    ctl: &Control,
+    deltas: bool,
+    tie_split: bool,
+    vals: V,
+    hist: Vec<u64>,
+    zeros: u64,
+    ranks: F,
+) -> Result<Selection>
+where
+    V: Fn(usize, &super::Scratch, usize, &mut Vec<f32>) + Sync + Send,
+    F: FnOnce(&[u64], u64) -> Vec<u64>,
+{
+    let n = ctx.job.numel as u64;
     let rs = ranks(&hist, n - zeros);
     let inside: Vec<usize> = (0..rs.len()).filter(|&k| rs[k] > 0 && rs[k] < n).collect();
     let pend: Vec<select::Pending> = inside
@@ -1003,6 +1099,11 @@ where
     buckets.sort_unstable();
     buckets.dedup();
     let nb = buckets.len();
+    // bucket → 1 + its index in `buckets` (0: not wanted), one load per element in pass 2
+    let mut slot = vec![0u16; HI_BINS];
+    for (i, &b) in buckets.iter().enumerate() {
+        slot[b as usize] = u16::try_from(i + 1).expect("at most 65535 ranks");
+    }
     let lo = if nb == 0 {
         Vec::new()
     } else {
@@ -1014,8 +1115,9 @@ where
                 vals(a, s, m, buf);
                 for &x in &buf[..m] {
                     let k = select::key(x);
-                    if let Ok(bi) = buckets.binary_search(&(k >> 16)) {
-                        h[bi * LO_BINS + (k & 0xFFFF) as usize] += 1;
+                    let bi = slot[(k >> 16) as usize];
+                    if bi != 0 {
+                        h[(bi as usize - 1) * LO_BINS + (k & 0xFFFF) as usize] += 1;
                     }
                 }
             },
@@ -1221,22 +1323,38 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
         Kernel::ArceeFusion => {
             let len = fusion_row_len(job);
             let nrows = job.numel / len;
-            let kl: Vec<f32> = (0..nrows)
-                .into_par_iter()
-                .map(|r| {
-                    if ctl.check().is_err() {
-                        return 0.0;
-                    }
-                    with_scratch(1, len, |s| {
-                        load_range(ctx, r * len, (r + 1) * len, false, &mut s.base, &mut s.srcs);
-                        if job.bf16_compute {
-                            kl_row_bf16(&s.srcs[0][..len], &s.base[..len])
-                        } else {
-                            kl_row(&s.srcs[0][..len], &s.base[..len])
+            let bf = job.bf16_compute;
+            // the KL of each row, and with it pass 1 of the importance selection (its histogram)
+            let mut kl = vec![0f32; nrows];
+            let (hist, zeros) = kl
+                .par_iter_mut()
+                .enumerate()
+                .fold(
+                    || (vec![0u64; HI_BINS], 0u64, Vec::new()),
+                    |(mut h, mut z, mut buf), (r, klr)| {
+                        if ctl.check().is_ok() {
+                            with_scratch(1, len, |s| {
+                                let (a, b) = (r * len, (r + 1) * len);
+                                load_range(ctx, a, b, false, &mut s.base, &mut s.srcs);
+                                let (p, b) = (&s.srcs[0][..len], &s.base[..len]);
+                                *klr = if bf { kl_row_bf16(p, b) } else { kl_row(p, b) };
+                                importance_row(*klr, bf, b, p, &mut buf);
+                                hist_add(&mut h, &mut z, &buf);
+                            });
                         }
-                    })
-                })
-                .collect();
+                        (h, z, buf)
+                    },
+                )
+                .map(|(h, z, _)| (h, z))
+                .reduce(
+                    || (vec![0u64; HI_BINS], 0),
+                    |(mut h1, z1), (h2, z2)| {
+                        for (x, y) in h1.iter_mut().zip(h2) {
+                            *x += y;
+                        }
+                        (h1, z1 + z2)
+                    },
+                );
             ctl.check()?;
             let n = job.numel as u64;
             if n == 0 {
@@ -1253,14 +1371,15 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                 .map(|&q| n - ((q * (n - 1) as f32) as u64).min(n - 1))
                 .collect();
             let kl_ref = &kl;
-            let bf = job.bf16_compute;
             let rs2 = rs.clone();
-            let sel = select_by(
+            let sel = select_rest(
                 ctx,
                 ctl,
                 false,
                 false,
                 |a, s, m, buf| importance(a, len, kl_ref, bf, &s.base[..m], &s.srcs[0][..m], buf),
+                hist,
+                zeros,
                 move |_h, _nz| rs2,
             )?;
             let mut q = [0f32; 3];
@@ -1313,7 +1432,8 @@ fn min_importance(ctx: &Ctx, ctl: &Control, len: usize, kl: &[f32]) -> Result<f3
     .map(|(m, _)| m)
 }
 
-/// arcee_fusion's importance |p − b|·KL_row of elements a.. (f32, as torch computes it).
+/// arcee_fusion's importance |p − b|·KL_row of elements a.. (f32, as torch computes it), row
+/// segment by row segment.
 fn importance(
     a: usize,
     len: usize,
@@ -1323,14 +1443,39 @@ fn importance(
     p: &[f32],
     out: &mut Vec<f32>,
 ) {
+    let m = b.len();
     out.clear();
-    out.extend(b.iter().zip(p).enumerate().map(|(j, (&y, &x))| {
-        if bf {
-            rb(rb(x - y).abs() * kl[(a + j) / len])
-        } else {
-            (x - y).abs() * kl[(a + j) / len]
+    out.resize(m, 0.0);
+    let mut j = 0;
+    while j < m {
+        let r = (a + j) / len;
+        let end = ((r + 1) * len - a).min(m);
+        importance_into(kl[r], bf, &b[j..end], &p[j..end], &mut out[j..end]);
+        j = end;
+    }
+}
+
+/// The importances of one row (KL `k`) into `out`.
+fn importance_row(k: f32, bf: bool, b: &[f32], p: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    if bf {
+        out.extend(b.iter().zip(p).map(|(&y, &x)| rb(rb(x - y).abs() * k)));
+    } else {
+        out.extend(b.iter().zip(p).map(|(&y, &x)| (x - y).abs() * k));
+    }
+}
+
+fn importance_into(k: f32, bf: bool, b: &[f32], p: &[f32], out: &mut [f32]) {
+    let seg = out.iter_mut().zip(b).zip(p);
+    if bf {
+        for ((o, &y), &x) in seg {
+            *o = rb(rb(x - y).abs() * k);
         }
-    }));
+    } else {
+        for ((o, &y), &x) in seg {
+            *o = (x - y).abs() * k;
+        }
+    }
 }
 
 /// One chunk: raw θ in `srcs` (and `base`), result in `out`.
@@ -1408,16 +1553,29 @@ pub(crate) fn compute(
             // bf16 compute: r(p − b) times the (float32) mask, added to b in f32 (mergekit's mask
             // promotes the result to float32; the output dtype rounds it)
             let bf = job.bf16_compute;
-            for j in 0..m {
-                let (b0, p) = (base[j], srcs[0][j]);
-                let d = if bf { rb(p - b0) } else { p - b0 };
-                let imp = if bf {
-                    rb(d.abs() * kl[(a + j) / row_len])
+            let mut j = 0;
+            while j < m {
+                let r = (a + j) / row_len;
+                let end = ((r + 1) * row_len - a).min(m);
+                let k = kl[r];
+                let seg = out[j..end]
+                    .iter_mut()
+                    .zip(&base[j..end])
+                    .zip(&srcs[0][j..end]);
+                if bf {
+                    for ((o, &b0), &p) in seg {
+                        let d = rb(p - b0);
+                        let mask = if rb(d.abs() * k) >= *thr { 1.0f32 } else { 0.0 };
+                        *o = b0 + d * mask;
+                    }
                 } else {
-                    d.abs() * kl[(a + j) / row_len]
-                };
-                let mask = if imp >= *thr { 1.0f32 } else { 0.0 };
-                out[j] = b0 + d * mask;
+                    for ((o, &b0), &p) in seg {
+                        let d = p - b0;
+                        let mask = if d.abs() * k >= *thr { 1.0f32 } else { 0.0 };
+                        *o = b0 + d * mask;
+                    }
+                }
+                j = end;
             }
         }
         _ => unreachable!("methods_sph kernel without its statistics"),

@@ -12,6 +12,7 @@ pub mod methods_sph;
 pub mod plan;
 pub mod rng;
 pub mod select;
+pub mod vmath;
 
 use std::cell::RefCell;
 use std::path::PathBuf;
