@@ -515,42 +515,71 @@ impl TorchNorm {
 }
 
 /// One pass over the whole tensor whose results are folded in element order (for torch's
-/// sequential float32 norm): batches of spans are loaded and mapped by `f` in parallel, then
-/// `fold(first element, result)` is called span by span in order. The result does not depend on
-/// the thread count (the batch size only bounds the memory held: threads × one span's results).
-fn ordered_pass<T, F, G>(ctx: &Ctx, ctl: &Control, deltas: bool, f: F, mut fold: G) -> Result<()>
+/// sequential float32 norm): batches of spans are loaded and mapped by `f` in parallel, each into
+/// `k` span buffers (reused: no allocation per span) and a small result, then
+/// `fold(first element, result, buffers)` is called span by span in order; the fold of one batch
+/// runs while the next batch is mapped. The result does not depend on the thread count (the batch
+/// size only bounds the memory held: 2 × batch × k span buffers).
+fn ordered_pass<T, F, G>(
+    ctx: &Ctx,
+    ctl: &Control,
+    deltas: bool,
+    k: usize,
+    f: F,
+    mut fold: G,
+) -> Result<()>
 where
     T: Send,
-    F: Fn(&[Vec<f32>], usize) -> T + Sync + Send,
-    G: FnMut(usize, T),
+    F: Fn(&[Vec<f32>], usize, &mut [Vec<f32>]) -> T + Sync + Send,
+    G: FnMut(usize, T, &[Vec<f32>]) + Send,
 {
+    type Slots<T> = Vec<(Vec<Vec<f32>>, Option<T>)>;
     let n = ctx.job.numel;
     let nsrc = ctx.job.sources.len();
     let nsp = n.div_ceil(SPAN);
-    let batch = rayon::current_num_threads().max(1);
-    let mut s0 = 0;
-    while s0 < nsp {
+    let batch = 2 * rayon::current_num_threads().max(1);
+    let slots = || -> Slots<T> { (0..batch).map(|_| (vec![Vec::new(); k], None)).collect() };
+    let (mut cur, mut prev) = (slots(), slots());
+    let map = |s0: usize, cur: &mut Slots<T>| {
         let s1 = (s0 + batch).min(nsp);
-        let parts: Vec<Option<T>> = (s0..s1)
-            .into_par_iter()
-            .map(|sp| {
+        cur[..s1 - s0]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(i, (bufs, t))| {
                 if ctl.check().is_err() {
-                    return None;
+                    return;
                 }
+                let sp = s0 + i;
                 let (a, b) = (sp * SPAN, ((sp + 1) * SPAN).min(n));
-                Some(with_scratch(nsrc, SPAN, |s| {
+                *t = Some(with_scratch(nsrc, SPAN, |s| {
                     load_range(ctx, a, b, deltas, &mut s.base, &mut s.srcs);
-                    f(&s.srcs, b - a)
-                }))
-            })
-            .collect();
+                    f(&s.srcs, b - a, bufs)
+                }));
+            });
+    };
+    let mut folded: Option<usize> = None;
+    let mut s0 = 0;
+    while s0 < nsp || folded.is_some() {
+        rayon::join(
+            || {
+                if s0 < nsp {
+                    map(s0, &mut cur)
+                }
+            },
+            || {
+                if let Some(p0) = folded {
+                    for (i, (bufs, t)) in prev.iter_mut().enumerate() {
+                        if let Some(t) = t.take() {
+                            fold((p0 + i) * SPAN, t, bufs);
+                        }
+                    }
+                }
+            },
+        );
         ctl.check()?;
-        for (k, p) in parts.into_iter().enumerate() {
-            if let Some(p) = p {
-                fold((s0 + k) * SPAN, p);
-            }
-        }
-        s0 = s1;
+        std::mem::swap(&mut cur, &mut prev);
+        folded = (s0 < nsp).then_some(s0);
+        s0 += batch;
     }
     Ok(())
 }
@@ -600,6 +629,7 @@ fn rr<const B: bool>(x: f32) -> f32 {
 /// (the unnormalised weighted mean of the unit vectors); with `stage` ≥ 1 mean = r(raw / mn); with
 /// `stage` ≥ 2 tr = r(Σ_i r(r(u_i − r(dots_i·mean))·w_i)) (the weighted tangent).
 #[allow(clippy::needless_range_loop)]
+#[inline(always)]
 fn ms_span<const B: bool>(
     v: &[Vec<f32>],
     m: usize,
@@ -646,6 +676,7 @@ fn ms_span<const B: bool>(
 /// One span of multislerp's output (before the output dtype): r(r(r(mean·cos tn) + r(tr·sin_tn))
 /// · avg) (+ base: r(… + b)); the linear fallback r(r(v₀w₀) + r(v₁w₁)) when `st.mn` is 0.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn ms_out<const B: bool>(
     srcs: &[Vec<f32>],
     base: &[f32],
@@ -691,14 +722,110 @@ fn ms_out<const B: bool>(
     }
 }
 
-/// Dispatch of `ms_span` on the compute dtype.
-fn ms_span_dyn(v: &[Vec<f32>], m: usize, st: &MsBf16, stage: u8, bufs: &mut [Vec<f32>; 3]) {
-    let [raw, mean, tr] = bufs;
-    if st.bf16 {
-        ms_span::<true>(v, m, st, stage, raw, mean, tr)
-    } else {
-        ms_span::<false>(v, m, st, stage, raw, mean, tr)
+/// Dispatch of `ms_out` on the compute dtype (and AVX2 where the CPU has it).
+#[allow(clippy::too_many_arguments)]
+fn ms_out_dyn(
+    srcs: &[Vec<f32>],
+    base: &[f32],
+    m: usize,
+    deltas: bool,
+    st: &MsBf16,
+    v: &mut Vec<Vec<f32>>,
+    bufs: &mut [Vec<f32>; 3],
+    out: &mut [f32],
+) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn go(
+        srcs: &[Vec<f32>],
+        base: &[f32],
+        m: usize,
+        deltas: bool,
+        st: &MsBf16,
+        v: &mut Vec<Vec<f32>>,
+        bufs: &mut [Vec<f32>; 3],
+        out: &mut [f32],
+    ) {
+        if st.bf16 {
+            ms_out::<true>(srcs, base, m, deltas, st, v, bufs, out)
+        } else {
+            ms_out::<false>(srcs, base, m, deltas, st, v, bufs, out)
+        }
     }
+    crate::dtype::avx2_dispatch!(
+        go,
+        go_avx2,
+        (
+            srcs: &[Vec<f32>],
+            base: &[f32],
+            m: usize,
+            deltas: bool,
+            st: &MsBf16,
+            v: &mut Vec<Vec<f32>>,
+            bufs: &mut [Vec<f32>; 3],
+            out: &mut [f32]
+        )
+    )
+}
+
+/// Dispatch of `ms_span` on the compute dtype (and AVX2 where the CPU has it).
+fn ms_span_dyn(
+    v: &[Vec<f32>],
+    m: usize,
+    st: &MsBf16,
+    stage: u8,
+    raw: &mut Vec<f32>,
+    mean: &mut Vec<f32>,
+    tr: &mut Vec<f32>,
+) {
+    #[inline(always)]
+    fn go(
+        v: &[Vec<f32>],
+        m: usize,
+        st: &MsBf16,
+        stage: u8,
+        raw: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        tr: &mut Vec<f32>,
+    ) {
+        if st.bf16 {
+            ms_span::<true>(v, m, st, stage, raw, mean, tr)
+        } else {
+            ms_span::<false>(v, m, st, stage, raw, mean, tr)
+        }
+    }
+    crate::dtype::avx2_dispatch!(
+        go,
+        go_avx2,
+        (
+            v: &[Vec<f32>],
+            m: usize,
+            st: &MsBf16,
+            stage: u8,
+            raw: &mut Vec<f32>,
+            mean: &mut Vec<f32>,
+            tr: &mut Vec<f32>
+        )
+    )
+}
+
+/// Σ_j f64(x_j / q)·f64(y_j) (multislerp's ⟨u_i, raw⟩ over a span) in 8 f64 lanes, fixed order.
+fn unit_dot(x: &[f32], q: f32, y: &[f32]) -> f64 {
+    #[inline(always)]
+    fn go(x: &[f32], q: f32, y: &[f32]) -> f64 {
+        let mut l = [0f64; 8];
+        let (mut ix, mut iy) = (x.chunks_exact(8), y.chunks_exact(8));
+        for (a, b) in (&mut ix).zip(&mut iy) {
+            for k in 0..8 {
+                l[k] += (a[k] / q) as f64 * b[k] as f64;
+            }
+        }
+        for (k, (&a, &b)) in ix.remainder().iter().zip(iy.remainder()).enumerate() {
+            l[k] += (a / q) as f64 * b as f64;
+        }
+        ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+    }
+    crate::dtype::avx2_dispatch!(go, go_avx2, (x: &[f32], q: f32, y: &[f32]) -> f64)
 }
 
 /// mergekit's multislerp scalars (bf16 or float32 compute): ordered passes for the sources'
@@ -716,9 +843,15 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         ctx,
         ctl,
         deltas,
-        |v, m| (0..n).map(|i| v[i][..m].to_vec()).collect::<Vec<_>>(),
-        |a, vals| {
-            for (l, x) in lanes.iter_mut().zip(&vals) {
+        n,
+        |v, m, bufs| {
+            for (b, x) in bufs.iter_mut().zip(v) {
+                b.clear();
+                b.extend_from_slice(&x[..m]);
+            }
+        },
+        |a, (), vals| {
+            for (l, x) in lanes.iter_mut().zip(vals) {
                 l.add(a, x);
             }
         },
@@ -749,27 +882,22 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         ctx,
         ctl,
         deltas,
-        |v, m| {
-            let mut bufs: [Vec<f32>; 3] = Default::default();
-            ms_span_dyn(v, m, s0, 0, &mut bufs);
-            let sums: Vec<f64> = if bf16 {
+        1,
+        |v, m, bufs| {
+            MS_BUFS.with(|c| {
+                let (_, [_, mean, tr]) = &mut *c.borrow_mut();
+                ms_span_dyn(v, m, s0, 0, &mut bufs[0], mean, tr);
+            });
+            if bf16 {
                 Vec::new()
             } else {
                 (0..n)
-                    .map(|i| {
-                        let q = s0.normq[i];
-                        v[i][..m]
-                            .iter()
-                            .zip(&bufs[0])
-                            .map(|(&x, &y)| (x / q) as f64 * y as f64)
-                            .sum::<f64>()
-                    })
+                    .map(|i| unit_dot(&v[i][..m], s0.normq[i], &bufs[0]))
                     .collect()
-            };
-            (std::mem::take(&mut bufs[0]), sums)
+            }
         },
-        |a, (raw, sums)| {
-            ln.add(a, &raw);
+        |a, sums, bufs| {
+            ln.add(a, &bufs[0]);
             for (u, x) in ur.iter_mut().zip(sums) {
                 *u += x;
             }
@@ -791,16 +919,18 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         // dots_i = r(Σ r(u_i·mean)) (torch's float32 sum; here in f64, then rounded)
         let s1 = &st;
         let dots = span_sums(ctx, ctl, deltas, n, |v, m, acc| {
-            let mut bufs: [Vec<f32>; 3] = Default::default();
-            ms_span_dyn(v, m, s1, 1, &mut bufs);
-            for i in 0..n {
-                let q = s1.normq[i];
-                acc[i] += v[i][..m]
-                    .iter()
-                    .zip(&bufs[1])
-                    .map(|(&x, &mu)| rb(rb(x / q) * mu) as f64)
-                    .sum::<f64>();
-            }
+            MS_BUFS.with(|c| {
+                let (_, [raw, mean, tr]) = &mut *c.borrow_mut();
+                ms_span_dyn(v, m, s1, 1, raw, mean, tr);
+                for i in 0..n {
+                    let q = s1.normq[i];
+                    acc[i] += v[i][..m]
+                        .iter()
+                        .zip(mean.iter())
+                        .map(|(&x, &mu)| rb(rb(x / q) * mu) as f64)
+                        .sum::<f64>();
+                }
+            });
         })?;
         st.dots = dots.iter().map(|&x| rb(x as f32)).collect();
     } else {
@@ -814,12 +944,14 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         ctx,
         ctl,
         deltas,
-        |v, m| {
-            let mut bufs: [Vec<f32>; 3] = Default::default();
-            ms_span_dyn(v, m, s2, 2, &mut bufs);
-            std::mem::take(&mut bufs[2])
+        1,
+        |v, m, bufs| {
+            MS_BUFS.with(|c| {
+                let (_, [raw, mean, _]) = &mut *c.borrow_mut();
+                ms_span_dyn(v, m, s2, 2, raw, mean, &mut bufs[0]);
+            });
         },
-        |a, tr| lt.add(a, &tr),
+        |a, (), bufs| lt.add(a, &bufs[0]),
     )?;
     let tn = r(r(lt.norm()) + eps);
     st.cos_tn = r(tn.cos());
@@ -1542,11 +1674,7 @@ pub(crate) fn compute(
         Stats::MultislerpBf16 { deltas, st } => {
             MS_BUFS.with(|c| {
                 let (v, bufs) = &mut *c.borrow_mut();
-                if st.bf16 {
-                    ms_out::<true>(srcs, base, m, *deltas, st, v, bufs, out);
-                } else {
-                    ms_out::<false>(srcs, base, m, *deltas, st, v, bufs, out);
-                }
+                ms_out_dyn(srcs, base, m, *deltas, st, v, bufs, out);
             });
         }
         Stats::Fusion { row_len, kl, thr } => {
