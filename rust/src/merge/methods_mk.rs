@@ -512,20 +512,24 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                             }
                             rule.apply(c, &mut var[..m]);
                         }
-                        for (i, a) in acc.iter_mut().enumerate() {
-                            let d = &s.srcs[i][..m];
-                            *a += d
-                                .iter()
-                                .enumerate()
-                                .filter(|&(j, _)| rule.is_none() || var[j] != 0.0)
-                                .map(|(_, &x)| {
-                                    if bf {
-                                        rb(x * x) as f64
-                                    } else {
-                                        x as f64 * x as f64
-                                    }
-                                })
-                                .sum::<f64>();
+                        let kept = if rule.is_some() {
+                            Some(&var[..m])
+                        } else {
+                            None
+                        };
+                        let mut i = 0;
+                        while i < nsrc {
+                            let pair = (i + 1 < nsrc).then(|| &s.srcs[i + 1][..m]);
+                            let (a0, a1) = if bf {
+                                sce_sq_sums::<true>(&s.srcs[i][..m], pair, kept)
+                            } else {
+                                sce_sq_sums::<false>(&s.srcs[i][..m], pair, kept)
+                            };
+                            acc[i] += a0;
+                            if pair.is_some() {
+                                acc[i + 1] += a1;
+                            }
+                            i += 2;
                         }
                     },
                     |(mut a, v), (b, _)| {
@@ -1136,8 +1140,22 @@ pub(crate) fn karcher_bf16(ctx: &Ctx, ctl: &Control) -> Result<KarcherBf16> {
     Ok(st)
 }
 
-/// One chunk: raw θ in `srcs` (and `base`), result in `out`.
+/// One chunk: raw θ in `srcs` (and `base`), result in `out`. Compiled for AVX2 too (dispatched at
+/// run time; the same IEEE operations, no FMA contraction).
 pub fn compute(
+    job: &Job,
+    stats: &Stats,
+    chunk: usize,
+    m: usize,
+    base: &[f32],
+    srcs: &[Vec<f32>],
+    out: &mut [f32],
+) {
+    crate::dtype::avx2_dispatch!(compute_generic, compute_avx2, (job: &Job, stats: &Stats, chunk: usize, m: usize, base: &[f32], srcs: &[Vec<f32>], out: &mut [f32]))
+}
+
+#[inline(always)]
+fn compute_generic(
     job: &Job,
     stats: &Stats,
     chunk: usize,
@@ -1294,6 +1312,52 @@ fn sce_mix<const BF: bool>(w: &[f32], dl: &[Vec<f32>], base: &[f32], out: &mut [
         }
         j0 += n;
     }
+}
+
+/// sce's per-chunk Σ δ² of one source `x` (and of a second one `y`, summed side by side in the
+/// same loop): f64, in element order; δ² is r(δ·δ) as f64 under bf16 compute, else the f64 square.
+/// With `kept` (the variances after the top-k rule), only elements whose entry is nonzero count:
+/// the others add +0.0, branch-free (the selection is irregular), which leaves the sums as they are
+/// (every term is ≥ +0.0).
+#[inline(always)]
+fn sce_sq_sums<const BF: bool>(x: &[f32], y: Option<&[f32]>, kept: Option<&[f32]>) -> (f64, f64) {
+    #[inline(always)]
+    fn sq<const BF: bool>(v: f32) -> f64 {
+        if BF {
+            rb(v * v) as f64
+        } else {
+            v as f64 * v as f64
+        }
+    }
+    let mask = |k: f32| 0u64.wrapping_sub(u64::from(k != 0.0));
+    let on = |t: f64, mk: u64| f64::from_bits(t.to_bits() & mk);
+    let (mut a0, mut a1) = (0f64, 0f64);
+    match (y, kept) {
+        (Some(y), Some(k)) => {
+            for ((&u, &v), &kk) in x.iter().zip(y).zip(k) {
+                let mk = mask(kk);
+                a0 += on(sq::<BF>(u), mk);
+                a1 += on(sq::<BF>(v), mk);
+            }
+        }
+        (Some(y), None) => {
+            for (&u, &v) in x.iter().zip(y) {
+                a0 += sq::<BF>(u);
+                a1 += sq::<BF>(v);
+            }
+        }
+        (None, Some(k)) => {
+            for (&u, &kk) in x.iter().zip(k) {
+                a0 += on(sq::<BF>(u), mask(kk));
+            }
+        }
+        (None, None) => {
+            for &u in x {
+                a0 += sq::<BF>(u);
+            }
+        }
+    }
+    (a0, a1)
 }
 
 /// Elements per block of `ram` (stack arrays of counts and sums).
