@@ -1358,15 +1358,34 @@ fn variances_generic(srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32
         let (mut mean, mut m2) = ([0f64; VBLOCK], [0f64; VBLOCK]);
         for (i, s) in srcs.iter().enumerate().take(nsrc) {
             let k = (i + 1) as f64;
-            for ((mu, q), &x) in mean[..n].iter_mut().zip(&mut m2[..n]).zip(&s[j0..j0 + n]) {
-                let x = x as f64;
-                let d = x - *mu;
-                *mu += d / k;
-                *q += d * (x - *mu);
+            let it = mean[..n].iter_mut().zip(&mut m2[..n]).zip(&s[j0..j0 + n]);
+            if (i + 1).is_power_of_two() {
+                // d / 2^j = d · 2^-j exactly (both the correctly rounded quotient)
+                let rk = 1.0 / k;
+                for ((mu, q), &x) in it {
+                    let x = x as f64;
+                    let d = x - *mu;
+                    *mu += d * rk;
+                    *q += d * (x - *mu);
+                }
+            } else {
+                for ((mu, q), &x) in it {
+                    let x = x as f64;
+                    let d = x - *mu;
+                    *mu += d / k;
+                    *q += d * (x - *mu);
+                }
             }
         }
-        for (o, &q) in o.iter_mut().zip(&m2[..n]) {
-            *o = (q / div) as f32;
+        if nsrc.max(1).is_power_of_two() {
+            let rdiv = 1.0 / div;
+            for (o, &q) in o.iter_mut().zip(&m2[..n]) {
+                *o = (q * rdiv) as f32;
+            }
+        } else {
+            for (o, &q) in o.iter_mut().zip(&m2[..n]) {
+                *o = (q / div) as f32;
+            }
         }
     }
 }
@@ -1917,5 +1936,49 @@ mod tests {
         let want = ((9.0 + 1.0 + 16.0) / 3.0f64) as f32;
         assert_eq!(v, vec![want, 0.0]);
         let _ = mean;
+    }
+
+    /// The blocked variances (which multiply by 1/k where k is a power of two) equal Welford's
+    /// update with divisions, element by element, bit for bit, for 1..6 sources.
+    #[test]
+    fn blocked_variances_equal_welford_with_divisions() {
+        let mut st = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            st
+        };
+        let m = 1000;
+        let srcs: Vec<Vec<f32>> = (0..6)
+            .map(|_| {
+                (0..m)
+                    .map(|j| {
+                        let r = next();
+                        match j % 5 {
+                            // tiny and subnormal deltas, exact ties, ordinary values
+                            0 => f32::from_bits((r as u32) & 0x807F_FFFF),
+                            1 => 0.5,
+                            _ => ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 1e-2,
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        for nsrc in 1..=6 {
+            let mut got = Vec::new();
+            variances(&srcs, nsrc, m, &mut got);
+            for j in 0..m {
+                let (mut mu, mut q) = (0f64, 0f64);
+                for (i, s) in srcs.iter().enumerate().take(nsrc) {
+                    let x = s[j] as f64;
+                    let d = x - mu;
+                    mu += d / (i + 1) as f64;
+                    q += d * (x - mu);
+                }
+                let want = (q / nsrc as f64) as f32;
+                assert_eq!(got[j].to_bits(), want.to_bits(), "nsrc {nsrc} element {j}");
+            }
+        }
     }
 }
