@@ -476,6 +476,15 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                         let row = (a + j) / row_len;
                         let end = ((row + 1) * row_len - a).min(m);
                         let slot = &mut acc[row * k..(row + 1) * k];
+                        if nsrc == 2 && !bf {
+                            // the pair's dot and both norms in one pass
+                            let [ab, aa, bb] = dot3(&s.srcs[0][j..end], &s.srcs[1][j..end]);
+                            slot[0] += ab;
+                            slot[1] += aa;
+                            slot[2] += bb;
+                            j = end;
+                            continue;
+                        }
                         let mut p = 0;
                         for x in 0..nsrc {
                             for y in x + 1..nsrc {
@@ -603,7 +612,13 @@ fn l1_kept_generic(d: &[f32], k: &KeepStream, a: u64) -> (f64, f64) {
 }
 
 /// ⟨a, b⟩ accumulated in f64 (used by slerp, model_stock and the task-vector analysis).
+/// Compiled for AVX2 too (dispatched at run time; the same operations in the same order).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
+    crate::dtype::avx2_dispatch!(dot_generic, dot_avx2, (a: &[f32], b: &[f32]) -> f64)
+}
+
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f64 {
     // Eight f64 lanes so the compiler can vectorise and rounding error stays small.
     let mut acc = [0f64; 8];
     let n8 = a.len() / 8 * 8;
@@ -615,6 +630,34 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
     let mut s: f64 = acc.iter().sum();
     for (x, y) in a[n8..].iter().zip(&b[n8..]) {
         s += *x as f64 * *y as f64;
+    }
+    s
+}
+
+/// [⟨a, b⟩, ⟨a, a⟩, ⟨b, b⟩] in one pass over a and b, each exactly as `dot` computes it (its eight
+/// f64 lanes, their sum, then the tail in order).
+pub(crate) fn dot3(a: &[f32], b: &[f32]) -> [f64; 3] {
+    crate::dtype::avx2_dispatch!(dot3_generic, dot3_avx2, (a: &[f32], b: &[f32]) -> [f64; 3])
+}
+
+#[inline(always)]
+fn dot3_generic(a: &[f32], b: &[f32]) -> [f64; 3] {
+    let (mut ab, mut aa, mut bb) = ([0f64; 8], [0f64; 8], [0f64; 8]);
+    let n8 = a.len().min(b.len()) / 8 * 8;
+    for (x, y) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+        for l in 0..8 {
+            let (u, v) = (x[l] as f64, y[l] as f64);
+            ab[l] += u * v;
+            aa[l] += u * u;
+            bb[l] += v * v;
+        }
+    }
+    let mut s: [f64; 3] = [ab.iter().sum(), aa.iter().sum(), bb.iter().sum()];
+    for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+        let (u, v) = (*x as f64, *y as f64);
+        s[0] += u * v;
+        s[1] += u * u;
+        s[2] += v * v;
     }
     s
 }
@@ -1028,4 +1071,29 @@ fn vec_take(m: usize) -> Vec<f32> {
 
 fn vec_give(v: Vec<f32>) {
     AUX.with(|a| a.borrow_mut().push(v));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot3_equals_three_dots_bit_for_bit() {
+        let mut st = 5u64;
+        let mut next = move || {
+            st = super::super::rng::mix64(st);
+            // mixed magnitudes, so the order of the additions matters
+            let r = st;
+            ((r % 2001) as f32 - 1000.0) * 10f32.powi((r >> 20) as i32 % 7 - 3)
+        };
+        for n in [0usize, 1, 7, 8, 9, 63, 1000, 4099] {
+            let a: Vec<f32> = (0..n).map(|_| next()).collect();
+            let b: Vec<f32> = (0..n).map(|_| next()).collect();
+            let got = dot3(&a, &b);
+            let want = [dot(&a, &b), dot(&a, &a), dot(&b, &b)];
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.to_bits(), w.to_bits(), "n={n}");
+            }
+        }
+    }
 }
