@@ -1096,19 +1096,9 @@ fn kl_row(p: &[f32], b: &[f32]) -> f32 {
 
 /// `kl_row` of finite rows from the row buffers `ep` = p − max p, `eq` = b − max b (f64).
 fn kl_row_finite(ep: &mut [f64], eq: &mut [f64]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn kl_row_finite_avx512(ep: &mut [f64], eq: &mut [f64]) -> f32 {
-            kl_row_finite_generic(ep, eq)
-        }
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { kl_row_finite_avx512(ep, eq) };
-        }
-    }
-    crate::dtype::avx2_dispatch!(
+    vmath::avx512_dispatch!(
         kl_row_finite_generic,
+        kl_row_finite_avx512,
         kl_row_finite_avx2,
         (ep: &mut [f64], eq: &mut [f64]) -> f32
     )
@@ -1338,8 +1328,9 @@ where
 /// Population variance of the task vectors at each element (as torch.var(unbiased=False) over the
 /// stacked task vectors: Welford's update in f64, rounded to f32).
 pub(crate) fn variances(srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32>) {
-    crate::dtype::avx2_dispatch!(
+    vmath::avx512_dispatch!(
         variances_generic,
+        variances_avx512,
         variances_avx2,
         (srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32>)
     );
@@ -1351,10 +1342,10 @@ fn variances_generic(srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32
     // same operations as one element at a time) vectorise
     const VBLOCK: usize = 256;
     out.clear();
-    out.resize(m, 0.0);
+    out.reserve(m);
     let div = nsrc.max(1) as f64;
-    for (j0, o) in (0..m).step_by(VBLOCK).zip(out.chunks_mut(VBLOCK)) {
-        let n = o.len();
+    for j0 in (0..m).step_by(VBLOCK) {
+        let n = VBLOCK.min(m - j0);
         let (mut mean, mut m2) = ([0f64; VBLOCK], [0f64; VBLOCK]);
         for (i, s) in srcs.iter().enumerate().take(nsrc) {
             let k = (i + 1) as f64;
@@ -1379,13 +1370,9 @@ fn variances_generic(srcs: &[Vec<f32>], nsrc: usize, m: usize, out: &mut Vec<f32
         }
         if nsrc.max(1).is_power_of_two() {
             let rdiv = 1.0 / div;
-            for (o, &q) in o.iter_mut().zip(&m2[..n]) {
-                *o = (q * rdiv) as f32;
-            }
+            out.extend(m2[..n].iter().map(|&q| (q * rdiv) as f32));
         } else {
-            for (o, &q) in o.iter_mut().zip(&m2[..n]) {
-                *o = (q / div) as f32;
-            }
+            out.extend(m2[..n].iter().map(|&q| (q / div) as f32));
         }
     }
 }

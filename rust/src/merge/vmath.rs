@@ -13,6 +13,31 @@
 //! m in [√½, √2), f = m − 1, s = f/(2 + f), ln(1 + f) = f − (f²/2 − s·(f²/2 + R(s²))) with R the
 //! series 2s²/3 + 2s⁴/5 + … to s²⁰ (the next term is < 1e-18 relative).
 
+/// Like `crate::dtype::avx2_dispatch!`, with an AVX-512F build tried first (the same IEEE
+/// operations in wider vectors: results identical to the generic build's).
+macro_rules! avx512_dispatch {
+    ($generic:ident, $avx512:ident, $avx2:ident, ($($arg:ident : $ty:ty),*)) => {
+        crate::merge::vmath::avx512_dispatch!($generic, $avx512, $avx2, ($($arg: $ty),*) -> ())
+    };
+    ($generic:ident, $avx512:ident, $avx2:ident, ($($arg:ident : $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn $avx512($($arg: $ty),*) -> $ret {
+            $generic($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above).
+            return unsafe { $avx512($($arg),*) };
+        }
+        crate::dtype::avx2_dispatch!($generic, $avx2, ($($arg: $ty),*) -> $ret)
+    }};
+}
+pub(crate) use avx512_dispatch;
+
 /// ln 2 split so that k·LN2_HI is exact for |k| < 2^20 (the low 21 bits of LN2_HI are zero).
 const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
 /// ln 2 − LN2_HI to f64 precision.
@@ -110,13 +135,18 @@ pub fn ln_pos_inline(v: &mut [f64]) {
 /// e^x in place, for x ≤ 0 (or NaN → NaN, −∞ → 0); x < −708 gives 0.
 pub fn exp_nonpos(v: &mut [f64]) {
     debug_assert!(v.iter().all(|&x| x.is_nan() || x <= 0.0));
-    crate::dtype::avx2_dispatch!(exp_nonpos_inline, exp_nonpos_avx2, (v: &mut [f64]));
+    avx512_dispatch!(
+        exp_nonpos_inline,
+        exp_nonpos_avx512,
+        exp_nonpos_avx2,
+        (v: &mut [f64])
+    );
 }
 
 /// ln y in place, for positive normal finite y (what arcee_fusion's ratios of f32 probabilities
 /// ≥ 1e-8 are); other arguments give unspecified values.
 pub fn ln_pos(v: &mut [f64]) {
-    crate::dtype::avx2_dispatch!(ln_pos_inline, ln_pos_avx2, (v: &mut [f64]));
+    avx512_dispatch!(ln_pos_inline, ln_pos_avx512, ln_pos_avx2, (v: &mut [f64]));
 }
 
 /// Σ v in a fixed order: 8 lane sums (element j into lane j mod 8, in index order), combined as
