@@ -39,6 +39,13 @@ pub enum Stats {
         k: usize,
         c: Vec<f32>,
     },
+    /// nuslerp under float32 compute over the whole flattened tensor: mergekit's float32 scalars
+    /// [sin((1 − t)θ), sin(tθ), sin θ] (colinear: [1 − t, t, 1]); out = (s₀·v₀ + s₁·v₁) / s₂ in
+    /// mergekit's order (+ θ_b with `deltas`).
+    NuslerpF32 {
+        deltas: bool,
+        s: [f32; 3],
+    },
     /// nuslerp under bf16 compute: per vector [n₀, n₁, s₀, s₁, sin θ, colinear] (methods_sph.rs).
     NuslerpBf16 {
         groups: super::methods_sph::Groups,
@@ -466,6 +473,36 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
             // bf16 compute (deltas already rounded): the dot products sum the rounded products
             // r(δ_x·δ_y), the norms sum the squares unrounded (torch's norm accumulates in f32)
             let bf = job.bf16_compute;
+            if !bf && nrows <= 1 {
+                // float32 compute over the whole tensor: the norms are torch's float32 ones (8
+                // sequential lanes; on the 0.84B bench trio 2.6e-4 low on 4M-element task vectors,
+                // 0.23% on 65M), not exact ones: t ≈ 2·cos moves with them (59008 f32 ulps on the
+                // embedding), and with it the elements where t·mean and (1 − t)·base cancel. The
+                // dot stays exact (torch's pairwise float32 sum is within 1e-6 of it).
+                let (tn, dots) = super::methods_sph::torch_norms_and_dots(ctx, ctl, true)?;
+                let nf = nsrc as f32;
+                let mut sum = 0f32;
+                let mut p = 0;
+                for x in 0..nsrc {
+                    for y in x + 1..nsrc {
+                        let np = tn[x] * tn[y];
+                        sum += ((dots[p] as f32) / np.max(1e-6)).clamp(-1.0, 1.0);
+                        p += 1;
+                    }
+                }
+                let cos = sum / npairs as f32;
+                // mergekit keeps the base where 1 + (n − 1)·cos vanishes
+                let den = 1.0 + (nf - 1.0) * cos;
+                let t = if den.abs() < 1e-6 {
+                    0.0
+                } else {
+                    (nf * cos) / den
+                };
+                return Ok(Stats::Stock {
+                    row_len,
+                    t: vec![t],
+                });
+            }
             let acc = ctx.fold(
                 ctl,
                 true,

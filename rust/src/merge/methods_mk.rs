@@ -19,7 +19,8 @@
 //! - karcher (`max_iter`, `tol`, no base): the weighted Karcher mean (equal weights) of the sources'
 //!   directions on the unit sphere, scaled by the mean of their norms. Every iterate is a linear
 //!   combination of the sources, so the iteration runs on the coefficient vector with the Gram
-//!   matrix ⟨θ_i, θ_j⟩ (one f64 pass); the output is Σ c_i·θ_i. Under bf16 compute the iteration
+//!   matrix ⟨θ_i, θ_j⟩ (f64) and mergekit's float32 norms of the sources and of the initial mean
+//!   (two ordered passes, `karcher_f32_scalars`); the output is Σ c_i·θ_i. Under bf16 compute the iteration
 //!   is mergekit's bf16 one, op by op (`karcher_bf16`): its iterate is rounded every step, so each
 //!   pass replays every element's trajectory from the sources and the per-step scalars.
 
@@ -559,42 +560,14 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
         Kernel::Karcher if job.bf16_compute && nsrc > 1 => {
             Ok(Stats::KarcherBf16(Box::new(karcher_bf16(ctx, ctl)?)))
         }
+        Kernel::Karcher if nsrc == 1 => Ok(Stats::Dare(vec![1.0])),
         Kernel::Karcher => {
-            let k = nsrc * (nsrc + 1) / 2;
-            let g = ctx.fold(
-                ctl,
-                false,
-                || vec![0f64; k],
-                |acc, _c, _a, s, m| {
-                    let mut p = 0;
-                    for x in 0..nsrc {
-                        for y in x..nsrc {
-                            acc[p] += super::kernels::dot(&s.srcs[x][..m], &s.srcs[y][..m]);
-                            p += 1;
-                        }
-                    }
-                },
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                },
-            )?;
-            let mut gram = vec![0f64; nsrc * nsrc];
-            let mut p = 0;
-            for x in 0..nsrc {
-                for y in x..nsrc {
-                    gram[x * nsrc + y] = g[p];
-                    gram[y * nsrc + x] = g[p];
-                    p += 1;
-                }
-            }
             // capped so that a hostile plan cannot keep a worker busy for ever
             let max_iter = num(job, "max_iter", 10.0).clamp(0.0, 10_000.0) as usize;
             let tol = num(job, "tol", 1e-5);
+            let (gram, norms, mean_norm) = karcher_f32_scalars(ctx, ctl, tol)?;
             Ok(Stats::Dare(
-                karcher_coefficients(&gram, nsrc, max_iter, tol)
+                karcher_coefficients_with(&gram, nsrc, &norms, Some(mean_norm), max_iter, tol)
                     .into_iter()
                     .map(|c| c as f32)
                     .collect(),
@@ -604,9 +577,108 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
     }
 }
 
-/// Coefficients c with Karcher mean · scale = Σ c_i θ_i, from the Gram matrix of the θ_i.
+/// Coefficients c with Karcher mean · scale = Σ c_i θ_i, from the Gram matrix of the θ_i, in
+/// exact arithmetic (exact norms).
 pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -> Vec<f64> {
     let norms: Vec<f64> = (0..n).map(|i| gram[i * n + i].max(0.0).sqrt()).collect();
+    karcher_coefficients_with(gram, n, &norms, None, max_iter, tol)
+}
+
+/// The Gram matrix (f64, symmetric n × n), the sources' norms as torch's float32 `vector_norm`
+/// gives them (`Lanes`) and torch's float32 norm of mergekit's float32 initial mean
+/// Σ f32(α_i)·(θ_i / norm_i) (α_i = 1/N over the sources whose norm exceeds tol): two ordered
+/// passes over the float32 (unrounded) sources. mergekit 0.1.5 iterates on whole float32 tensors;
+/// these norms are not the exact ones (on the 0.84B bench trio 3e-5 high on 4M-element tensors,
+/// 1.7e-4 low on 11M, 0.58% low on 65M), so its units and its mean are not of length 1, which decides
+/// how its iteration runs: each dot ⟨mean, u_i⟩ carries the length error, the tangent gets a radial
+/// part (its norm 1.6e-4–6e-4 where the exact tangent norm is 8.6e-6 < tol, so mergekit keeps
+/// stepping towards the Karcher mean where the exact iteration stops at once), and where the norms
+/// are low enough every dot exceeds 1, is clamped, θ = 0, no step is taken.
+#[allow(clippy::type_complexity)]
+fn karcher_f32_scalars(ctx: &Ctx, ctl: &Control, tol: f64) -> Result<(Vec<f64>, Vec<f64>, f64)> {
+    let job = ctx.job;
+    let nsrc = job.sources.len();
+    let k = nsrc * (nsrc + 1) / 2;
+    let mut g = vec![0f64; k];
+    let mut lanes: Vec<Lanes> = (0..nsrc).map(|_| Lanes::new(job.numel)).collect();
+    karcher_pass_with(
+        ctx,
+        ctl,
+        false,
+        |_a, m, srcs| {
+            let mut part = vec![0f64; k];
+            let mut p = 0;
+            for x in 0..nsrc {
+                for y in x..nsrc {
+                    part[p] = super::kernels::dot(&srcs[x][..m], &srcs[y][..m]);
+                    p += 1;
+                }
+            }
+            let vals: Vec<Vec<f32>> = (0..nsrc).map(|i| srcs[i][..m].to_vec()).collect();
+            (part, vals)
+        },
+        |a, (part, vals)| {
+            for (x, y) in g.iter_mut().zip(&part) {
+                *x += y;
+            }
+            for (l, v) in lanes.iter_mut().zip(&vals) {
+                l.add(a, v);
+            }
+        },
+    )?;
+    let mut gram = vec![0f64; nsrc * nsrc];
+    let mut p = 0;
+    for x in 0..nsrc {
+        for y in x..nsrc {
+            gram[x * nsrc + y] = g[p];
+            gram[y * nsrc + x] = g[p];
+            p += 1;
+        }
+    }
+    let norms: Vec<f32> = lanes.iter().map(|l| l.norm()).collect();
+    let valid: Vec<usize> = (0..nsrc).filter(|&i| norms[i] as f64 > tol).collect();
+    let asum = valid.iter().fold(0f64, |s, _| s + 1.0 / nsrc as f64);
+    let a32 = ((1.0 / nsrc as f64) / asum) as f32;
+    let mut ml = Lanes::new(job.numel);
+    if !valid.is_empty() {
+        karcher_pass_with(
+            ctx,
+            ctl,
+            false,
+            |_a, m, srcs| {
+                let mut mean = vec![0f32; m];
+                for &i in &valid {
+                    let q = norms[i];
+                    for (o, &x) in mean.iter_mut().zip(&srcs[i][..m]) {
+                        *o += a32 * (x / q);
+                    }
+                }
+                mean
+            },
+            |a, v| ml.add(a, &v),
+        )?;
+    }
+    Ok((
+        gram,
+        norms.iter().map(|&x| x as f64).collect(),
+        ml.norm() as f64,
+    ))
+}
+
+/// karcher's coefficients (see `karcher_coefficients`) with given source norms (units u_i =
+/// θ_i / norms_i, so ⟨u_i, u_j⟩ = G_ij / (norms_i·norms_j), and scale Σ α_i·norms_i) and, with
+/// `mean_norm`, the given norm of the initial mean Σ α_i·u_i (mergekit's float32 ones: see
+/// `karcher_f32_scalars`; the weights are then the float32 α_i). Everything else is exact: with
+/// torch's norms the iteration takes mergekit's steps (it converges within two), and on the 0.84B
+/// bench trio no element is then more than 1 bf16 ulp from mergekit's beyond float32 noise.
+pub fn karcher_coefficients_with(
+    gram: &[f64],
+    n: usize,
+    norms: &[f64],
+    mean_norm: Option<f64>,
+    max_iter: usize,
+    tol: f64,
+) -> Vec<f64> {
     if n == 1 {
         return vec![1.0];
     }
@@ -635,9 +707,13 @@ pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -
     };
     let mut mean = vec![0f64; n];
     for &i in &valid {
-        mean[i] = alphas[i] / asum;
+        mean[i] = if mean_norm.is_some() {
+            (alphas[i] / asum) as f32 as f64
+        } else {
+            alphas[i] / asum
+        };
     }
-    let mn = dot_vv(&mean, &mean).max(0.0).sqrt();
+    let mn = mean_norm.unwrap_or_else(|| dot_vv(&mean, &mean).max(0.0).sqrt());
     if mn < tol {
         mean = vec![0.0; n];
         mean[valid[0]] = 1.0;
@@ -672,7 +748,12 @@ pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -
             mean.iter_mut().for_each(|x| *x /= un);
         }
     }
-    let scale: f64 = (0..n).map(|i| alphas[i] * norms[i]).sum();
+    let scale: f64 = if mean_norm.is_some() {
+        // Σ f32(α_i)·norm_i in float32 (mergekit's 0-dim tensors)
+        (0..n).fold(0f32, |s, i| s + (alphas[i] as f32) * (norms[i] as f32)) as f64
+    } else {
+        (0..n).map(|i| alphas[i] * norms[i]).sum()
+    };
     (0..n)
         .map(|i| {
             if norms[i] > 0.0 {
@@ -975,7 +1056,23 @@ fn karcher_span(
 /// One pass over the tensor in fixed spans: `per_span` runs in parallel on batches of spans
 /// (sources loaded and rounded to bf16), `fold` receives the results in element order, so the
 /// outcome does not depend on the thread count; memory: a batch of spans.
-fn karcher_pass<T, F, G>(ctx: &Ctx, ctl: &Control, per_span: F, mut fold: G) -> Result<()>
+fn karcher_pass<T, F, G>(ctx: &Ctx, ctl: &Control, per_span: F, fold: G) -> Result<()>
+where
+    T: Send,
+    F: Fn(usize, usize, &[Vec<f32>]) -> T + Sync + Send,
+    G: FnMut(usize, T),
+{
+    karcher_pass_with(ctx, ctl, true, per_span, fold)
+}
+
+/// `karcher_pass`, the sources rounded to bf16 only with `round` (bf16 compute).
+fn karcher_pass_with<T, F, G>(
+    ctx: &Ctx,
+    ctl: &Control,
+    round: bool,
+    per_span: F,
+    mut fold: G,
+) -> Result<()>
 where
     T: Send,
     F: Fn(usize, usize, &[Vec<f32>]) -> T + Sync + Send,
@@ -996,7 +1093,9 @@ where
                 super::with_scratch(nsrc, KSPAN, |s| {
                     for (i, &r) in job.sources.iter().enumerate() {
                         ctx.load(r, a, b, &mut s.srcs[i]);
-                        super::bf16::round_all(&mut s.srcs[i][..b - a]);
+                        if round {
+                            super::bf16::round_all(&mut s.srcs[i][..b - a]);
+                        }
                     }
                     per_span(a, b - a, &s.srcs)
                 })
@@ -1429,6 +1528,70 @@ mod tests {
         let c = karcher_coefficients(&gram, 2, 10, 1e-5);
         let h = std::f64::consts::FRAC_1_SQRT_2;
         assert!((c[0] - h).abs() < 1e-9 && (c[1] - h).abs() < 1e-9, "{c:?}");
+    }
+
+    /// Three unit directions about 0.1 rad apart, not symmetric: the normalised mean is not quite
+    /// their Karcher mean (the exact tangent norm at the start is below tol = 1e-5).
+    const G3: [f64; 9] = [1.0, 0.995, 0.9952, 0.995, 1.0, 0.9949, 0.9952, 0.9949, 1.0];
+
+    fn direction(c: &[f64]) -> Vec<f64> {
+        let n = 3;
+        let q: f64 = (0..n)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .map(|(i, j)| c[i] * c[j] * G3[i * n + j])
+            .sum();
+        c.iter().map(|x| x / q.sqrt()).collect()
+    }
+
+    #[test]
+    fn karcher_with_exact_norms_is_the_exact_iteration() {
+        let norms = [1.0; 3];
+        assert_eq!(
+            karcher_coefficients_with(&G3, 3, &norms, None, 10, 1e-5),
+            karcher_coefficients(&G3, 3, 10, 1e-5)
+        );
+    }
+
+    #[test]
+    fn karcher_with_float32_norms_steps_on_to_the_karcher_mean() {
+        // exact arithmetic stops at the normalised mean; iterated on (tol 1e-14) it moves
+        let stop = direction(&karcher_coefficients(&G3, 3, 10, 1e-5));
+        let conv = direction(&karcher_coefficients(&G3, 3, 50, 1e-14));
+        let moved = stop
+            .iter()
+            .zip(&conv)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(moved > 1e-7, "{stop:?} {conv:?}");
+        // torch's float32 norms 3e-5 high (as on the bench trio's 4M-element tensors): the units and
+        // the mean are 3e-5 short of length 1, the tangent's radial part keeps mergekit stepping
+        let b = 1.0 + 3e-5;
+        let norms = [b; 3];
+        let a = (1.0f64 / 3.0) as f32 as f64;
+        let raw: f64 = (0..9).map(|k| a * a * G3[k]).sum::<f64>().sqrt() / b;
+        let c = karcher_coefficients_with(&G3, 3, &norms, Some(raw * b), 10, 1e-5);
+        let d = direction(&c);
+        let off = d
+            .iter()
+            .zip(&conv)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(off < moved / 20.0, "{off} vs {moved}: {d:?} {conv:?}");
+    }
+
+    #[test]
+    fn karcher_with_low_float32_norms_clamps_every_dot_and_takes_no_step() {
+        // norms 0.58% low (torch's on a 65M-element embedding): every ⟨mean, u_i⟩ exceeds 1, is
+        // clamped, θ = 0 for all; the result is the normalised mean scaled by the norms' mean
+        let b = 1.0 - 5.8e-3;
+        let norms = [b; 3];
+        let a = (1.0f64 / 3.0) as f32 as f64;
+        let mn = (0..9).map(|k| a * a * G3[k]).sum::<f64>().sqrt() / b * (1.0 - 5.8e-3);
+        let c = karcher_coefficients_with(&G3, 3, &norms, Some(mn), 10, 1e-5);
+        let scale = (0..3).fold(0f32, |s, _| s + (1.0f64 / 3.0) as f32 * b as f32) as f64;
+        for x in &c {
+            assert!((x - scale * a / mn / b).abs() < 1e-12, "{c:?}");
+        }
     }
 
     #[test]
