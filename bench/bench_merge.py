@@ -475,6 +475,9 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
             if (who == "mergekit" and (i >= n_mk or slow)) or (who == "finrecipe" and i >= a.runs):
                 continue
             shutil.rmtree(outs[who], ignore_errors=True)
+            # Untimed: write back every dirty page (mergekit does not fsync its output, and a deleted
+            # output's blocks are discarded), so that no run pays for the previous run's writes.
+            os.sync()
             ld = load1()
             wall, peak, rc, out = run_measured_rc(cmds[who], env)
             if rc != 0:
@@ -516,7 +519,7 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
             "runs": (len(times["mergekit"]), len(times["finrecipe"])), "mk_slow": slow, "all": times,
             "loads": loads, "out_bytes": out_bytes, "date": f"{started:%Y-%m-%d %H:%M}",
             "commit": git_head(), "code": code, "small": a.small, "cfg_sha": cfg_sha,
-            "mk_reused": (reuse.get("mk_reused") or reuse["date"]) if reuse else None}
+            "mk_reused": (reuse.get("mk_reused") or reuse["date"]) if reuse else None, "synced": True}
 
 
 def main() -> None:
@@ -696,7 +699,7 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
         mem_ok = r["fr_mem"] <= MEM_LIMIT
         ld = _fmt_load(r["loads"]["mergekit"] + r["loads"]["finrecipe"])
         lines.append(
-            f"| {r['method']} | {r['config']} | {r['mk']:.2f} s{' †' if r.get('mk_reused') else ''} | "
+            f"| {r['method']}{' ‡' if r.get('synced') else ''} | {r['config']} | {r['mk']:.2f} s{' †' if r.get('mk_reused') else ''} | "
             f"{r['fr']:.2f} s | {r['runs'][0]}, {r['runs'][1]} | "
             f"{r['speedup']:.1f}× (≥ {r['target']:.0f}×: {'met' if sp_ok else '**NOT met**'}) | "
             f"{r['mk_mem'] / 2**20:.0f} MiB | {r['fr_mem'] / 2**20:.0f} MiB ({'met' if mem_ok else '**NOT met**'}) | "
@@ -725,6 +728,9 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
         "of differing elements where some donor's |δ| sits on a tie at a boundary of its kept ranks: mergekit "
         "picks among such equal magnitudes by an unstable argsort, so no independent implementation matches "
         "it there (`make parity` proves each such element).",
+        "- Runs marked ‡ were measured with `sync` (untimed) before every run, so that no run pays for "
+        "writing back the previous run's output (mergekit leaves its output unsynced in the page cache; "
+        "finrecipe fsyncs its own). Unmarked rows were measured before this was added.",
         "- I/O floor = reading every input byte once (warm page cache, 16 MiB reads) + writing the output "
         "size once with `dd bs=16M conv=fsync` (finrecipe fsyncs its output; mergekit does not); below 1× "
         "means finrecipe overlaps reading, computing and writing.",
