@@ -22,12 +22,13 @@ from finrecipe.errors import StageError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_train import BASE_CFG, _corpus, _run  # noqa: E402
+from conftest import counting_corpus  # noqa: E402
+from test_train import BASE_CFG, _run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+    return counting_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
 
 
 def _strict_json_lines(path: Path) -> list[dict[str, Any]]:
