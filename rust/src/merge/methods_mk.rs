@@ -26,6 +26,7 @@
 
 use super::bf16::rb;
 use super::kernels::Stats;
+use super::methods_sph::TorchNorm;
 use super::plan::{Job, Kernel};
 use super::rng::KeepStream;
 use super::select::{key, radix_sort_keyed};
@@ -585,7 +586,7 @@ pub fn karcher_coefficients(gram: &[f64], n: usize, max_iter: usize, tol: f64) -
 }
 
 /// The Gram matrix (f64, symmetric n × n), the sources' norms as torch's float32 `vector_norm`
-/// gives them (`Lanes`) and torch's float32 norm of mergekit's float32 initial mean
+/// gives them (`TorchNorm`) and torch's float32 norm of mergekit's float32 initial mean
 /// Σ f32(α_i)·(θ_i / norm_i) (α_i = 1/N over the sources whose norm exceeds tol): two ordered
 /// passes over the float32 (unrounded) sources. mergekit 0.1.5 iterates on whole float32 tensors;
 /// these norms are not the exact ones (on the 0.84B bench trio 3e-5 high on 4M-element tensors,
@@ -600,7 +601,7 @@ fn karcher_f32_scalars(ctx: &Ctx, ctl: &Control, tol: f64) -> Result<(Vec<f64>, 
     let nsrc = job.sources.len();
     let k = nsrc * (nsrc + 1) / 2;
     let mut g = vec![0f64; k];
-    let mut lanes: Vec<Lanes> = (0..nsrc).map(|_| Lanes::new(job.numel)).collect();
+    let mut lanes: Vec<TorchNorm> = (0..nsrc).map(|_| TorchNorm::new(job.numel)).collect();
     karcher_pass_with(
         ctx,
         ctl,
@@ -639,7 +640,7 @@ fn karcher_f32_scalars(ctx: &Ctx, ctl: &Control, tol: f64) -> Result<(Vec<f64>, 
     let valid: Vec<usize> = (0..nsrc).filter(|&i| norms[i] as f64 > tol).collect();
     let asum = valid.iter().fold(0f64, |s, _| s + 1.0 / nsrc as f64);
     let a32 = ((1.0 / nsrc as f64) / asum) as f32;
-    let mut ml = Lanes::new(job.numel);
+    let mut ml = TorchNorm::new(job.numel);
     if !valid.is_empty() {
         karcher_pass_with(
             ctx,
@@ -776,7 +777,7 @@ const KSPAN: usize = 1 << 16;
 /// is replayed from its sources and these scalars (see `karcher_span`).
 #[derive(Debug, Clone, Default)]
 pub struct KarcherBf16 {
-    /// per source torch's float32 norm (`vector_norm`, see `Lanes`)
+    /// per source torch's float32 norm (`vector_norm`, see `TorchNorm`)
     pub norms: Vec<f32>,
     /// the sources whose norm exceeds tol, and their f32 weights α_i / Σα (Python doubles)
     pub valid: Vec<usize>,
@@ -804,71 +805,6 @@ pub struct KStep {
     pub sin: f32,
     /// f32 norm of the updated mean (None: ≤ tol, not renormalised)
     pub unorm: Option<f32>,
-}
-
-/// torch's float32 `vector_norm` of a contiguous tensor on the CPU: squares summed into 8 float32
-/// lanes (element j into lane j % 8, in order), the lanes summed 0..7, then the last numel % 8
-/// squares one by one, square root in f32. Measured against torch 2.15 (ATen CPU capability AVX512
-/// and AVX2, 1 or 2 threads); it is not the exact norm (several f32 ulps off), and mergekit's bf16
-/// karcher output depends on it.
-struct Lanes {
-    l: [f32; 8],
-    tail: f32,
-    main: usize,
-    tail_started: bool,
-}
-
-impl Lanes {
-    fn new(numel: usize) -> Self {
-        Lanes {
-            l: [0.0; 8],
-            tail: 0.0,
-            main: numel - numel % 8,
-            tail_started: false,
-        }
-    }
-
-    /// `v` holds the values of elements a.. in order (called in element order).
-    fn add(&mut self, a: usize, v: &[f32]) {
-        // whole groups of 8 below numel − numel % 8 (spans start at multiples of 8): vectorised
-        let mut v = v;
-        let mut a = a;
-        if a.is_multiple_of(8) {
-            let groups = (self.main.saturating_sub(a) / 8).min(v.len() / 8);
-            let (head, rest) = v.split_at(groups * 8);
-            for g in head.chunks_exact(8) {
-                for (l, &x) in self.l.iter_mut().zip(g) {
-                    *l += x * x;
-                }
-            }
-            v = rest;
-            a += groups * 8;
-        }
-        for (j, &x) in v.iter().enumerate() {
-            let e = a + j;
-            if e < self.main {
-                self.l[e % 8] += x * x;
-            } else {
-                if !self.tail_started {
-                    self.tail_started = true;
-                    self.tail = self.lanes_sum();
-                }
-                self.tail += x * x;
-            }
-        }
-    }
-
-    fn lanes_sum(&self) -> f32 {
-        self.l[1..].iter().fold(self.l[0], |s, &x| s + x)
-    }
-
-    fn norm(&self) -> f32 {
-        if self.tail_started {
-            self.tail.sqrt()
-        } else {
-            self.lanes_sum().sqrt()
-        }
-    }
 }
 
 /// torch.dot of two contiguous bf16 vectors on the CPU (BlasKernel's float-accumulating dot, the
@@ -1113,7 +1049,7 @@ where
 /// torch's f32 norm of a per-element quantity of the replay.
 #[allow(clippy::needless_range_loop)]
 fn karcher_norm(ctx: &Ctx, ctl: &Control, st: &KarcherBf16, want: Want) -> Result<f32> {
-    let mut lanes = Lanes::new(ctx.job.numel);
+    let mut lanes = TorchNorm::new(ctx.job.numel);
     karcher_pass(
         ctx,
         ctl,
@@ -1143,7 +1079,7 @@ pub(crate) fn karcher_bf16(ctx: &Ctx, ctl: &Control) -> Result<KarcherBf16> {
     }
     let tol = num(job, "tol", 1e-5);
     // the sources' norms, torch's f32 summation
-    let mut lanes: Vec<Lanes> = (0..nsrc).map(|_| Lanes::new(job.numel)).collect();
+    let mut lanes: Vec<TorchNorm> = (0..nsrc).map(|_| TorchNorm::new(job.numel)).collect();
     karcher_pass(
         ctx,
         ctl,
