@@ -376,7 +376,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                 return Ok(Stats::Keep(rules));
             }
             // rescale: L1 of each δ and of its kept part (one more pass), as for DARE.
-            let sums = ctx.fold(
+            let sums = ctx.fold_ordered(
                 ctl,
                 true,
                 || vec![0f64; 2 * nsrc],
@@ -411,7 +411,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
         }
         Kernel::DareLinear | Kernel::DareTies => {
             let streams = dare_streams(job, seed);
-            let sums = ctx.fold(
+            let sums = ctx.fold_ordered(
                 ctl,
                 true,
                 || vec![0f64; 2 * nsrc],
@@ -440,23 +440,12 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
             ))
         }
         Kernel::Slerp => {
-            let v = ctx.fold(
+            // ⟨v0, v1⟩, ‖v0‖², ‖v1‖² in f64 (eight lanes per chunk), summed in chunk order
+            let v = ctx.fold_ordered(
                 ctl,
                 false,
                 || [0f64; 3],
-                |acc, _c, _a, s, m| {
-                    let (v0, v1) = (&s.base[..m], &s.srcs[0][..m]);
-                    let (mut d, mut n0, mut n1) = (0f64, 0f64, 0f64);
-                    for (&x, &y) in v0.iter().zip(v1) {
-                        let (x, y) = (x as f64, y as f64);
-                        d += x * y;
-                        n0 += x * x;
-                        n1 += y * y;
-                    }
-                    acc[0] += d;
-                    acc[1] += n0;
-                    acc[2] += n1;
-                },
+                |acc, _c, _a, s, m| *acc = dot3(&s.base[..m], &s.srcs[0][..m]),
                 |a, b| [a[0] + b[0], a[1] + b[1], a[2] + b[2]],
             )?;
             Ok(slerp_coeffs(job.t, v[0], v[1].sqrt(), v[2].sqrt()))
@@ -674,14 +663,21 @@ fn dot_generic(a: &[f32], b: &[f32]) -> f64 {
 /// [⟨a, b⟩, ⟨a, a⟩, ⟨b, b⟩] in one pass over a and b, each exactly as `dot` computes it (its eight
 /// f64 lanes, their sum, then the tail in order).
 pub(crate) fn dot3(a: &[f32], b: &[f32]) -> [f64; 3] {
-    crate::dtype::avx2_dispatch!(dot3_generic, dot3_avx2, (a: &[f32], b: &[f32]) -> [f64; 3])
+    let n8 = a.len().min(b.len()) / 8 * 8;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU supports AVX (checked just above).
+        let lanes = unsafe { dot3_lanes_avx(&a[..n8], &b[..n8]) };
+        return dot3_finish(lanes, &a[n8..], &b[n8..]);
+    }
+    dot3_finish(dot3_lanes(&a[..n8], &b[..n8]), &a[n8..], &b[n8..])
 }
 
-#[inline(always)]
-fn dot3_generic(a: &[f32], b: &[f32]) -> [f64; 3] {
+/// The three sums' eight f64 lanes over a multiple of 8 elements: lane l sums element l, l + 8,
+/// ... in order.
+fn dot3_lanes(a: &[f32], b: &[f32]) -> [[f64; 8]; 3] {
     let (mut ab, mut aa, mut bb) = ([0f64; 8], [0f64; 8], [0f64; 8]);
-    let n8 = a.len().min(b.len()) / 8 * 8;
-    for (x, y) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for l in 0..8 {
             let (u, v) = (x[l] as f64, y[l] as f64);
             ab[l] += u * v;
@@ -689,8 +685,55 @@ fn dot3_generic(a: &[f32], b: &[f32]) -> [f64; 3] {
             bb[l] += v * v;
         }
     }
+    [ab, aa, bb]
+}
+
+/// `dot3_lanes` with AVX intrinsics: the same operations per lane in the same order (multiply,
+/// then add; no FMA). The compiler vectorised the portable loop as scalar pairs with spills.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn dot3_lanes_avx(a: &[f32], b: &[f32]) -> [[f64; 8]; 3] {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(8));
+    let z = _mm256_setzero_pd();
+    let (mut ab0, mut ab1, mut aa0, mut aa1, mut bb0, mut bb1) = (z, z, z, z, z, z);
+    let mut i = 0;
+    while i < a.len() {
+        // SAFETY: i + 8 <= len for both slices (multiples of 8 of equal length).
+        let (x, y) = (
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+        );
+        let (xl, xh) = (
+            _mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x)),
+        );
+        let (yl, yh) = (
+            _mm256_cvtps_pd(_mm256_castps256_ps128(y)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(y)),
+        );
+        ab0 = _mm256_add_pd(ab0, _mm256_mul_pd(xl, yl));
+        ab1 = _mm256_add_pd(ab1, _mm256_mul_pd(xh, yh));
+        aa0 = _mm256_add_pd(aa0, _mm256_mul_pd(xl, xl));
+        aa1 = _mm256_add_pd(aa1, _mm256_mul_pd(xh, xh));
+        bb0 = _mm256_add_pd(bb0, _mm256_mul_pd(yl, yl));
+        bb1 = _mm256_add_pd(bb1, _mm256_mul_pd(yh, yh));
+        i += 8;
+    }
+    let lanes = |lo: __m256d, hi: __m256d| {
+        let mut o = [0f64; 8];
+        _mm256_storeu_pd(o.as_mut_ptr(), lo);
+        _mm256_storeu_pd(o.as_mut_ptr().add(4), hi);
+        o
+    };
+    [lanes(ab0, ab1), lanes(aa0, aa1), lanes(bb0, bb1)]
+}
+
+/// The lanes' sums, then the tail in order.
+fn dot3_finish(lanes: [[f64; 8]; 3], a: &[f32], b: &[f32]) -> [f64; 3] {
+    let [ab, aa, bb] = lanes;
     let mut s: [f64; 3] = [ab.iter().sum(), aa.iter().sum(), bb.iter().sum()];
-    for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+    for (x, y) in a.iter().zip(b) {
         let (u, v) = (*x as f64, *y as f64);
         s[0] += u * v;
         s[1] += u * u;
@@ -1128,8 +1171,12 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|_| next()).collect();
             let got = dot3(&a, &b);
             let want = [dot(&a, &b), dot(&a, &a), dot(&b, &b)];
-            for (g, w) in got.iter().zip(&want) {
+            // and the portable lanes, whatever path `dot3` took on this CPU
+            let n8 = n / 8 * 8;
+            let portable = dot3_finish(dot3_lanes(&a[..n8], &b[..n8]), &a[n8..], &b[n8..]);
+            for ((g, w), p) in got.iter().zip(&want).zip(&portable) {
                 assert_eq!(g.to_bits(), w.to_bits(), "n={n}");
+                assert_eq!(p.to_bits(), w.to_bits(), "n={n}");
             }
         }
     }

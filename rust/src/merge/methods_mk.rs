@@ -384,7 +384,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
             } else {
                 Vec::new()
             };
-            let sums = ctx.fold(
+            let sums = ctx.fold_ordered(
                 ctl,
                 true,
                 || vec![0f64; 2 * nsrc],

@@ -181,6 +181,42 @@ impl<'a> Ctx<'a> {
         self.fold_over(&all, ctl, deltas, init, f, reduce)
     }
 
+    /// Like `fold`, but deterministic whatever the thread count and scheduling: each chunk is
+    /// folded into its own `init()`, and the per-chunk results are reduced in chunk order. For
+    /// small accumulators (floating-point sums, whose value depends on the order of the
+    /// additions); memory is one `T` per chunk.
+    pub fn fold_ordered<T, I, F, R>(
+        &self,
+        ctl: &Control,
+        deltas: bool,
+        init: I,
+        f: F,
+        reduce: R,
+    ) -> Result<T>
+    where
+        T: Send,
+        I: Fn() -> T + Sync + Send,
+        F: Fn(&mut T, usize, usize, &Scratch, usize) + Sync + Send,
+        R: Fn(T, T) -> T,
+    {
+        let nsrc = self.job.sources.len();
+        let parts: Vec<T> = (0..self.nchunks)
+            .into_par_iter()
+            .map(|c| {
+                let mut acc = init();
+                if !ctl.cancel.load(Ordering::Relaxed) {
+                    with_scratch(nsrc, self.chunk, |s| {
+                        let (a, m) = self.load_chunk(c, s, deltas);
+                        f(&mut acc, c, a, s, m);
+                    });
+                }
+                acc
+            })
+            .collect();
+        ctl.check()?;
+        Ok(parts.into_iter().reduce(reduce).unwrap_or_else(init))
+    }
+
     /// Like `fold`, over the listed chunks only.
     pub fn fold_over<T, I, F, R>(
         &self,
