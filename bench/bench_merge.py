@@ -289,6 +289,9 @@ def io_floor(models: Path, out_bytes: int) -> tuple[float, float]:
     """Seconds to read every input byte once (page cache warm, as for the merges) and to write
     `out_bytes` once with fsync (dd, 16 MiB blocks)."""
     files = input_files(models)
+    # untimed: the merges' outputs (mergekit does not sync its own) must not be written back
+    # during the floor's write, whose fsync would wait for them too
+    subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
     buf = bytearray(16 << 20)
     for f in files:
@@ -515,7 +518,8 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
     target = TARGET_SPEEDUP.get(method, DEFAULT_SPEEDUP)
     return {"method": method, "config": label, "config_note": note, "mk": mk_t, "fr": fr_t,
             "speedup": mk_t / fr_t, "target": target, "mk_mem": max(mems["mergekit"]),
-            "fr_mem": max(mems["finrecipe"]), "floor": floor, "read": r_s, "write": w_s, "parity": par,
+            "fr_mem": max(mems["finrecipe"]), "floor": floor, "floor_synced": True, "read": r_s, "write": w_s,
+            "parity": par,
             "runs": (len(times["mergekit"]), len(times["finrecipe"])), "mk_slow": slow, "all": times,
             "loads": loads, "out_bytes": out_bytes, "date": f"{started:%Y-%m-%d %H:%M}",
             "commit": git_head(), "code": code, "small": a.small, "cfg_sha": cfg_sha,
@@ -703,7 +707,7 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
             f"{r['fr']:.2f} s | {r['runs'][0]}, {r['runs'][1]} | "
             f"{r['speedup']:.1f}× (≥ {r['target']:.0f}×: {'met' if sp_ok else '**NOT met**'}) | "
             f"{r['mk_mem'] / 2**20:.0f} MiB | {r['fr_mem'] / 2**20:.0f} MiB ({'met' if mem_ok else '**NOT met**'}) | "
-            f"{r['fr'] / r['floor']:.2f}× | {ld} | {_parity_cell(r)} |")
+            f"{r['fr'] / r['floor']:.2f}×{'' if r.get('floor_synced') else ' °'} | {ld} | {_parity_cell(r)} |")
     for mth, why in failed.items():
         lines.append(f"| {mth} | – | – | – | – | failed: {why} | – | – | – | – | – |")
     missing = [x for x in reps if x not in implemented]
@@ -732,7 +736,9 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
         "writing back the previous run's output (mergekit leaves its output unsynced in the page cache; "
         "finrecipe fsyncs its own). Unmarked rows were measured before this was added.",
         "- I/O floor = reading every input byte once (warm page cache, 16 MiB reads) + writing the output "
-        "size once with `dd bs=16M conv=fsync` (finrecipe fsyncs its output; mergekit does not); below 1× "
+        "size once with `dd bs=16M conv=fsync` after an untimed `sync` (finrecipe fsyncs its output, mergekit "
+        "does not); ° marks a floor measured before that sync was added, which also waited for the write-back of "
+        "the merges' outputs and is too high; below 1× "
         "means finrecipe overlaps reading, computing and writing.",
         "- Peak anonymous memory: RssAnon of the process tree sampled every 10 ms from /proc/PID/status "
         "(memory-mapped model files are file-backed and not counted; a spike shorter than 10 ms can be missed).",
