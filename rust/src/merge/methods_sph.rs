@@ -1683,6 +1683,42 @@ fn importance_into(k: f32, bf: bool, b: &[f32], p: &[f32], out: &mut [f32]) {
     }
 }
 
+/// nuslerp's float32 output of a chunk from raw θ: b + (s₀·(x₀ − b) + s₁·(x₁ − b)) / sin θ with a
+/// base, else (s₀·x₀ + s₁·x₁) / sin θ; the same IEEE operations element by element (no FMA), in
+/// vectors where the CPU has them.
+fn nuslerp_f32_out(
+    deltas: bool,
+    s: [f32; 3],
+    base: &[f32],
+    x0: &[f32],
+    x1: &[f32],
+    out: &mut [f32],
+) {
+    #[inline(always)]
+    fn go(deltas: bool, s: [f32; 3], base: &[f32], x0: &[f32], x1: &[f32], out: &mut [f32]) {
+        let [s0, s1, st] = s;
+        let m = out.len();
+        let (x0, x1) = (&x0[..m], &x1[..m]);
+        if deltas {
+            let base = &base[..m];
+            for j in 0..m {
+                let b0 = base[j];
+                out[j] = b0 + (s0 * (x0[j] - b0) + s1 * (x1[j] - b0)) / st;
+            }
+        } else {
+            for j in 0..m {
+                out[j] = (s0 * x0[j] + s1 * x1[j]) / st;
+            }
+        }
+    }
+    vmath::avx512_dispatch!(
+        go,
+        go_avx512,
+        go_avx2,
+        (deltas: bool, s: [f32; 3], base: &[f32], x0: &[f32], x1: &[f32], out: &mut [f32])
+    )
+}
+
 /// One chunk: raw θ in `srcs` (and `base`), result in `out`.
 pub(crate) fn compute(
     job: &Job,
@@ -1722,16 +1758,14 @@ pub(crate) fn compute(
             }
         }
         Stats::NuslerpF32 { deltas, s } => {
-            let [s0, s1, st] = *s;
-            for j in 0..m {
-                let (x0, x1) = (srcs[0][j], srcs[1][j]);
-                out[j] = if *deltas {
-                    let b0 = base[j];
-                    b0 + (s0 * (x0 - b0) + s1 * (x1 - b0)) / st
-                } else {
-                    (s0 * x0 + s1 * x1) / st
-                };
-            }
+            nuslerp_f32_out(
+                *deltas,
+                *s,
+                &base[..m],
+                &srcs[0][..m],
+                &srcs[1][..m],
+                &mut out[..m],
+            );
         }
         Stats::NuslerpBf16 {
             groups,
