@@ -165,7 +165,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
     let mut total_numel = 0usize;
     pool.install(|| -> Result<()> {
         for job in &jobs {
-            let ctx = Ctx::new(&models, job, plan.chunk_elems, threads);
+            let ctx = Ctx::new(&models, job, plan.chunk_elems);
             let g = ctx.fold(
                 ctl,
                 true,

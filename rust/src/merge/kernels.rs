@@ -492,29 +492,34 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                     t: vec![t],
                 });
             }
-            let acc = ctx.fold(
+            // per chunk, the partial sums of each row it touches (row, then its k sums), added
+            // into the rows in chunk order: the same sums whatever the thread count
+            let parts = ctx.fold_ordered(
                 ctl,
                 true,
-                || vec![0f64; nrows.max(1) * k],
-                |acc, _c, a, s, m| {
+                || (Vec::new(), Vec::new()),
+                |(rows, sums): &mut (Vec<usize>, Vec<f64>), _c, a, s, m| {
                     let mut j = 0;
                     while j < m {
                         let row = (a + j) / row_len;
                         let end = ((row + 1) * row_len - a).min(m);
-                        let slot = &mut acc[row * k..(row + 1) * k];
+                        rows.push(row);
+                        let at = sums.len();
+                        sums.resize(at + k, 0.0);
+                        let slot = &mut sums[at..];
                         if nsrc == 2 && !bf {
                             // the pair's dot and both norms in one pass
                             let [ab, aa, bb] = dot3(&s.srcs[0][j..end], &s.srcs[1][j..end]);
-                            slot[0] += ab;
-                            slot[1] += aa;
-                            slot[2] += bb;
+                            slot[0] = ab;
+                            slot[1] = aa;
+                            slot[2] = bb;
                             j = end;
                             continue;
                         }
                         let mut p = 0;
                         for x in 0..nsrc {
                             for y in x + 1..nsrc {
-                                slot[p] += if bf {
+                                slot[p] = if bf {
                                     s.srcs[x][j..end]
                                         .iter()
                                         .zip(&s.srcs[y][j..end])
@@ -525,13 +530,26 @@ pub(crate) fn compute_stats(ctx: &Ctx, seed: u64, ctl: &Control) -> Result<Stats
                                 };
                                 p += 1;
                             }
-                            slot[npairs + x] += dot(&s.srcs[x][j..end], &s.srcs[x][j..end]);
+                            slot[npairs + x] = dot(&s.srcs[x][j..end], &s.srcs[x][j..end]);
                         }
                         j = end;
                     }
                 },
-                add_vecs,
+                |(mut r0, mut s0), (r1, s1)| {
+                    r0.extend(r1);
+                    s0.extend(s1);
+                    (r0, s0)
+                },
             )?;
+            let mut acc = vec![0f64; nrows.max(1) * k];
+            for (i, &row) in parts.0.iter().enumerate() {
+                for (x, y) in acc[row * k..(row + 1) * k]
+                    .iter_mut()
+                    .zip(&parts.1[i * k..(i + 1) * k])
+                {
+                    *x += y;
+                }
+            }
             let nf = nsrc as f32;
             let r = |x: f32| if bf { super::bf16::rb(x) } else { x };
             let t = (0..nrows.max(1))

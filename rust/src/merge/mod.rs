@@ -79,13 +79,18 @@ pub(crate) fn with_scratch<R>(nsrc: usize, m: usize, f: impl FnOnce(&mut Scratch
     })
 }
 
-/// Chunking of one tensor: at most `chunk_elems` per chunk, but small enough that every thread
-/// gets work on mid-sized tensors.
+/// Chunking of one tensor: at most `chunk_elems` per chunk, and at least 64 chunks per tensor
+/// above 256 Ki elements so that up to 16 threads get work on mid-sized tensors.
 /// Chunks are also capped at 64 Ki elements so that a chunk's buffers stay in L2 cache across
-/// the several passes a method makes over them.
-pub fn chunk_len(numel: usize, chunk_elems: usize, threads: usize) -> usize {
-    let target = numel.div_ceil(threads.max(1) * 4);
-    target.clamp(1 << 12, 1 << 16).min(chunk_elems).max(1)
+/// the several passes a method makes over them. The chunking does not depend on the thread
+/// count: floating-point sums over a tensor are summed per chunk, then over chunks in order
+/// (`Ctx::fold_ordered`), so their value depends on the chunking.
+pub fn chunk_len(numel: usize, chunk_elems: usize) -> usize {
+    numel
+        .div_ceil(64)
+        .clamp(1 << 12, 1 << 16)
+        .min(chunk_elems)
+        .max(1)
 }
 
 /// One tensor being processed: where to read, how it is chunked.
@@ -97,11 +102,11 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(models: &'a [Model], job: &'a Job, chunk_elems: usize, threads: usize) -> Self {
+    pub fn new(models: &'a [Model], job: &'a Job, chunk_elems: usize) -> Self {
         let chunk = match job.out_block {
             // FP8 output is requantised per block: a chunk is one row of blocks.
             Some(b) => (b.rows * b.ncols).max(1),
-            None => chunk_len(job.units(), chunk_elems, threads),
+            None => chunk_len(job.units(), chunk_elems),
         };
         Ctx {
             models,
@@ -334,17 +339,8 @@ pub fn run_merge(plan_json: &str, ctl: &Control) -> Result<Summary> {
         .thread_name(|i| format!("finrecipe-merge-{i}"))
         .build()
         .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
-    let result = pool.install(|| {
-        execute(
-            &models,
-            &jobs,
-            &writer,
-            plan.chunk_elems,
-            threads,
-            plan.seed,
-            ctl,
-        )
-    });
+    let result =
+        pool.install(|| execute(&models, &jobs, &writer, plan.chunk_elems, plan.seed, ctl));
     match result {
         Ok(()) => {
             let files = writer.finish()?;
@@ -369,13 +365,12 @@ fn execute(
     jobs: &[Job],
     w: &Writer,
     chunk_elems: usize,
-    threads: usize,
     seed: u64,
     ctl: &Control,
 ) -> Result<()> {
     let ctxs: Vec<Ctx> = jobs
         .iter()
-        .map(|j| Ctx::new(models, j, chunk_elems, threads))
+        .map(|j| Ctx::new(models, j, chunk_elems))
         .collect();
     let mut i = 0;
     while i < jobs.len() {

@@ -1046,3 +1046,51 @@ fn della_masks_follow_the_row_ranks_whatever_threads_chunks_and_cache() {
         assert!(r1.iter().zip(&b).any(|(x, y)| x != y));
     }
 }
+
+#[test]
+fn ordered_float_sums_do_not_depend_on_threads() {
+    // values whose f64 sum depends on the order of the additions (a few large, many small)
+    let n = 300_001;
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let x = (i as f32 * 0.618).sin();
+            if i % 97 == 0 {
+                x * 1e7
+            } else {
+                x * 1e-3
+            }
+        })
+        .collect();
+    let c = Case::new(&[v.iter().map(|x| -0.5 * x).collect(), v]);
+    let t = json!({"name": "x", "kernel": "slerp", "out_dtype": "F32", "base": base(),
+        "sources": [src(1, json!({}))], "params": {"t": 0.5}});
+    let plan = plan::parse_plan(&c.plan("p", t, 1, 1 << 20)).unwrap();
+    let models = open_models(&plan.models).unwrap();
+    let jobs = plan::build_jobs(&plan, &models).unwrap();
+    let ctx = Ctx::new(&models, &jobs[0], plan.chunk_elems);
+    assert!(ctx.nchunks > 8, "{}", ctx.nchunks);
+    let sum = |threads: usize| -> f64 {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            ctx.fold_ordered(
+                &Control::default(),
+                false,
+                || 0f64,
+                |acc, _c, _a, s, m| {
+                    for &x in &s.srcs[0][..m] {
+                        *acc += x as f64;
+                    }
+                },
+                |a, b| a + b,
+            )
+            .unwrap()
+        })
+    };
+    let s1 = sum(1);
+    for threads in [2, 3, 4] {
+        assert_eq!(s1.to_bits(), sum(threads).to_bits(), "threads={threads}");
+    }
+}
