@@ -166,7 +166,7 @@ pub fn run_analyze(plan_json: &str, ctl: &Control) -> Result<serde_json::Value> 
     pool.install(|| -> Result<()> {
         for job in &jobs {
             let ctx = Ctx::new(&models, job, plan.chunk_elems);
-            let g = ctx.fold(
+            let g = ctx.fold_ordered(
                 ctl,
                 true,
                 || vec![0f64; n * n],
