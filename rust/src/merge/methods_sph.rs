@@ -540,11 +540,8 @@ pub(crate) fn torch_norms_and_dots(
         ctl,
         deltas,
         n,
-        |v, m, bufs| {
-            for (b, x) in bufs.iter_mut().zip(v) {
-                b.clear();
-                b.extend_from_slice(&x[..m]);
-            }
+        true,
+        |v, m, _| {
             let mut d = Vec::new();
             for x in 0..n {
                 for y in x + 1..n {
@@ -570,12 +567,15 @@ pub(crate) fn torch_norms_and_dots(
 /// `k` span buffers (reused: no allocation per span) and a small result, then
 /// `fold(first element, result, buffers)` is called span by span in order; the fold of one batch
 /// runs while the next batch is mapped. The result does not depend on the thread count (the batch
-/// size only bounds the memory held: 2 × batch × k span buffers).
+/// size only bounds the memory held: 2 × batch × k span buffers). With `direct` (k = the number
+/// of sources) the span buffers receive the (task) values themselves and `f` gets them (and no
+/// buffers to fill).
 fn ordered_pass<T, F, G>(
     ctx: &Ctx,
     ctl: &Control,
     deltas: bool,
     k: usize,
+    direct: bool,
     f: F,
     mut fold: G,
 ) -> Result<()>
@@ -602,10 +602,21 @@ where
                 }
                 let sp = s0 + i;
                 let (a, b) = (sp * SPAN, ((sp + 1) * SPAN).min(n));
-                *t = Some(with_scratch(nsrc, SPAN, |s| {
-                    load_range(ctx, a, b, deltas, &mut s.base, &mut s.srcs);
-                    f(&s.srcs, b - a, bufs)
-                }));
+                *t = Some(if direct {
+                    // the (task) values straight into the span buffers (no copy)
+                    with_scratch(0, SPAN, |s| {
+                        for v in bufs.iter_mut() {
+                            v.resize(b - a, 0.0);
+                        }
+                        load_range(ctx, a, b, deltas, &mut s.base, bufs);
+                        f(bufs, b - a, &mut [])
+                    })
+                } else {
+                    with_scratch(nsrc, SPAN, |s| {
+                        load_range(ctx, a, b, deltas, &mut s.base, &mut s.srcs);
+                        f(&s.srcs, b - a, bufs)
+                    })
+                });
             });
     };
     let mut folded: Option<usize> = None;
@@ -969,12 +980,8 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         ctl,
         deltas,
         n,
-        |v, m, bufs| {
-            for (b, x) in bufs.iter_mut().zip(v) {
-                b.clear();
-                b.extend_from_slice(&x[..m]);
-            }
-        },
+        true,
+        |_, _, _| {},
         |a, (), vals| {
             for (l, x) in lanes.iter_mut().zip(vals) {
                 l.add(a, x);
@@ -1009,6 +1016,7 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         ctl,
         deltas,
         1,
+        false,
         |v, m, bufs| {
             MS_BUFS.with(|c| {
                 let (_, [_, mean, tr]) = &mut *c.borrow_mut();
@@ -1071,6 +1079,7 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         ctl,
         deltas,
         1,
+        false,
         |v, m, bufs| {
             MS_BUFS.with(|c| {
                 let (_, [raw, mean, _]) = &mut *c.borrow_mut();
