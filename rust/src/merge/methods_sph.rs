@@ -581,7 +581,7 @@ fn ordered_pass<T, F, G>(
 ) -> Result<()>
 where
     T: Send,
-    F: Fn(&[Vec<f32>], usize, &mut [Vec<f32>]) -> T + Sync + Send,
+    F: Fn(&mut [Vec<f32>], usize, &mut [Vec<f32>]) -> T + Sync + Send,
     G: FnMut(usize, T, &[Vec<f32>]) + Send,
 {
     type Slots<T> = Vec<(Vec<Vec<f32>>, Option<T>)>;
@@ -614,7 +614,7 @@ where
                 } else {
                     with_scratch(nsrc, SPAN, |s| {
                         load_range(ctx, a, b, deltas, &mut s.base, &mut s.srcs);
-                        f(&s.srcs, b - a, bufs)
+                        f(&mut s.srcs, b - a, bufs)
                     })
                 });
             });
@@ -668,83 +668,19 @@ pub struct MsBf16 {
     pub sin_tn: f32,
     /// r(Σ r(‖v_i‖·w_i))
     pub avg: f32,
-    /// float32 compute, tensors within `MS_CACHE_BYTES`: the unit vectors u_i of every element
-    /// (one array per source), kept from the passes for the output
-    pub cache: Option<MsCache>,
+    /// float32 compute (`multislerp_f32`): the output from the unit vectors (`ms_from_units`)
+    pub units: bool,
 }
 
-/// The most memory (bytes) multislerp keeps per tensor between its passes (one f32 array per
-/// source; larger tensors are re-read from the inputs in every pass).
-const MS_CACHE_BYTES: usize = 128 << 20;
+/// Whether float32 multislerp takes `multislerp_f32` (cleared by tests to run the replay, which
+/// gives the same output).
+static MS_FAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// `MS_CACHE_BYTES`, lowered by a test to run the uncached path (both give the same output).
-static MS_CACHE_LIMIT: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(MS_CACHE_BYTES);
-
-/// multislerp's per-element arrays kept between passes (see `multislerp_cached`).
-#[derive(Clone)]
-pub struct MsCache(std::sync::Arc<MsArrays>);
-
-impl std::fmt::Debug for MsCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MsCache({} arrays)", self.0 .0.len())
-    }
-}
-
-/// Arrays of a tensor's elements, given back to `MS_POOL` when dropped.
-pub struct MsArrays(Vec<Vec<f32>>);
-
-/// multislerp's arrays of the last cached tensor (at most `MS_CACHE_BYTES` in all), reused by the
-/// next one: a fresh allocation of that size costs more in page faults (about 1 s of system time
-/// over the bench trio's 50 cached tensors) than the passes it saves. `release_ms_pool` frees it.
-static MS_POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
-
-impl Drop for MsArrays {
-    fn drop(&mut self) {
-        if let Ok(mut pool) = MS_POOL.lock() {
-            for v in self.0.drain(..) {
-                let held: usize = pool.iter().map(|x| x.capacity() * 4).sum();
-                if held + v.capacity() * 4 <= MS_CACHE_BYTES {
-                    pool.push(v);
-                }
-            }
-        }
-    }
-}
-
-/// `n` arrays of at least `numel` elements (of any values), from `MS_POOL` where it has them.
-fn ms_arrays(n: usize, numel: usize) -> MsArrays {
-    let mut got = MS_POOL
-        .lock()
-        .map(|mut p| {
-            // largest first: the fewest reallocations
-            p.sort_by_key(|v| std::cmp::Reverse(v.capacity()));
-            let k = n.min(p.len());
-            p.drain(..k).collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    got.resize_with(n, Vec::new);
-    for v in got.iter_mut() {
-        if v.len() < numel {
-            v.resize(numel, 0.0);
-        }
-    }
-    MsArrays(got)
-}
-
-/// Frees the memory multislerp keeps for its next tensor (`MS_POOL`).
-pub fn release_ms_pool() {
-    if let Ok(mut p) = MS_POOL.lock() {
-        *p = Vec::new();
-    }
-}
+/// Nothing to free any more: multislerp no longer keeps arrays between tensors (a caller in
+/// mod.rs still calls it; it can go).
+pub fn release_ms_pool() {}
 
 type MsBufs = (Vec<Vec<f32>>, [Vec<f32>; 3]);
-
-thread_local! {
-    /// Per-thread buffer of multislerp's output chunks from its kept unit vectors.
-    static MS_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 thread_local! {
     /// Per-thread buffers of multislerp's output spans (the task vectors, raw, mean, tangent).
@@ -1005,7 +941,7 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         dots: vec![0.0; n],
         cos_tn: 0.0,
         sin_tn: 0.0,
-        cache: None,
+        units: false,
     };
     // the weighted mean's norm; under float32 compute also Σ u_i·raw for the dots (one pass less)
     let mut ln = TorchNorm::new(numel);
@@ -1094,123 +1030,26 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
     Ok(st)
 }
 
-/// A pass over per-element arrays held in memory (`cache`, each of the tensor's size), as
-/// `ordered_pass`: batches of spans are mapped in parallel by `map(first element, the arrays'
-/// slices of the span, k slot buffers)` into a small result each, then `fold(first element,
-/// result, the arrays' slices of the span, slot buffers)` is called span by span in order, the
-/// fold of one batch running while the next batch is mapped. The spans are `SPAN` elements, so
-/// sums reduced per span are the same as `ordered_pass`'s and `span_sums`'.
-fn cached_pass<T, F, G>(
-    ctl: &Control,
-    numel: usize,
-    cache: &mut [Vec<f32>],
-    k: usize,
-    map: F,
-    mut fold: G,
-) -> Result<()>
-where
-    T: Send,
-    F: Fn(usize, &mut [&mut [f32]], &mut [Vec<f32>]) -> T + Sync + Send,
-    G: FnMut(usize, T, &[&[f32]], &[Vec<f32>]) + Send,
-{
-    type Slots<T> = Vec<(Vec<Vec<f32>>, Option<T>)>;
-    let nsp = numel.div_ceil(SPAN);
-    let batch = 2 * rayon::current_num_threads().max(1);
-    let slots = || -> Slots<T> { (0..batch).map(|_| (vec![Vec::new(); k], None)).collect() };
-    let (mut cur, mut prev) = (slots(), slots());
-    let mut folded: Option<usize> = None;
-    let mut s0 = 0;
-    while s0 < nsp || folded.is_some() {
-        // the arrays split at the first element of this batch: the previous batch (to fold) is
-        // on the left, this one (to map) on the right
-        let cut = (s0 * SPAN).min(numel);
-        let mut left: Vec<&[f32]> = Vec::with_capacity(cache.len());
-        let mut right: Vec<&mut [f32]> = Vec::with_capacity(cache.len());
-        for arr in cache.iter_mut() {
-            let (l, r) = arr[..numel].split_at_mut(cut);
-            left.push(l);
-            right.push(r);
-        }
-        let (map, cur_ref, prev_ref, fold_ref) = (&map, &mut cur, &mut prev, &mut fold);
-        rayon::join(
-            move || {
-                if s0 >= nsp {
-                    return;
-                }
-                let nb = (s0 + batch).min(nsp) - s0;
-                let mut spans: Vec<Vec<&mut [f32]>> = (0..nb).map(|_| Vec::new()).collect();
-                for r in right {
-                    for (i, ch) in r.chunks_mut(SPAN).take(nb).enumerate() {
-                        spans[i].push(ch);
-                    }
-                }
-                spans
-                    .par_iter_mut()
-                    .zip(cur_ref[..nb].par_iter_mut())
-                    .enumerate()
-                    .for_each(|(i, (sl, (bufs, t)))| {
-                        if ctl.check().is_err() {
-                            return;
-                        }
-                        *t = Some(map((s0 + i) * SPAN, sl, bufs));
-                    });
-            },
-            move || {
-                if let Some(p0) = folded {
-                    for (i, (bufs, t)) in prev_ref.iter_mut().enumerate() {
-                        if let Some(t) = t.take() {
-                            let a = (p0 + i) * SPAN;
-                            let b = (a + SPAN).min(numel);
-                            let sl: Vec<&[f32]> = left.iter().map(|l| &l[a..b]).collect();
-                            fold_ref(a, t, &sl, bufs);
-                        }
-                    }
-                }
-            },
-        );
-        ctl.check()?;
-        std::mem::swap(&mut cur, &mut prev);
-        folded = (s0 < nsp).then_some(s0);
-        s0 += batch;
-    }
-    Ok(())
-}
-
-/// `multislerp_replay` under float32 compute for a tensor whose task vectors fit in
-/// `MS_CACHE_BYTES`: the same operations on the same values in the same order, but the inputs
-/// are read once (pass 1 keeps the task vectors), pass 2 turns them into the unit vectors
-/// u_i = v_i / (‖v_i‖ + eps) in place (each quotient computed once), pass 3 reads them for the
-/// tangent's norm, and the output is computed from the kept u_i (`ms_from_units`).
-fn multislerp_cached(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<MsBf16> {
+/// `multislerp_replay` under float32 compute with each pass's unit vectors computed once per
+/// span (u_i = v_i / (‖v_i‖ + eps) in the span buffers, then raw, mean and tangent from them):
+/// the same operations on the same values in the same order, re-reading the inputs in every pass
+/// (less memory traffic than keeping f32 arrays of the tensor).
+fn multislerp_f32(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<MsBf16> {
     let job = ctx.job;
     let n = job.sources.len();
     let numel = job.numel;
     let eps = num(job, "eps", 1e-8) as f32;
-    let mut arrays = ms_arrays(n, numel);
-    let cache = &mut arrays.0;
-    // pass 1: the task vectors and the sources' norms
+    // pass 1: the sources' norms
     let mut lanes: Vec<TorchNorm> = (0..n).map(|_| TorchNorm::new(numel)).collect();
-    cached_pass(
+    ordered_pass(
+        ctx,
         ctl,
-        numel,
-        cache,
-        0,
-        |a, sl, _| {
-            let m = sl[0].len();
-            with_scratch(0, m, |s| {
-                if let Some(r) = job.base {
-                    ctx.load(r, a, a + m, &mut s.base);
-                }
-                for (v, &r) in sl.iter_mut().zip(&job.sources) {
-                    ctx.load(r, a, a + m, v);
-                    if deltas {
-                        sub_in_place(v, &s.base[..m]);
-                    }
-                }
-            });
-        },
-        |a, (), sl, _| {
-            for (l, x) in lanes.iter_mut().zip(sl) {
+        deltas,
+        n,
+        true,
+        |_, _, _| {},
+        |a, (), vals| {
+            for (l, x) in lanes.iter_mut().zip(vals) {
                 l.add(a, x);
             }
         },
@@ -1232,19 +1071,23 @@ fn multislerp_cached(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<MsBf16> {
         dots: vec![0.0; n],
         cos_tn: 0.0,
         sin_tn: 0.0,
-        cache: None,
+        units: false,
     };
-    // pass 2: the unit vectors (in place), the weighted mean's norm and Σ u_i·raw
+    // pass 2: the weighted mean's norm and Σ u_i·raw
     let mut ln = TorchNorm::new(numel);
     let mut ur = vec![0f64; n];
     let s0 = &st;
-    cached_pass(
+    ordered_pass(
+        ctx,
         ctl,
-        numel,
-        cache,
+        deltas,
         1,
-        |_a, sl, bufs| ms_units_raw(s0, sl, &mut bufs[0]),
-        |a, sums, _, bufs| {
+        false,
+        |v, m, bufs| {
+            let mut sl: Vec<&mut [f32]> = v.iter_mut().take(n).map(|x| &mut x[..m]).collect();
+            ms_units_raw(s0, &mut sl, &mut bufs[0])
+        },
+        |a, sums, bufs| {
             ln.add(a, &bufs[0]);
             for (u, x) in ur.iter_mut().zip(sums) {
                 *u += x;
@@ -1254,7 +1097,7 @@ fn multislerp_cached(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<MsBf16> {
     st.mn = ln.norm();
     if st.mn < eps {
         if n == 2 {
-            st.mn = 0.0; // the linear fallback (from the inputs, no cache)
+            st.mn = 0.0; // the linear fallback
             return Ok(st);
         }
         return Err(Error::Mismatch(format!(
@@ -1267,36 +1110,61 @@ fn multislerp_cached(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<MsBf16> {
     // pass 3: the tangent's norm
     let mut lt = TorchNorm::new(numel);
     let s2 = &st;
-    cached_pass(
+    ordered_pass(
+        ctx,
         ctl,
-        numel,
-        cache,
+        deltas,
         1,
-        |_a, sl, bufs| {
+        false,
+        |v, m, bufs| {
+            let mut sl: Vec<&mut [f32]> = v.iter_mut().take(n).map(|x| &mut x[..m]).collect();
+            units_in_place(&s2.normq, &mut sl);
             let u: Vec<&[f32]> = sl.iter().map(|x| &**x).collect();
+            bufs[0].resize(m, 0.0);
             ms_from_units(s2, &u, None, &mut bufs[0]);
         },
-        |a, (), _, bufs| lt.add(a, &bufs[0]),
+        |a, (), bufs| lt.add(a, &bufs[0]),
     )?;
     let tn = lt.norm() + eps;
     st.cos_tn = tn.cos();
     st.sin_tn = tn.sin() / tn;
-    st.cache = Some(MsCache(std::sync::Arc::new(arrays)));
+    st.units = true;
     Ok(st)
 }
 
-/// x −= b element by element.
-fn sub_in_place(x: &mut [f32], b: &[f32]) {
+/// u_i = v_i / q_i in place.
+fn units_in_place(q: &[f32], v: &mut [&mut [f32]]) {
     #[inline(always)]
-    fn go(x: &mut [f32], b: &[f32]) {
-        for (v, &y) in x.iter_mut().zip(b) {
-            *v -= y;
+    fn go(q: &[f32], v: &mut [&mut [f32]]) {
+        for (x, &q) in v.iter_mut().zip(q) {
+            for y in x.iter_mut() {
+                *y /= q;
+            }
         }
     }
-    vmath::avx512_dispatch!(go, go_avx512, go_avx2, (x: &mut [f32], b: &[f32]))
+    vmath::avx512_dispatch!(go, go_avx512, go_avx2, (q: &[f32], v: &mut [&mut [f32]]))
 }
 
-/// Pass 2 of `multislerp_cached` on one span: v_i → u_i = v_i / normq_i in place, raw = Σ_i u_i·w_i
+/// u = (x − b) / q (with a base), else x / q, into `out`.
+fn units_of(q: f32, deltas: bool, x: &[f32], b: &[f32], out: &mut Vec<f32>) {
+    #[inline(always)]
+    fn go(q: f32, deltas: bool, x: &[f32], b: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        if deltas {
+            out.extend(x.iter().zip(b).map(|(&x, &b)| (x - b) / q));
+        } else {
+            out.extend(x.iter().map(|&x| x / q));
+        }
+    }
+    vmath::avx512_dispatch!(
+        go,
+        go_avx512,
+        go_avx2,
+        (q: f32, deltas: bool, x: &[f32], b: &[f32], out: &mut Vec<f32>)
+    )
+}
+
+/// Pass 2 of `multislerp_f32` on one span: v_i → u_i = v_i / normq_i in place, raw = Σ_i u_i·w_i
 /// (from 0, in source order, as `ms_span`), and per source Σ f64(u_i)·f64(raw) in `unit_dot`'s
 /// lanes and order.
 #[allow(clippy::needless_range_loop)]
@@ -1313,21 +1181,23 @@ fn ms_units_raw(st: &MsBf16, sl: &mut [&mut [f32]], raw: &mut Vec<f32>) -> Vec<f
                 *a += *x * w;
             }
         }
-        sl.iter()
-            .map(|u| {
-                let mut l = [0f64; 8];
-                let (mut ix, mut iy) = (u.chunks_exact(8), raw.chunks_exact(8));
-                for (a, b) in (&mut ix).zip(&mut iy) {
-                    for k in 0..8 {
-                        l[k] += a[k] as f64 * b[k] as f64;
-                    }
+        // a plain loop (a closure collected into the Vec was compiled without the vector
+        // features of this function)
+        let mut dots = Vec::with_capacity(sl.len());
+        for u in sl.iter() {
+            let mut l = [0f64; 8];
+            let (mut ix, mut iy) = (u.chunks_exact(8), raw.chunks_exact(8));
+            for (a, b) in (&mut ix).zip(&mut iy) {
+                for k in 0..8 {
+                    l[k] += a[k] as f64 * b[k] as f64;
                 }
-                for (k, (&a, &b)) in ix.remainder().iter().zip(iy.remainder()).enumerate() {
-                    l[k] += a as f64 * b as f64;
-                }
-                ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
-            })
-            .collect()
+            }
+            for (k, (&a, &b)) in ix.remainder().iter().zip(iy.remainder()).enumerate() {
+                l[k] += a as f64 * b as f64;
+            }
+            dots.push(((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])));
+        }
+        dots
     }
     vmath::avx512_dispatch!(
         go,
@@ -1337,18 +1207,16 @@ fn ms_units_raw(st: &MsBf16, sl: &mut [&mut [f32]], raw: &mut Vec<f32>) -> Vec<f
     )
 }
 
-/// From the unit vectors u_i of a span (`multislerp_cached` after pass 2), per element as
+/// From the unit vectors u_i of a span (`multislerp_f32`, passes 3 and output), per element as
 /// `ms_span` and `ms_out`: raw = Σ_i u_i·w_i, mean = raw / mn, tr = Σ_i (u_i − dots_i·mean)·w_i
 /// (each from 0, in source order); into `out` the tangent tr (`base` None: pass 3), or the output
 /// ((mean·cos tn) + (tr·sin_tn))·avg (+ b, where `base` is Some(b) with a base model).
-fn ms_from_units(st: &MsBf16, u: &[&[f32]], base: Option<Option<&[f32]>>, out: &mut Vec<f32>) {
+fn ms_from_units(st: &MsBf16, u: &[&[f32]], base: Option<Option<&[f32]>>, out: &mut [f32]) {
     #[inline(always)]
-    fn go(st: &MsBf16, u: &[&[f32]], base: Option<Option<&[f32]>>, out: &mut Vec<f32>) {
+    fn go(st: &MsBf16, u: &[&[f32]], base: Option<Option<&[f32]>>, out: &mut [f32]) {
         const B: usize = 512;
         let m = u[0].len();
-        if out.len() != m {
-            out.resize(m, 0.0);
-        }
+        let out = &mut out[..m];
         let (c, s, avg, mn) = (st.cos_tn, st.sin_tn, st.avg, st.mn);
         for j0 in (0..m).step_by(B) {
             let nb = B.min(m - j0);
@@ -1390,7 +1258,7 @@ fn ms_from_units(st: &MsBf16, u: &[&[f32]], base: Option<Option<&[f32]>>, out: &
         go,
         go_avx512,
         go_avx2,
-        (st: &MsBf16, u: &[&[f32]], base: Option<Option<&[f32]>>, out: &mut Vec<f32>)
+        (st: &MsBf16, u: &[&[f32]], base: Option<Option<&[f32]>>, out: &mut [f32])
     )
 }
 
@@ -1992,13 +1860,12 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
             }
             // mergekit's float32 (or bf16) operations replayed with torch's sequential float32
             // norms: exact arithmetic differs from mergekit's output by up to 0.2% on large tensors
-            let limit = MS_CACHE_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
-            let st =
-                if !job.bf16_compute && nsrc.saturating_mul(job.numel).saturating_mul(4) <= limit {
-                    multislerp_cached(ctx, ctl, deltas)?
-                } else {
-                    multislerp_replay(ctx, ctl, deltas, job.bf16_compute)?
-                };
+            let fast = MS_FAST.load(std::sync::atomic::Ordering::Relaxed);
+            let st = if !job.bf16_compute && fast {
+                multislerp_f32(ctx, ctl, deltas)?
+            } else {
+                multislerp_replay(ctx, ctl, deltas, job.bf16_compute)?
+            };
             Ok(Stats::MultislerpBf16 { deltas, st })
         }
         Kernel::ArceeFusion => {
@@ -2300,14 +2167,17 @@ pub(crate) fn compute(
                 out[j] = if *deltas { rb(b0 + r) } else { r };
             }
         }
-        Stats::MultislerpBf16 { deltas, st } if st.cache.is_some() => {
-            let c = &st.cache.as_ref().unwrap().0 .0;
-            let u: Vec<&[f32]> = c.iter().map(|v| &v[a..a + m]).collect();
-            let b = if *deltas { Some(&base[..m]) } else { None };
-            MS_OUT.with(|o| {
-                let o = &mut *o.borrow_mut();
-                ms_from_units(st, &u, Some(b), o);
-                out[..m].copy_from_slice(o);
+        Stats::MultislerpBf16 { deltas, st } if st.units => {
+            let n = st.w.len();
+            MS_BUFS.with(|c| {
+                let (v, _) = &mut *c.borrow_mut();
+                v.resize_with(n, Vec::new);
+                for (i, vi) in v.iter_mut().enumerate() {
+                    units_of(st.normq[i], *deltas, &srcs[i][..m], &base[..m], vi);
+                }
+                let u: Vec<&[f32]> = v.iter().take(n).map(|x| &x[..m]).collect();
+                let b = if *deltas { Some(&base[..m]) } else { None };
+                ms_from_units(st, &u, Some(b), &mut out[..m]);
             });
         }
         Stats::MultislerpBf16 { deltas, st } => {
@@ -2541,23 +2411,21 @@ mod tests {
         );
         assert_eq!(got, run("o2", 1, 1000));
         assert_eq!(got, run("o3", 3, 70_001));
-        // the tensor is within MS_CACHE_BYTES (the passes over kept arrays); the passes over the
-        // inputs (larger tensors) give the same output (another test running meanwhile may take
-        // either path: both give the same results)
+        // `multislerp_f32` (above) and the general replay give the same output (another test
+        // running meanwhile may take either path: both give the same results)
         use std::sync::atomic::Ordering::Relaxed;
-        assert!(2 * n * 4 <= MS_CACHE_BYTES);
-        MS_CACHE_LIMIT.store(0, Relaxed);
-        let uncached = run("o4", 2, 1 << 20);
-        let uncached1 = run("o5", 1, 1000);
-        MS_CACHE_LIMIT.store(MS_CACHE_BYTES, Relaxed);
-        assert_eq!(got, uncached);
-        assert_eq!(got, uncached1);
+        MS_FAST.store(false, Relaxed);
+        let replay = run("o4", 2, 1 << 20);
+        let replay1 = run("o5", 1, 1000);
+        MS_FAST.store(true, Relaxed);
+        assert_eq!(got, replay);
+        assert_eq!(got, replay1);
     }
 
-    /// multislerp over kept unit vectors equals the passes over the inputs bit for bit: three
-    /// sources with and without a base, unnormalised weights, several thread counts and chunks.
+    /// `multislerp_f32` equals the general replay bit for bit: three sources with and without a
+    /// base, unnormalised weights, several thread counts and chunks.
     #[test]
-    fn multislerp_kept_arrays_equal_the_passes_over_the_inputs() {
+    fn multislerp_f32_equals_the_replay() {
         use crate::dtype::load_f32;
         use crate::merge::{run_merge, Control};
         use crate::safetensors::read::Model;
@@ -2614,12 +2482,12 @@ mod tests {
             v.iter().map(|x| x.to_bits()).collect()
         };
         for with_base in [true, false] {
-            let kept = run(&format!("k{with_base}"), with_base, 2, 1 << 20);
-            assert_eq!(kept, run(&format!("k1{with_base}"), with_base, 1, 5_000));
-            MS_CACHE_LIMIT.store(0, Relaxed);
+            let fast = run(&format!("k{with_base}"), with_base, 2, 1 << 20);
+            assert_eq!(fast, run(&format!("k1{with_base}"), with_base, 1, 5_000));
+            MS_FAST.store(false, Relaxed);
             let passes = run(&format!("p{with_base}"), with_base, 3, 70_001);
-            MS_CACHE_LIMIT.store(MS_CACHE_BYTES, Relaxed);
-            let bad = kept.iter().zip(&passes).filter(|(a, b)| a != b).count();
+            MS_FAST.store(true, Relaxed);
+            let bad = fast.iter().zip(&passes).filter(|(a, b)| a != b).count();
             assert_eq!(bad, 0, "base {with_base}: {bad} of {n} elements differ");
         }
     }
