@@ -676,10 +676,6 @@ pub struct MsBf16 {
 /// gives the same output).
 static MS_FAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Nothing to free any more: multislerp no longer keeps arrays between tensors (a caller in
-/// mod.rs still calls it; it can go).
-pub fn release_ms_pool() {}
-
 type MsBufs = (Vec<Vec<f32>>, [Vec<f32>; 3]);
 
 thread_local! {

@@ -341,8 +341,6 @@ pub fn run_merge(plan_json: &str, ctl: &Control) -> Result<Summary> {
         .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
     let result =
         pool.install(|| execute(&models, &jobs, &writer, plan.chunk_elems, plan.seed, ctl));
-    // multislerp keeps its arrays for the next tensor: give them back once the merge is done
-    methods_sph::release_ms_pool();
     match result {
         Ok(()) => {
             let files = writer.finish()?;
