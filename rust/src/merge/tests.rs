@@ -1050,7 +1050,7 @@ fn della_masks_follow_the_row_ranks_whatever_threads_chunks_and_cache() {
 #[test]
 fn ordered_float_sums_do_not_depend_on_threads() {
     // values whose f64 sum depends on the order of the additions (a few large, many small)
-    let n = 300_001;
+    let n = 1_000_003;
     let v: Vec<f32> = (0..n)
         .map(|i| {
             let x = (i as f32 * 0.618).sin();
