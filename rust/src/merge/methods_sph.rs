@@ -1511,71 +1511,24 @@ where
     V: Fn(usize, &super::Scratch, usize, &mut Vec<f32>) + Sync + Send,
     F: FnOnce(&[u64], u64) -> Vec<u64>,
 {
-    let (hist, zeros) = fold_groups(
-        ctx,
-        ctl,
-        deltas,
-        || (vec![0u64; HI_BINS], 0u64, Vec::new()),
-        |(h, z, buf), _c, a, s, m| {
-            vals(a, s, m, buf);
-            hist_add(h, z, &buf[..m]);
-        },
-        |(mut h1, z1, b), (h2, z2, _)| {
-            for (x, y) in h1.iter_mut().zip(h2) {
-                *x += y;
-            }
-            (h1, z1 + z2, b)
-        },
-    )
-    .map(|(h, z, _)| (h, z))?;
-    select_rest(ctx, ctl, deltas, tie_split, vals, hist, zeros, ranks)
-}
-
-/// How many accumulators `fold_groups` folds `n` work items into: two per thread.
-fn fold_group_count(n: usize) -> usize {
-    (2 * rayon::current_num_threads().max(1)).clamp(1, n.max(1))
-}
-
-/// `ctx.fold` with a fixed number of accumulators (`fold_group_count`, each over a run of
-/// consecutive chunks) instead of one per rayon split: the histograms of the selections are up
-/// to 1.5 MB each, and zeroing fresh ones for every split cost about 6% of arcee_fusion's CPU
-/// time (page faults and memset). For accumulators whose reduction does not depend on the
-/// grouping (integer counts, minima); reduced in group order.
-fn fold_groups<T, I, F, R>(
-    ctx: &Ctx,
-    ctl: &Control,
-    deltas: bool,
-    init: I,
-    f: F,
-    reduce: R,
-) -> Result<T>
-where
-    T: Send,
-    I: Fn() -> T + Sync + Send,
-    F: Fn(&mut T, usize, usize, &super::Scratch, usize) + Sync + Send,
-    R: Fn(T, T) -> T + Sync + Send,
-{
-    let nc = ctx.nchunks;
-    let g = fold_group_count(nc);
-    let nsrc = ctx.job.sources.len();
-    let parts: Vec<T> = (0..g)
-        .into_par_iter()
-        .map(|k| {
-            let mut acc = init();
-            for c in k * nc / g..(k + 1) * nc / g {
-                if ctl.check().is_err() {
-                    break;
+    let (hist, zeros) = ctx
+        .fold_groups(
+            ctl,
+            deltas,
+            || (vec![0u64; HI_BINS], 0u64, Vec::new()),
+            |(h, z, buf), _c, a, s, m| {
+                vals(a, s, m, buf);
+                hist_add(h, z, &buf[..m]);
+            },
+            |(mut h1, z1, b), (h2, z2, _)| {
+                for (x, y) in h1.iter_mut().zip(h2) {
+                    *x += y;
                 }
-                with_scratch(nsrc, ctx.chunk, |s| {
-                    let (a, m) = ctx.load_chunk(c, s, deltas);
-                    f(&mut acc, c, a, s, m);
-                });
-            }
-            acc
-        })
-        .collect();
-    ctl.check()?;
-    Ok(parts.into_iter().reduce(reduce).unwrap_or_else(init))
+                (h1, z1 + z2, b)
+            },
+        )
+        .map(|(h, z, _)| (h, z))?;
+    select_rest(ctx, ctl, deltas, tie_split, vals, hist, zeros, ranks)
 }
 
 /// Pass 1 of `select_by` on values `xs`: the top-15-bit key histogram and the count of zeros.
@@ -1624,8 +1577,7 @@ where
     let lo = if nb == 0 {
         Vec::new()
     } else {
-        fold_groups(
-            ctx,
+        ctx.fold_groups(
             ctl,
             deltas,
             || (vec![0u64; nb * LO_BINS], Vec::new()),
@@ -1663,8 +1615,7 @@ where
     let counts = if ns == 0 {
         Vec::new()
     } else {
-        fold_groups(
-            ctx,
+        ctx.fold_groups(
             ctl,
             deltas,
             || (vec![0u64; nc * ns], Vec::new()),
@@ -1872,7 +1823,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
             let mut kl = vec![0f32; nrows];
             // a fixed number of groups of consecutive rows, each with one histogram (not one
             // per rayon split: see `fold_groups`)
-            let per = nrows.div_ceil(fold_group_count(nrows)).max(1);
+            let per = nrows.div_ceil(super::fold_group_count(nrows)).max(1);
             let parts: Vec<(Vec<u64>, u64)> = kl
                 .par_chunks_mut(per)
                 .enumerate()
@@ -1958,8 +1909,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
 
 /// The smallest importance (for a quantile position of 0).
 fn min_importance(ctx: &Ctx, ctl: &Control, len: usize, kl: &[f32]) -> Result<f32> {
-    fold_groups(
-        ctx,
+    ctx.fold_groups(
         ctl,
         false,
         || (f32::INFINITY, Vec::new()),
