@@ -896,15 +896,33 @@ fn unit_dot(x: &[f32], q: f32, y: &[f32]) -> f64 {
     crate::dtype::avx2_dispatch!(go, go_avx2, (x: &[f32], q: f32, y: &[f32]) -> f64)
 }
 
-/// mergekit's multislerp scalars (bf16 or float32 compute): ordered passes for the sources'
-/// norms, the mean's norm (with the dots under float32), the dots (bf16), the tangent's norm.
-#[allow(clippy::needless_range_loop)]
-fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Result<MsBf16> {
+/// After the mean's norm `st.mn`: whether the weighted mean of the unit task vectors vanishes
+/// (below `eps`) for two sources, which fall back to linear (`mn` = 0); for more sources that is
+/// an error.
+fn ms_mean_vanishes(st: &mut MsBf16, eps: f32, job: &Job) -> Result<bool> {
+    let n = job.sources.len();
+    if st.mn < eps {
+        if n == 2 {
+            st.mn = 0.0; // the linear fallback
+            return Ok(true);
+        }
+        return Err(Error::Mismatch(format!(
+            "multislerp, tensor '{}': the weighted mean of the {n} unit task vectors is zero \
+             (antipodal vectors whose weights balance out); give different weights",
+            job.name
+        )));
+    }
+    Ok(false)
+}
+
+/// multislerp's first pass and the scalars it gives (the rest zero): the sources' torch
+/// float32 norms ‖v_i‖ and ‖v_i‖ + `eps`, the weights (normalised unless `normalize_weights` is
+/// false) and Σ w_i·‖v_i‖, each rounded to bf16 under bf16 compute.
+fn ms_start(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool, eps: f32) -> Result<MsBf16> {
     let job = ctx.job;
     let n = job.sources.len();
     let numel = job.numel;
     let r = |x: f32| if bf16 { rb(x) } else { x };
-    let eps = num(job, "eps", 1e-8) as f32;
     // the sources' norms
     let mut lanes: Vec<TorchNorm> = (0..n).map(|_| TorchNorm::new(numel)).collect();
     ordered_pass(
@@ -927,7 +945,7 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         let sum = r(w.iter().fold(0f32, |s, &x| s + x));
         w.iter_mut().for_each(|x| *x = r(*x / sum));
     }
-    let mut st = MsBf16 {
+    Ok(MsBf16 {
         bf16,
         avg: r(norm.iter().zip(&w).fold(0f32, |s, (&a, &b)| s + r(a * b))),
         norm,
@@ -938,7 +956,19 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         cos_tn: 0.0,
         sin_tn: 0.0,
         units: false,
-    };
+    })
+}
+
+/// mergekit's multislerp scalars (bf16 or float32 compute): ordered passes for the sources'
+/// norms, the mean's norm (with the dots under float32), the dots (bf16), the tangent's norm.
+#[allow(clippy::needless_range_loop)]
+fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Result<MsBf16> {
+    let job = ctx.job;
+    let n = job.sources.len();
+    let numel = job.numel;
+    let r = |x: f32| if bf16 { rb(x) } else { x };
+    let eps = num(job, "eps", 1e-8) as f32;
+    let mut st = ms_start(ctx, ctl, deltas, bf16, eps)?;
     // the weighted mean's norm; under float32 compute also Σ u_i·raw for the dots (one pass less)
     let mut ln = TorchNorm::new(numel);
     let mut ur = vec![0f64; n];
@@ -970,16 +1000,8 @@ fn multislerp_replay(ctx: &Ctx, ctl: &Control, deltas: bool, bf16: bool) -> Resu
         },
     )?;
     st.mn = r(ln.norm());
-    if st.mn < eps {
-        if n == 2 {
-            st.mn = 0.0; // the linear fallback
-            return Ok(st);
-        }
-        return Err(Error::Mismatch(format!(
-            "multislerp, tensor '{}': the weighted mean of the {n} unit task vectors is zero \
-             (antipodal vectors whose weights balance out); give different weights",
-            job.name
-        )));
+    if ms_mean_vanishes(&mut st, eps, job)? {
+        return Ok(st);
     }
     if bf16 {
         // dots_i = r(Σ r(u_i·mean)) (torch's float32 sum; here in f64, then rounded)
@@ -1034,41 +1056,9 @@ fn multislerp_f32(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<MsBf16> {
     let job = ctx.job;
     let n = job.sources.len();
     let numel = job.numel;
+    // pass 1: the sources' norms, and the scalars from them
     let eps = num(job, "eps", 1e-8) as f32;
-    // pass 1: the sources' norms
-    let mut lanes: Vec<TorchNorm> = (0..n).map(|_| TorchNorm::new(numel)).collect();
-    ordered_pass(
-        ctx,
-        ctl,
-        deltas,
-        n,
-        true,
-        |_, _, _| {},
-        |a, (), vals| {
-            for (l, x) in lanes.iter_mut().zip(vals) {
-                l.add(a, x);
-            }
-        },
-    )?;
-    let norm: Vec<f32> = lanes.iter().map(|l| l.norm()).collect();
-    let normq: Vec<f32> = norm.iter().map(|&x| x + eps).collect();
-    let mut w: Vec<f32> = job.weights.to_vec();
-    if flag(job, "normalize_weights", true) {
-        let sum = w.iter().fold(0f32, |s, &x| s + x);
-        w.iter_mut().for_each(|x| *x /= sum);
-    }
-    let mut st = MsBf16 {
-        bf16: false,
-        avg: norm.iter().zip(&w).fold(0f32, |s, (&a, &b)| s + a * b),
-        norm,
-        normq,
-        w,
-        mn: 0.0,
-        dots: vec![0.0; n],
-        cos_tn: 0.0,
-        sin_tn: 0.0,
-        units: false,
-    };
+    let mut st = ms_start(ctx, ctl, deltas, false, eps)?;
     // pass 2: the weighted mean's norm and Σ u_i·raw
     let mut ln = TorchNorm::new(numel);
     let mut ur = vec![0f64; n];
@@ -1091,16 +1081,8 @@ fn multislerp_f32(ctx: &Ctx, ctl: &Control, deltas: bool) -> Result<MsBf16> {
         },
     )?;
     st.mn = ln.norm();
-    if st.mn < eps {
-        if n == 2 {
-            st.mn = 0.0; // the linear fallback
-            return Ok(st);
-        }
-        return Err(Error::Mismatch(format!(
-            "multislerp, tensor '{}': the weighted mean of the {n} unit task vectors is zero \
-             (antipodal vectors whose weights balance out); give different weights",
-            job.name
-        )));
+    if ms_mean_vanishes(&mut st, eps, job)? {
+        return Ok(st);
     }
     st.dots = ur.iter().map(|&x| (x / st.mn as f64) as f32).collect();
     // pass 3: the tangent's norm
