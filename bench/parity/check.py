@@ -382,6 +382,12 @@ class Inputs:
 EXPLAIN: dict[str, Any] = {}
 
 
+def bf16_step(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The bf16 number k representable steps from the positive bf16 number x."""
+    bits = int(x.to(torch.bfloat16).view(torch.int16)) + k
+    return torch.tensor(bits, dtype=torch.int16).view(torch.bfloat16)
+
+
 def fit_scale(out: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, weight: float,
               s: dict[str, Any]) -> torch.Tensor:
     """The rescale factor of one donor, read off the elements that this donor alone moves.
@@ -480,17 +486,16 @@ def check_random(cfg: dict[str, Any], ours: dict[str, torch.Tensor], ref: dict[s
                 break
             scales = new_scales
             best, known, kept = classify(out, base, deltas, dens, weights, s, scales)
+        laddered = [False] * nd
         for i in range(nd):
             cur = scales[i]
-            if cur is None or not hidden[i] or inp.dt == torch.float32 or not bool((best > 1).any()):
+            if cur is None or inp.dt == torch.float32 or not bool((best > 1).any()):
                 continue
-            # bf16 compute: the factor is a bf16 number; where the fitted one leaves elements unexplained,
-            # take the bf16 neighbour that reproduces the most (checked below against the mask's bounds)
-            ladder, up, down = [cur], cur.float(), cur.float()
-            for _ in range(3):
-                up = (up * (1 + 2 ** -8)).to(inp.dt).float()
-                down = (down * (1 - 2 ** -9)).to(inp.dt).float()
-                ladder += [up.to(inp.dt), down.to(inp.dt)]
+            # bf16 compute: mergekit's factor is r(r(Σ|d|) / r(Σ|d·m|)), a bf16 number from bf16 sums, and
+            # the mask's ambiguous elements (those whose keep/drop gives the same output) leave the
+            # recomputed one a bf16 step or two away; where it leaves elements unexplained, take the bf16
+            # neighbour (up to 3 steps) that reproduces the most (checked below against the mask's bounds)
+            ladder = [cur] + [bf16_step(cur, k) for k in (1, -1, 2, -2, 3, -3)]
             scored = []
             for cand in ladder:
                 trial = list(scales)
@@ -498,11 +503,12 @@ def check_random(cfg: dict[str, Any], ours: dict[str, torch.Tensor], ref: dict[s
                 scored.append((int((classify(out, base, deltas, dens, weights, s, trial)[0] > 1).sum()),
                                abs(float(cand) - float(cur)), cand))
             scales[i] = min(scored, key=lambda x: (x[0], x[1]))[2]
+            laddered[i] = float(scales[i]) != float(cur)
             best, known, kept = classify(out, base, deltas, dens, weights, s, scales)
         for i, d in enumerate(deltas):
             # (tiny tensors, e.g. bf16 norm weights with a handful of nonzero deltas, leave the mask too
             # ambiguous for the bounds to mean anything: checked from 1024 nonzero deltas on)
-            if scales[i] is not None and hidden[i] and int((d != 0).sum()) >= 1024:
+            if scales[i] is not None and (hidden[i] or laddered[i]) and int((d != 0).sum()) >= 1024:
                 before = float(d.abs().sum())
                 amb_l1 = float((d.abs() * (~known[i]).to(d.dtype)).sum())
                 after_known = float((d * kept[i].to(d.dtype)).abs().sum())

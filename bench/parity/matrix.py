@@ -63,10 +63,10 @@ def cfg(method: str, models: list[dict[str, Any]] | None = None, base: str | Non
 
 # mergekit's whole-tensor reductions under dtype: bfloat16 (norms, dot products, sums to one value) run in
 # torch's two-pass parallel reduction above 32768 elements: one partial sum per torch thread, each rounded
-# to bf16, so the result depends on mergekit's thread count. finrecipe sums exactly and rounds once.
-BF16_WHOLE_SUMS = ("by design (bf16 row only): mergekit's whole-tensor bf16 sums are per-thread partial sums "
-                   "rounded to bf16 (tensors above torch's 32768-element grain), so they depend on its thread count; "
-                   "finrecipe sums exactly")
+# to bf16, so the result depends on mergekit's thread count. finrecipe sums in order and rounds once, as
+# mergekit does with one thread (run.py's ORACLE_ENV runs the oracle so).
+BF16_WHOLE_SUMS = ("bf16 row: mergekit's whole-tensor bf16 sums are per-thread partial sums rounded to bf16, so "
+                   "its output depends on its thread count; finrecipe's equals its one-thread output")
 
 ATTN_MLP_RULES = [{"filter": "self_attn", "value": 0.8}, {"filter": "mlp", "value": 0.2}, {"value": 0.5}]
 
@@ -133,7 +133,7 @@ CASES: list[Case] = [
     Case("breadcrumbs-rescale", "llama", "topk",
          cfg("breadcrumbs", [m("instruct", weight=1.0, density=0.5, gamma=0.1), m("cpt", weight=1.0, density=0.5)],
              parameters={"rescale": True}),
-         note="by design (bf16 row only): mergekit's bf16 L1 sums are partial sums rounded to bf16 per torch thread, so its rescale factor depends on its thread count; finrecipe sums exactly"),
+         note=BF16_WHOLE_SUMS),
     Case("breadcrumbs_ties", "llama", "topk",
          cfg("breadcrumbs_ties", [m("instruct", weight=1.0, density=0.7, gamma=0.05),
                                   m("cpt", weight=1.0, density=0.6, gamma=0.02)]), ci=True, note="issue 10"),
@@ -144,18 +144,16 @@ CASES: list[Case] = [
     Case("dare_linear-1", "llama", "random",
          cfg("dare_linear", [m("instruct", weight=0.8, density=0.6)]), ci=True),
     Case("dare_linear-2", "qwen2", "random",
-         cfg("dare_linear", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=0.5, density=0.7)]),
-         note="checker limit (bf16 row): two-donor bf16 masks not decomposable"),
+         cfg("dare_linear", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=0.5, density=0.7)])),
     Case("dare_linear-norescale", "mixtral", "random",
          cfg("dare_linear", [m("instruct", weight=1.0, density=0.4)], parameters={"rescale": False})),
     Case("dare_ties-1", "llama", "random",
          cfg("dare_ties", [m("instruct", weight=1.0, density=0.3)], parameters={"lambda": 0.9})),
     Case("dare_ties-2", "llama", "random",
-         cfg("dare_ties", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=1.0, density=0.5)]),
-         note="checker limit (bf16 row): two-donor bf16 masks not decomposable"),
+         cfg("dare_ties", [m("instruct", weight=1.0, density=0.5), m("cpt", weight=1.0, density=0.5)])),
     Case("della-1", "llama", "random",
          cfg("della", [m("instruct", weight=1.0, density=0.5, epsilon=0.2)]),
-         note="by design (bf16 row only): mergekit's bf16 L1 sums are partial sums rounded to bf16 per torch thread, so its rescale factor depends on its thread count; finrecipe sums exactly"),
+         note=BF16_WHOLE_SUMS),
     Case("della-2", "llama", "random",
          cfg("della", [m("instruct", weight=1.0, density=0.6), m("cpt", weight=0.7, density=0.4, epsilon=0.1)])),
     Case("della_linear-1", "llama", "random",
@@ -197,7 +195,7 @@ CASES: list[Case] = [
     # ---- others --------------------------------------------------------------------------------------------
     Case("model_stock", "llama", "exact", cfg("model_stock", [m("instruct"), m("cpt"), m("far")]),
          note=BF16_WHOLE_SUMS + " (its mean cos of embed_tokens: -0.000576 with 1 thread, -0.000572 "
-              "with 2); every tensor below the grain is bit-identical"),
+              "with 2)"),
     Case("model_stock-filter_wise", "mixtral", "exact",
          cfg("model_stock", [m("instruct"), m("cpt")], parameters={"filter_wise": True})),
     Case("passthrough-slices", "llama", "exact", cfg("passthrough", base=None, slices=[

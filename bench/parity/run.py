@@ -24,6 +24,17 @@ import sysconfig
 import time
 from pathlib import Path
 
+# The oracle's arithmetic, fixed so that its output does not depend on the machine: mergekit's bf16
+# whole-tensor sums (norms, L1 rescale factors, model_stock's cosines) are torch's two-pass parallel
+# reductions, one partial sum per torch thread rounded to bf16, so they change with the thread count;
+# and torch's vectorised CPU kernels (softmax's fast exp, Sleef log) change in the last bits with the
+# CPU's vector width. One thread and ATen's scalar kernels give the sequential reference, the same on
+# every machine. The checker (check.py, this process) recomputes bf16 sums too, so it runs the same way;
+# finrecipe runs with its defaults (its results do not depend on its thread count).
+ORACLE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default"}
+_OUTER_ENV = {k: os.environ.get(k) for k in ORACLE_ENV}
+os.environ.update(ORACLE_ENV)  # before torch is imported (check.py)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check import Result, compare  # noqa: E402
@@ -58,6 +69,7 @@ def ensure_mergekit() -> Path:
 
 
 def mergekit_version(py: Path) -> str:
+    """mergekit's and torch's versions as the oracle reports them."""
     r = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
                        capture_output=True, text=True)
     v = r.stdout.split()
@@ -77,8 +89,14 @@ def slug(case: Case, dtype: str) -> str:
 
 def run_finrecipe(exe: list[str], config: Path, out: Path) -> tuple[bool, str, float]:
     t0 = time.perf_counter()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    for k, v in _OUTER_ENV.items():  # finrecipe as the user runs it, not under the oracle's settings
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     r = subprocess.run([*exe, "merge", str(config), str(out), "--overwrite", "-q", "--seed", "0"],
-                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+                       capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
@@ -125,7 +143,7 @@ def main() -> int:
         d.mkdir(parents=True, exist_ok=True)
         text = json.dumps(cfg, indent=2)  # JSON is YAML; both tools read the same file
         (d / "config.yml").write_text(text)
-        key = hashlib.sha256((text + version + models_version).encode()).hexdigest()[:16]
+        key = hashlib.sha256((text + version + models_version + json.dumps(ORACLE_ENV)).encode()).hexdigest()[:16]
         dirs[(case.name, dt)] = (d, cfg)
         done = d / "mergekit.done"
         if done.is_file() and done.read_text() == key and (d / "mergekit").is_dir():
@@ -184,7 +202,10 @@ def render(rows: list[tuple[Case, str, Result]], version: str) -> str:
         v = r.verdict + (" (by design)" if r.verdict != "pass" and _by_design(c, dt) else "")
         by[v] = by.get(v, 0) + 1
     lines = [
-        f"Oracle: {version}, run from its own venv (`make parity`, bench/parity/). Small bf16 trios built "
+        f"Oracle: {version}, run from its own venv (`make parity`, bench/parity/) with one torch thread and "
+        "ATen's scalar CPU kernels (`OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default`: its bf16 whole-tensor "
+        "sums depend on its thread count, its vectorised exp and log on the CPU's vector width; finrecipe runs "
+        "with its defaults). Small bf16 trios built "
         "locally (llama 4 layers; qwen2 with tied embeddings; mixtral with 4 experts). `f32` rows: "
         "`dtype: float32, out_dtype: bfloat16` (random rules: `dtype: float32`, float32 output); "
         "`bf16` rows: `dtype: bfloat16`. Rules: exact = every element within 1 bf16 ulp; topk = elements "
