@@ -32,6 +32,7 @@ $(EXT_BUILT): $(INSTALLED) $(RUST_SRC)
 	  so, = [n for n in z.namelist() if n.startswith("finrecipe/_core") and n.endswith(".so")]; \
 	  dst = os.path.join("python", so); tmp = dst + ".new"; \
 	  open(tmp, "wb").write(z.read(so)); os.chmod(tmp, 0o755); os.replace(tmp, dst)'
+	$(PY) -m compileall -q python/finrecipe > /dev/null  # byte-compiled as an installed package is
 	touch $@
 
 build: $(EXT_BUILT)

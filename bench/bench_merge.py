@@ -561,6 +561,11 @@ def main() -> None:
         env["PYTHONPATH"] = str(pkg)
     else:
         code = f"the working tree ({tree_state()})"
+    # finrecipe's modules byte-compiled, as an installed package has them (pip compiles mergekit's at
+    # install; an editable checkout under PYTHONDONTWRITEBYTECODE would recompile every module on
+    # every start, about 50 ms a run)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(pkg / "finrecipe") if a.snapshot
+                    else str(ROOT / "python" / "finrecipe")], check=True, stdout=subprocess.DEVNULL)
     log(f"finrecipe: {code}")
     implemented = finrecipe_methods()
     methods = [] if a.render else implemented if a.methods == "all" else [x.strip() for x in a.methods.split(",") if x.strip()]

@@ -20,15 +20,18 @@ class _Group(click.Group):
     """Turns finrecipe errors into a one-line message and an exit code; never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from finrecipe.cli.ui import console_err
         from finrecipe.errors import FinrecipeError
 
         try:
             return super().invoke(ctx)
         except FinrecipeError as e:
+            from finrecipe.cli.ui import console_err  # rich only where a message is printed
+
             console_err().print(f"[bold red]error:[/] {_escape(str(e))}", soft_wrap=True)  # one line: greppable
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
+            from finrecipe.cli.ui import console_err
+
             console_err().print("[yellow]interrupted[/]: nothing half-written was left behind; "
                                 "run the same command again to continue.")
             sys.exit(130)

@@ -63,17 +63,29 @@ def merge_cmd(config: Path, out_dir: Path, threads: int, force_threads: bool, ou
     renames it into place; the hidden directory of a killed merge is removed by the next merge to
     the same OUT_DIR. Exit codes: 0 done, 2 bad input (config, model files), 1 failure (OUT_DIR
     exists, disk full, ...), 130 interrupted."""
-    from finrecipe.cli.ui import RichProgress, console_err
     from finrecipe.merge import load_merge_config, run_merge
 
     cfg = load_merge_config(config)
-    with RichProgress(quiet=quiet) as progress:
+    if quiet:  # no bars: rich is not even imported (a quiet merge's start-up time is part of its cost)
+        from finrecipe.progress import NullProgress
+
         res = run_merge(cfg, out_dir, threads=threads, out_shard_size=out_shard_size, seed=seed,
-                        overwrite=overwrite, progress=progress, force_threads=force_threads)
-    for note in res.notes:
-        console_err().print(f"[yellow]note[/] {note}")
+                        overwrite=overwrite, progress=NullProgress(), force_threads=force_threads)
+    else:
+        from finrecipe.cli.ui import RichProgress
+
+        with RichProgress() as progress:
+            res = run_merge(cfg, out_dir, threads=threads, out_shard_size=out_shard_size, seed=seed,
+                            overwrite=overwrite, progress=progress, force_threads=force_threads)
+    if res.notes:
+        from finrecipe.cli.ui import console_err
+
+        for note in res.notes:
+            console_err().print(f"[yellow]note[/] {note}")
     rate = res.total_bytes / res.seconds if res.seconds > 0 else 0.0
     if not quiet:
+        from finrecipe.cli.ui import console_err
+
         console_err().print(
             f"[green]merged[/] {res.method}: {res.tensors} tensors, {human_bytes(res.total_bytes, 2)} "
             f"in {res.seconds:.1f}s ({human_bytes(rate, 2)}/s) -> {res.out_dir}")
