@@ -410,12 +410,9 @@ def test_random_scaled_deltas_fail(verdicts: dict[str, Any], key: str) -> None:
     assert_fail(verdicts, key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checker gap: with sign election (dare_ties, 2 donors) check_random keeps the rescale factor fitted "
-    "to the output and only bounds it by the worst-case interval [L1/(L1 known-kept + L1 ambiguous), "
-    "L1/L1 known-kept], about -6.5%..+7.5% around the true factor on this tensor, so a tensor whose "
-    "deltas are all 5% too large passes"))
 def test_random_scaled_deltas_fail_with_sign_election(verdicts: dict[str, Any]) -> None:
+    # sign election hides some of a donor's masks; the factor is still bounded statistically (the hidden
+    # entries' kept L1 within 5σ of Σ p·|d|), so 5% too large fails
     assert_fail(verdicts, "dare_ties-2-f32-scaled", unexplained=False)
 
 

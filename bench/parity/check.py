@@ -437,6 +437,20 @@ def classify(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], 
     return best, known, kept
 
 
+def keep_prob(s: dict[str, Any], d: torch.Tensor, shape: torch.Size, density: float, epsilon: float) -> torch.Tensor:
+    """Each element's keep probability (float64, flat): the density (DARE), or DELLA's
+    density - ε + 2ε·(rank of |d| in its row) / (columns - 1)."""
+    if s["sparsify"] != "della":
+        return torch.full((d.numel(),), density, dtype=torch.float64)
+    x = d.reshape(shape)
+    x = x.unsqueeze(0) if x.dim() < 2 else x
+    rows = x.abs().reshape(x.shape[0], -1).float()
+    ranks = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1).double()
+    ncol = rows.shape[1]
+    rn = ranks / (ncol - 1) if ncol > 1 else torch.zeros_like(ranks)
+    return ((density - epsilon) + rn * 2 * epsilon).reshape(-1)
+
+
 def check_random(cfg: dict[str, Any], ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
                  res: Result) -> Result:
     inp = Inputs(cfg)
@@ -510,9 +524,18 @@ def check_random(cfg: dict[str, Any], ours: dict[str, torch.Tensor], ref: dict[s
             # ambiguous for the bounds to mean anything: checked from 1024 nonzero deltas on)
             if scales[i] is not None and (hidden[i] or laddered[i]) and int((d != 0).sum()) >= 1024:
                 before = float(d.abs().sum())
-                amb_l1 = float((d.abs() * (~known[i]).to(d.dtype)).sum())
+                amb = ~known[i]
+                amb_l1 = float((d.abs() * amb.to(d.dtype)).sum())
                 after_known = float((d * kept[i].to(d.dtype)).abs().sum())
-                lo_s, hi_s = before / max(after_known + amb_l1, 1e-30), before / max(after_known, 1e-30)
+                # the kept part of the ambiguous L1: each hidden mask entry is an independent draw with
+                # its keep probability p (which of a donor's masks sign election hides depends on the
+                # other donors' masks, not on its own), so it lies within 5σ of Σ p·|d| (σ² = Σ p(1-p)·d²)
+                # as well as within [0, amb_l1]
+                pa = keep_prob(s, d, ours[name].shape, dens[i], eps[i])[amb]
+                da = d.double().abs()[amb]
+                mean, sd = float((pa * da).sum()), math.sqrt(float((pa * (1 - pa) * da * da).sum()))
+                amb_lo, amb_hi = max(0.0, mean - 5 * sd), min(amb_l1, mean + 5 * sd)
+                lo_s, hi_s = before / max(after_known + amb_hi, 1e-30), before / max(after_known + amb_lo, 1e-30)
                 sc = float(scales[i])  # type: ignore[arg-type]
                 tol = 1e-5 if inp.dt == torch.float32 else 2.0 ** -6
                 if not (lo_s * (1 - tol) <= sc <= hi_s * (1 + tol)):
@@ -525,16 +548,7 @@ def check_random(cfg: dict[str, Any], ours: dict[str, torch.Tensor], ref: dict[s
             if dens[i] >= 1:
                 continue
             info = known[i] & (d != 0)
-            if s["sparsify"] == "della":
-                x = d.reshape(ours[name].shape)
-                x = x.unsqueeze(0) if x.dim() < 2 else x
-                rows = x.abs().reshape(x.shape[0], -1).float()
-                ranks = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1).double()
-                ncol = rows.shape[1]
-                rn = ranks / (ncol - 1) if ncol > 1 else torch.zeros_like(ranks)
-                p = (dens[i] - eps[i]) + rn.reshape(-1) * 2 * eps[i]
-            else:
-                p = torch.full((d.numel(),), dens[i], dtype=torch.float64)
+            p = keep_prob(s, d, ours[name].shape, dens[i], eps[i])
             k = float(kept[i][info].sum())
             e = float(p[info].sum())
             v = float((p[info] * (1 - p[info])).sum())
