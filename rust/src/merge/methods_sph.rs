@@ -25,9 +25,11 @@
 //!   Q_j) over the row (last dimension) with P = softmax(p) + 1e-8, Q = softmax(b) + 1e-8; threshold
 //!   = median + 1.5·(q₃ − q₁) of the importances (sorted positions ⌊q·(n − 1)⌋, q in f32 as torch
 //!   computes them); out = b + (p − b)·[importance ≥ threshold]. The quantiles are exact order
-//!   statistics by radix selection (two counting passes); mergekit sorts the whole tensor (and, for
-//!   tensors above 1,000,000 elements, a random sample of 1,000,000 of them: there finrecipe keeps
-//!   the exact quantiles, see docs/merge-plan.md).
+//!   statistics of the signed importances (a row's KL can come out negative in rounded arithmetic,
+//!   and torch sorts signed values) by radix selection (two counting passes); mergekit sorts the
+//!   whole tensor (and, for tensors above 1,000,000 elements, a random sample of 1,000,000 of
+//!   them: there finrecipe keeps the exact quantiles, see docs/merge-plan.md). Under bf16 compute
+//!   the KL replays torch's scalar CPU kernels operation by operation (`kl_row_bf16`).
 //! - sce's top-k: var_e = the population variance of the task vectors at element e (Welford in f64
 //!   rounded to f32, as torch's var); k = ⌊f32(count of var ≠ 0) · f32(select_topk)⌋ elements of
 //!   the largest variance are kept in every task vector (equal variances at the cut: lower index
@@ -1336,28 +1338,167 @@ fn fusion_row_len(job: &Job) -> usize {
     }
 }
 
-/// As `kl_row` in mergekit's bf16 operations: P = r(r(e^(p − max)·(1/Σ)) + 1e-8) (torch's
-/// softmax computes in f32 and rounds its output), likewise Q; KL = r(Σ r(P·r(ln r(P/Q)))) with the
-/// row sum in f32.
+/// Lanes of ATen's float vector (`Vectorized<float>`) in its default (scalar) CPU capability,
+/// the oracle's setting: 32 bytes. Its bf16 vector holds twice as many elements.
+const ATEN_LANES: usize = 8;
+
+/// As `kl_row` in mergekit's bf16 operations, replaying torch's scalar (default-capability) CPU
+/// kernels operation by operation (r = rounding to bf16):
+///
+/// 1. softmax of the bf16 row x (`softmax_bf16_row`): m = max x; e_j = expf(x_j − m) in f32
+///    (libm's expf, as `std::exp`); S = the f32 sum of the e_j over 8 lane accumulators (element j of
+///    the first n − n mod 8 into lane j mod 8), the lanes then added in order (lane 0 + lane 1 + …),
+///    the last n mod 8 e_j added one by one; softmax_j = r(e_j · (1/S)) with 1/S rounded to f32.
+/// 2. P = r(softmax(p) + 1e-8) and Q = r(softmax(b) + 1e-8) (the constant in f32).
+/// 3. term_j = r(P_j · r(logf(r(P_j / Q_j)))).
+/// 4. KL = r(S') with S' torch's f32 cascade sum of the bf16 terms over the row (`torch_sum_bf16`).
+///
+/// Exact (f64) sums for S and the KL, as an earlier replay had them, round the softmax to the
+/// other bf16 neighbour in a few rows of the parity models (e_j·(1/S) within one f32 ulp of a bf16
+/// midpoint: 6 of the 10,258 softmax rows of the llama pair), which moves those rows' KL and their elements at the threshold.
 fn kl_row_bf16(p: &[f32], b: &[f32]) -> f32 {
-    let sm = |x: &[f32]| -> (f32, f32) {
-        let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        // torch's vectorised f32 sum is close to the exact sum of the f32 terms
-        let s: f64 = x
-            .iter()
-            .map(|&v| ((v - mx) as f64).exp() as f32 as f64)
-            .sum();
-        (mx, 1.0 / s as f32)
-    };
-    let (mp, ip) = sm(p);
-    let (mb, ib) = sm(b);
-    let mut kl = 0f64;
-    for (&x, &y) in p.iter().zip(b) {
-        let pp = rb(rb(((x - mp) as f64).exp() as f32 * ip) + 1e-8);
-        let qq = rb(rb(((y - mb) as f64).exp() as f32 * ib) + 1e-8);
-        kl += rb(pp * rb(rb(pp / qq).ln())) as f64;
+    KL_BF16_ROWS.with(|c| {
+        let (sp, sq) = &mut *c.borrow_mut();
+        softmax_bf16_row(p, sp);
+        softmax_bf16_row(b, sq);
+        for (x, y) in sp.iter_mut().zip(sq.iter()) {
+            let pp = rb(*x + 1e-8f32);
+            let qq = rb(*y + 1e-8f32);
+            *x = rb(pp * rb(rb(pp / qq).ln()));
+        }
+        rb(torch_sum_bf16(sp))
+    })
+}
+
+thread_local! {
+    /// Per-thread f32 row buffers of `kl_row_bf16` (softmax(p) then the KL terms; softmax(b)).
+    static KL_BF16_ROWS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// torch's softmax of a bf16 row (values as f32) into `out`, see `kl_row_bf16` step 1.
+fn softmax_bf16_row(x: &[f32], out: &mut Vec<f32>) {
+    let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    out.clear();
+    out.extend(x.iter().map(|&v| (v - mx).exp()));
+    let nv = out.len() - out.len() % ATEN_LANES;
+    let mut lanes = [0f32; ATEN_LANES];
+    for c in out[..nv].chunks_exact(ATEN_LANES) {
+        for k in 0..ATEN_LANES {
+            lanes[k] += c[k];
+        }
     }
-    rb(kl as f32)
+    let mut s = lanes[0];
+    for &l in &lanes[1..] {
+        s += l;
+    }
+    for &e in &out[nv..] {
+        s += e;
+    }
+    let inv = 1.0f32 / s;
+    for e in out.iter_mut() {
+        *e = rb(*e * inv);
+    }
+}
+
+/// torch's f32 sum of a bf16 row (`sum(dim=-1)` of a contiguous bf16 tensor: the cascade sum of
+/// ATen's SumKernel, default capability). Rows of at least 16 elements: blocks of 16 are loaded as
+/// 8 lanes, lane k = x[16i + k] + x[16i + 8 + k]; the blocks are summed by `row_sum` (lane-wise);
+/// then acc = 0, plus the last n mod 16 elements one by one, plus lanes 0..8 in order. Shorter
+/// rows: `row_sum` of the elements.
+fn torch_sum_bf16(x: &[f32]) -> f32 {
+    const BV: usize = 2 * ATEN_LANES;
+    let n = x.len();
+    if n < BV {
+        return row_sum(n, 0f32, |a, b| a + b, |i| x[i]);
+    }
+    let nb = n / BV;
+    let block = |i: usize| -> [f32; ATEN_LANES] {
+        let c = &x[i * BV..(i + 1) * BV];
+        std::array::from_fn(|k| c[k] + c[k + ATEN_LANES])
+    };
+    let add = |a: [f32; ATEN_LANES], b: [f32; ATEN_LANES]| -> [f32; ATEN_LANES] {
+        std::array::from_fn(|k| a[k] + b[k])
+    };
+    let lanes = row_sum(nb, [0f32; ATEN_LANES], add, block);
+    let mut acc = 0f32;
+    for &v in &x[nb * BV..] {
+        acc += v;
+    }
+    for l in lanes {
+        acc += l;
+    }
+    acc
+}
+
+/// ATen's `row_sum` of `size` elements `get(i)`: 4 interleaved accumulators (element i into
+/// accumulator i mod 4, by `multi_row_sum` over the ⌊size/4⌋ groups of 4), the remaining
+/// size mod 4 elements into accumulator 0, then accumulators 1, 2, 3 added to accumulator 0.
+fn row_sum<A: Copy>(size: usize, zero: A, add: impl Fn(A, A) -> A, get: impl Fn(usize) -> A) -> A {
+    const ILP: usize = 4;
+    let groups = size / ILP;
+    let mut part = multi_row_sum::<A, ILP>(groups, zero, &add, |i, k| get(i * ILP + k));
+    for i in groups * ILP..size {
+        part[0] = add(part[0], get(i));
+    }
+    for k in 1..ILP {
+        part[0] = add(part[0], part[k]);
+    }
+    part[0]
+}
+
+/// ATen's `multi_row_sum`: `R` parallel sums over `size` steps of `get(i, k)`, each a cascade of
+/// 4 levels: level 0 takes 2^p consecutive steps (p = max(4, ⌈log₂ size⌉ / 4)), then is added into
+/// level 1 and cleared; level j is carried into level j + 1 whenever the step count is a multiple
+/// of 2^(p·j) (the carry stops at the first level whose bits of the count are not all zero); the
+/// remaining steps go into level 0; at the end levels 1, 2, 3 are added to level 0 in that order.
+fn multi_row_sum<A: Copy, const R: usize>(
+    size: usize,
+    zero: A,
+    add: &impl Fn(A, A) -> A,
+    get: impl Fn(usize, usize) -> A,
+) -> [A; R] {
+    const LEVELS: usize = 4;
+    let clog2 = if size <= 1 {
+        0
+    } else {
+        usize::BITS - (size - 1).leading_zeros()
+    } as usize;
+    let lp = (clog2 / LEVELS).max(4);
+    let step = 1usize << lp;
+    let mask = step - 1;
+    let mut acc = [[zero; R]; LEVELS];
+    let mut i = 0;
+    while i + step <= size {
+        for _ in 0..step {
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                *a = add(*a, get(i, k));
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            let (lo, hi) = acc.split_at_mut(j);
+            for (h, l) in hi[0].iter_mut().zip(lo[j - 1].iter_mut()) {
+                *h = add(*h, *l);
+                *l = zero;
+            }
+            if i & (mask << (j * lp)) != 0 {
+                break;
+            }
+        }
+    }
+    while i < size {
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            *a = add(*a, get(i, k));
+        }
+        i += 1;
+    }
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest.iter() {
+        for (a, &h) in first[0].iter_mut().zip(level) {
+            *a = add(*a, h);
+        }
+    }
+    acc[0]
 }
 
 thread_local! {
@@ -1500,7 +1641,7 @@ where
             || (vec![0u64; HI_BINS], 0u64, Vec::new()),
             |(h, z, buf), _c, a, s, m| {
                 vals(a, s, m, buf);
-                hist_add(h, z, &buf[..m]);
+                hist_add(h, z, &buf[..m], select::key);
             },
             |(mut h1, z1, b), (h2, z2, _)| {
                 for (x, y) in h1.iter_mut().zip(h2) {
@@ -1510,33 +1651,47 @@ where
             },
         )
         .map(|(h, z, _)| (h, z))?;
-    select_rest(ctx, ctl, deltas, tie_split, vals, hist, zeros, ranks)
+    select_rest(
+        ctx,
+        ctl,
+        deltas,
+        tie_split,
+        vals,
+        select::key,
+        hist,
+        zeros,
+        ranks,
+    )
 }
 
-/// Pass 1 of `select_by` on values `xs`: the top-15-bit key histogram and the count of zeros.
-fn hist_add(h: &mut [u64], z: &mut u64, xs: &[f32]) {
+/// Pass 1 of `select_by` on values `xs`: the histogram of the keys' top 16 bits (15 for the
+/// magnitude key) and the count of zero keys.
+fn hist_add(h: &mut [u64], z: &mut u64, xs: &[f32], key: impl Fn(f32) -> u32) {
     for &x in xs {
-        let k = select::key(x);
+        let k = key(x);
         h[(k >> 16) as usize] += 1;
         *z += u64::from(k == 0);
     }
 }
 
 /// `select_by` after pass 1, from its histogram and zero count (computed by the caller, e.g.
-/// while it derives statistics the values depend on).
+/// while it derives statistics the values depend on), ordering values by `key` (`select::key`,
+/// the magnitude, with `HI_BINS` pass-1 bins, or `signed_key` with `SIGNED_BINS`).
 #[allow(clippy::too_many_arguments)]
-fn select_rest<V, F>(
+fn select_rest<V, K, F>(
     ctx: &Ctx,
     ctl: &Control,
     deltas: bool,
     tie_split: bool,
     vals: V,
+    key: K,
     hist: Vec<u64>,
     zeros: u64,
     ranks: F,
 ) -> Result<Selection>
 where
     V: Fn(usize, &super::Scratch, usize, &mut Vec<f32>) + Sync + Send,
+    K: Fn(f32) -> u32 + Sync + Send + Copy,
     F: FnOnce(&[u64], u64) -> Vec<u64>,
 {
     let n = ctx.job.numel as u64;
@@ -1546,13 +1701,14 @@ where
         .iter()
         .map(|&k| select::locate_bucket(&hist, rs[k]))
         .collect();
+    let nbins = hist.len();
     drop(hist);
     let mut buckets: Vec<u32> = pend.iter().map(|p| p.bucket).collect();
     buckets.sort_unstable();
     buckets.dedup();
     let nb = buckets.len();
     // bucket → 1 + its index in `buckets` (0: not wanted), one load per element in pass 2
-    let mut slot = vec![0u16; HI_BINS];
+    let mut slot = vec![0u16; nbins];
     for (i, &b) in buckets.iter().enumerate() {
         slot[b as usize] = u16::try_from(i + 1).expect("at most 65535 ranks");
     }
@@ -1566,7 +1722,7 @@ where
             |(h, buf), _c, a, s, m| {
                 vals(a, s, m, buf);
                 for &x in &buf[..m] {
-                    let k = select::key(x);
+                    let k = key(x);
                     let bi = slot[(k >> 16) as usize];
                     if bi != 0 {
                         h[(bi as usize - 1) * LO_BINS + (k & 0xFFFF) as usize] += 1;
@@ -1605,8 +1761,7 @@ where
                 vals(a, s, m, buf);
                 for (q, &k) in split.iter().enumerate() {
                     let t = ths[k].t;
-                    h[c * ns + q] =
-                        buf[..m].iter().filter(|&&x| select::key(x) == t).count() as u64;
+                    h[c * ns + q] = buf[..m].iter().filter(|&&x| key(x) == t).count() as u64;
                 }
             },
             |(mut h1, b), (h2, _)| {
@@ -1810,7 +1965,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                 .par_chunks_mut(per)
                 .enumerate()
                 .map(|(gi, kls)| {
-                    let (mut h, mut z, mut buf) = (vec![0u64; HI_BINS], 0u64, Vec::new());
+                    let (mut h, mut z, mut buf) = (vec![0u64; SIGNED_BINS], 0u64, Vec::new());
                     for (i, klr) in kls.iter_mut().enumerate() {
                         if ctl.check().is_err() {
                             break;
@@ -1822,7 +1977,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                             let (p, b) = (&s.srcs[0][..len], &s.base[..len]);
                             *klr = if bf { kl_row_bf16(p, b) } else { kl_row(p, b) };
                             importance_row(*klr, bf, b, p, &mut buf);
-                            hist_add(&mut h, &mut z, &buf);
+                            hist_add(&mut h, &mut z, &buf, signed_key);
                         });
                     }
                     (h, z)
@@ -1836,7 +1991,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                     }
                     (h1, z1 + z2)
                 })
-                .unwrap_or_else(|| (vec![0u64; HI_BINS], 0));
+                .unwrap_or_else(|| (vec![0u64; SIGNED_BINS], 0));
             ctl.check()?;
             let n = job.numel as u64;
             if n == 0 {
@@ -1860,6 +2015,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                 false,
                 false,
                 |a, s, m, buf| importance(a, len, kl_ref, bf, &s.base[..m], &s.srcs[0][..m], buf),
+                signed_key,
                 hist,
                 zeros,
                 move |_h, _nz| rs2,
@@ -1870,7 +2026,7 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
                     // position 0: the smallest importance
                     min_importance(ctx, ctl, len, &kl)?
                 } else {
-                    f32::from_bits(sel.keys[k])
+                    from_signed_key(sel.keys[k])
                 };
             }
             let (q1, med, q3) = (q[0], q[1], q[2]);
@@ -1886,6 +2042,33 @@ pub(crate) fn compute_stats(ctx: &Ctx, _seed: u64, ctl: &Control) -> Result<Stat
             })
         }
         _ => unreachable!("not a kernel of methods_sph"),
+    }
+}
+
+/// Pass-1 bins of `signed_key` (its top 16 bits).
+const SIGNED_BINS: usize = 1 << 16;
+
+/// A key whose unsigned order is torch.sort's order of f32 values: negatives below positives,
+/// −0 equal to +0, every NaN above +∞. arcee_fusion's importances are signed: its KL of a row,
+/// a sum of terms of both signs, can come out negative (bf16 arithmetic especially: 9 rows of a
+/// 64 × 64 projection of the parity harness's instruct-vs-base pair), and mergekit sorts the
+/// signed values.
+#[inline(always)]
+fn signed_key(x: f32) -> u32 {
+    if x.is_nan() {
+        return u32::MAX;
+    }
+    // −0 + 0 = +0; then negatives get all bits flipped, positives the sign bit set
+    let b = (x + 0.0).to_bits();
+    b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
+}
+
+/// The value of a `signed_key` (+0 for a zero, a quiet NaN for the NaN key).
+fn from_signed_key(k: u32) -> f32 {
+    if k >> 31 == 1 {
+        f32::from_bits(k & 0x7FFF_FFFF)
+    } else {
+        f32::from_bits(!k)
     }
 }
 
@@ -2473,5 +2656,71 @@ mod tests {
                 assert_eq!(got[j].to_bits(), want.to_bits(), "nsrc {nsrc} element {j}");
             }
         }
+    }
+
+    /// bf16 bits as f32.
+    fn bf(bits: &[u16]) -> Vec<f32> {
+        bits.iter()
+            .map(|&b| f32::from_bits(u32::from(b) << 16))
+            .collect()
+    }
+
+    #[test]
+    fn torch_sum_bf16_reproduces_torch() {
+        // rows with cancellation whose torch.sum (torch 2.15, one thread, default capability)
+        // differs from both the sequential f32 sum and the exact sum once rounded to bf16
+        let short = bf(&[0xb61a, 0xbea8, 0xbd81, 0x3d81, 0x3ea9, 0x3a06, 0x3619]);
+        assert_eq!(rb(torch_sum_bf16(&short)), bf(&[0x3b22])[0]);
+        let long = bf(&[
+            0xba87, 0xb89b, 0xba10, 0x3cd9, 0x3e66, 0x3a7e, 0x37a8, 0xbe1f, 0x3da2, 0x3e1e, 0xc02e,
+            0x3949, 0xba3c, 0xb94a, 0xc0f8, 0xbda5, 0x3b06, 0xbd9f, 0x389b, 0xbe5c, 0xbe67, 0x396c,
+            0xb7a6, 0x402e, 0xb970, 0x40f8, 0x3a0f, 0xbe7d, 0xb96d, 0x3d9d, 0x3a88, 0x3970, 0x3e5c,
+            0xba79, 0x3e80, 0xbcd8, 0x3a3e,
+        ]);
+        assert_eq!(rb(torch_sum_bf16(&long)), bf(&[0x3a3f])[0]);
+        // the cascade is exact on small integers, whatever the order
+        let ints: Vec<f32> = (0..5000).map(|i| (i % 7) as f32).collect();
+        assert_eq!(torch_sum_bf16(&ints), ints.iter().sum::<f32>());
+    }
+
+    #[test]
+    fn softmax_bf16_row_reproduces_torch() {
+        // 20 elements (two 8-lane blocks and a tail of 4): torch's softmax differs from the
+        // correctly rounded one at element 14
+        let x = bf(&[
+            0x3fd4, 0x3e8c, 0x3e82, 0x3f04, 0x3e03, 0xbf73, 0xc01c, 0xbf29, 0xbf0c, 0x3fe4, 0x4008,
+            0xc035, 0xbd69, 0x3f43, 0x3fcd, 0x3f56, 0x3fa2, 0x3f01, 0xc01d, 0x3ff4,
+        ]);
+        let want = bf(&[
+            0x3ddb, 0x3cdc, 0x3cd8, 0x3d0c, 0x3cbe, 0x3c02, 0x3aea, 0x3c2d, 0x3c42, 0x3df8, 0x3e2f,
+            0x3a9e, 0x3c9e, 0x3d33, 0x3dd0, 0x3d41, 0x3d94, 0x3d0a, 0x3ae6, 0x3e0d,
+        ]);
+        let mut got = Vec::new();
+        softmax_bf16_row(&x, &mut got);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn signed_key_orders_like_torch_sort() {
+        let xs = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            2.0,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        for w in xs.windows(2) {
+            let (a, b) = (signed_key(w[0]), signed_key(w[1]));
+            assert!(a < b || (w[0] == 0.0 && a == b), "{w:?}");
+        }
+        for &x in &xs[..8] {
+            assert_eq!(from_signed_key(signed_key(x)), x + 0.0);
+        }
+        assert!(from_signed_key(signed_key(f32::NAN)).is_nan());
+        assert_eq!(signed_key(-f32::NAN), u32::MAX);
     }
 }
