@@ -68,6 +68,13 @@ def cfg(method: str, models: list[dict[str, Any]] | None = None, base: str | Non
 BF16_WHOLE_SUMS = ("bf16 row: mergekit's whole-tensor bf16 sums are per-thread partial sums rounded to bf16, so "
                    "its output depends on its thread count; finrecipe's equals its one-thread output")
 
+# arcee_fusion: f32 rows differ where mergekit's float32 KL (a small difference of large terms) flips a decision
+# that the exactly summed KL does not (check.py's explain_arcee_fusion proves each); bf16 rows replay torch's
+# scalar bf16 softmax, row sums and signed quantiles, and match exactly.
+ARCEE_NOTE = ("f32: finrecipe sums the KL exactly (mergekit's float32 sum is off by up to ~10% for close "
+              "models; every flipped decision proven); bf16: torch's scalar bf16 arithmetic replayed. mergekit "
+              "writes float32 (its float mask promotes the result), compared after rounding")
+
 ATTN_MLP_RULES = [{"filter": "self_attn", "value": 0.8}, {"filter": "mlp", "value": 0.2}, {"value": 0.5}]
 
 CASES: list[Case] = [
@@ -210,17 +217,9 @@ CASES: list[Case] = [
          ci=True),
     Case("nearswap", "llama", "exact", cfg("nearswap", [m("far")], parameters={"t": 0.001})),
     Case("arcee_fusion", "llama", "topk", cfg("arcee_fusion", [m("far")]), mk_f32_promotion=True,
-         note="by design (bf16 row only): mergekit rounds torch's vectorised f32 softmax to bf16, whose fast exp "
-              "differs in the last bits from the exact value (26% of elements on this machine) and depends on the "
-              "CPU's vector kernel; a P one bf16 ulp apart moves its row's KL and the row's elements at the "
-              "threshold; finrecipe rounds the correctly rounded softmax. bf16: mergekit writes float32 (its float "
-              "mask promotes the result), compared after rounding"),
+         note=ARCEE_NOTE),
     Case("arcee_fusion-tied", "qwen2", "topk", cfg("arcee_fusion", [m("instruct")]), mk_f32_promotion=True,
-         note="by design (bf16 row only): mergekit rounds torch's vectorised f32 softmax to bf16, whose fast exp "
-              "differs in the last bits from the exact value (26% of elements on this machine) and depends on the "
-              "CPU's vector kernel; a P one bf16 ulp apart moves its row's KL and the row's elements at the "
-              "threshold; finrecipe rounds the correctly rounded softmax. bf16: mergekit writes float32 (its float "
-              "mask promotes the result), compared after rounding"),
+         note=ARCEE_NOTE),
     Case("ram", "llama", "exact", cfg("ram", [m("instruct"), m("cpt")], parameters={"epsilon": 1e-3})),
     Case("ramplus_tl", "qwen2", "exact", cfg("ramplus_tl", [m("instruct"), m("cpt")],
                                               parameters={"epsilon": 1e-3, "r": 0.2, "alpha": 0.5}),
