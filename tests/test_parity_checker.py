@@ -13,7 +13,7 @@ network), and "ours" is either the same output (must pass), finrecipe's output u
           or an extra 20% of its kept deltas dropped (with and without the survivors rescaled to
           the new mask's exact L1 factor) -> FAIL
 
-The checker runs in one subprocess under run.py's ORACLE_ENV (one torch thread, ATen's scalar
+The checker runs in one subprocess under run.py's CHECKER_ENV (one torch thread, ATen's scalar
 kernels), read from run.py's source so that the two cannot drift; this process's torch settings are
 left alone. Models: the llama trio of bench/parity/models.py, built once per module (~7 s).
 """
@@ -45,14 +45,14 @@ FINRECIPE = [sys.executable, "-c", "from finrecipe.cli import main; main()"]
 
 
 def oracle_env() -> dict[str, str]:
-    """run.py's ORACLE_ENV, read from its source (importing run.py would set it in this process)."""
+    """run.py's CHECKER_ENV, read from its source (importing run.py would set it in this process)."""
     tree = ast.parse((PARITY / "run.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ORACLE_ENV" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CHECKER_ENV" for t in node.targets):
             env = ast.literal_eval(node.value)
             assert isinstance(env, dict) and env, env
             return {str(k): str(v) for k, v in env.items()}
-    raise AssertionError("ORACLE_ENV not found in bench/parity/run.py")
+    raise AssertionError("CHECKER_ENV not found in bench/parity/run.py")
 
 
 # The checker process: compare() for every job, each Result as a dict, plus the torch settings it ran under.
@@ -432,3 +432,62 @@ def test_random_extra_drops_with_consistent_rescale_fail(verdicts: dict[str, Any
     assert r["unexplained"] == 0, msg
     assert "kept fraction outside binomial bounds" in r["detail"], msg
     assert r["extra"]["z_tensor_max"] > 10, msg
+
+
+# -- topk on Mixtral's fused expert tensors ---------------------------------------------------------------------
+
+MOE_CASE = "ties-nonorm-lambda-moe"
+MOE_TENSOR = "model.layers.1.block_sparse_moe.experts.2.w3.weight"  # lands inside layers.1 mlp.experts.gate_up_proj
+
+# ref: finrecipe's own output fused into mergekit's layout (check.to_fused_experts), so the checker takes the
+# MoE path: finrecipe's values (per expert tensor) against per-expert selections, mergekit's (here the same
+# values) against the fused selection. Identical outputs pass; an expert element moved 4 ulps fails.
+MOE_CHECKER = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import save_file
+from check import compare, load_dir, to_fused_experts
+job = json.loads(Path(sys.argv[2]).read_text())
+ref = Path(job["ref"])
+ref.mkdir()
+save_file({k: v.contiguous() for k, v in to_fused_experts(load_dir(Path(job["ours_same"]))).items()},
+          str(ref / "model.safetensors"))
+out = {k: compare(job["cfg"], "topk", Path(job[k]), ref).__dict__ for k in ("ours_same", "ours_nudged")}
+out["fused"] = sorted(n for n in load_dir(ref) if "experts" in n)
+Path(sys.argv[3]).write_text(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_topk_moe_layout_rule_fails_a_wrong_expert_value(tmp_path: Path, dtype: str) -> None:
+    _, matrix = parity_modules()
+    case = {c.name: c for c in matrix.CASES}[MOE_CASE]
+    models = tmp_path / "models"
+    r = subprocess.run([sys.executable, "-c", BUILD, str(PARITY), str(models), "mixtral"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = matrix.instantiate(case, dtype, {v: str(models / "mixtral" / v) for v in ("base", "instruct", "cpt", "far")})
+    (tmp_path / "config.yml").write_text(json.dumps(cfg, indent=2))
+    merge(tmp_path / "config.yml", tmp_path / "same", 0)
+
+    def nudge(t: dict[str, torch.Tensor]) -> None:
+        base = read(models / "mixtral" / "base")[0][MOE_TENSOR].reshape(-1)
+        x = t[MOE_TENSOR].reshape(-1)
+        i = int(torch.argmax((x.double() - base.double()).abs()))  # moved furthest: far from any tie
+        x[i] = toward_zero(x[i], 4)
+
+    edited_copy(tmp_path / "same", tmp_path / "nudged", nudge)
+    job = {"cfg": cfg, "ours_same": str(tmp_path / "same"), "ours_nudged": str(tmp_path / "nudged"),
+           "ref": str(tmp_path / "ref")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    r = subprocess.run([sys.executable, "-c", MOE_CHECKER, str(PARITY), str(tmp_path / "job.json"),
+                        str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, **oracle_env()))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in got["fused"]), got["fused"]
+    same, nudged = got["ours_same"], got["ours_nudged"]
+    assert same["verdict"] == "pass" and same["differing"] == 0, same
+    assert nudged["verdict"] == "FAIL", nudged
+    assert (nudged["differing"], nudged["beyond"], nudged["unexplained"]) == (1, 1, 1), nudged

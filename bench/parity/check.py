@@ -315,6 +315,13 @@ class Inputs:
                     sparsify=sparsify, consensus=consensus, per=per, base=base, deltas=deltas)
 
     def explain_topk(self, name: str, ours: torch.Tensor, ref: torch.Tensor, where: torch.Tensor) -> int:
+        """Elements beyond 1 ulp explained by selection ties: both outputs are reproduced by one keep
+        choice for each donor whose |delta| sits in the equal-valued run straddling its top-k cut.
+
+        Mixtral's fused expert tensors (`mlp.experts.gate_up_proj`, `down_proj`): mergekit selects over
+        the fused tensor, finrecipe over each expert tensor of the checkpoint (docs/merge-plan.md), so
+        there finrecipe's value is reproduced from per-expert selections and mergekit's from the fused
+        one: an element is explained when each tool's value is its own rule's (ties included)."""
         if self.method not in GTA:
             fn = EXPLAIN.get(self.method)
             return fn(self, name, ours, ref, where) if fn else 0
@@ -322,61 +329,104 @@ class Inputs:
         if s["sparsify"] not in ("magnitude", "outliers"):
             return 0
         base = s["base"].reshape(-1)[where]
-        keeps, ambs, scales, dsel = [], [], [], []
+        dsel = [d.reshape(-1)[where] for d in s["deltas"]]
+        ref_states = self._topk_states(s, where, moe_parts(name, s["deltas"][0].shape))
+        parts = moe_parts(name, s["deltas"][0].shape, per_expert=True)
+        if parts == 1:
+            return int((self._topk_match(s, base, dsel, ref_states, ours, tie_only=True)
+                        & self._topk_match(s, base, dsel, ref_states, ref, tie_only=False)).sum())
+        ours_states = self._topk_states(s, where, parts)
+        return int((self._topk_match(s, base, dsel, ours_states, ours, tie_only=False)
+                    & self._topk_match(s, base, dsel, ref_states, ref, tie_only=False)).sum())
+
+    def _topk_states(self, s: dict[str, Any], where: torch.Tensor, parts: int
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]]:
+        """Per donor, at `where`: (forced keep, ambiguous, rescale factor variants), each selection made
+        over `parts` equal consecutive blocks of the flattened tensor (1: the whole tensor)."""
+        out = []
         for d, p in zip(s["deltas"], s["per"], strict=True):
-            n = d.numel()
-            st, en = kept_range(n, float(p["density"]), float(p["gamma"]), s["sparsify"])
-            keep, amb = tie_states(d, st, en)
-            scale = None
-            if s["rescale"] and float(p["density"]) < 1:
-                # L1 of the kept set does not depend on how ties are broken (tied values are equal).
-                v = d.abs().reshape(-1)
-                order = torch.sort(v.float(), stable=True).indices
-                m = torch.zeros(n, dtype=d.dtype)
-                m[order[st:en]] = 1
-                before, after = d.abs().sum(), (d.reshape(-1) * m).abs().sum()
-                if not (before < 1e-7 or after < 1e-7):
-                    scale = before / after
-            keeps.append(keep[where])
-            ambs.append(amb[where])
-            scales.append(scale)
-            dsel.append(d.reshape(-1)[where])
-        explained = torch.zeros(ours.numel(), dtype=torch.bool)
-        ref_ok = torch.zeros(ours.numel(), dtype=torch.bool)
-        nd = len(dsel)
-        # bf16 compute: torch's bf16 sum is not correctly rounded (it can be a bf16 ulp off the exact
-        # sum), so a rescale factor r(r(L1)/r(L1 kept)) may legitimately be its bf16 neighbour
-        # (f32: sums in another order may move the factor by an f32 ulp)
-        variants: list[list[torch.Tensor | None]] = [[sc] for sc in scales]
-        for i, sc in enumerate(scales):
-            if sc is None:
-                continue
-            if self.dt == torch.bfloat16:  # the adjacent bf16 values (positive factor)
-                bits = sc.reshape(1).view(torch.int16)
-                up = (bits + 1).view(torch.bfloat16).reshape(())
-                down = (bits - 1).view(torch.bfloat16).reshape(())
+            flat = d.reshape(-1)
+            blk = flat.numel() // parts
+            keeps, ambs, facs = [], [], []
+            for j in range(parts):
+                seg = flat[j * blk:(j + 1) * blk]
+                n = seg.numel()
+                st, en = kept_range(n, float(p["density"]), float(p["gamma"]), s["sparsify"])
+                keep, amb = tie_states(seg, st, en)
+                keeps.append(keep)
+                ambs.append(amb)
+                scale = None
+                if s["rescale"] and float(p["density"]) < 1:
+                    # L1 of the kept set does not depend on how ties are broken (tied values are equal).
+                    order = torch.sort(seg.abs().float(), stable=True).indices
+                    m = torch.zeros(n, dtype=seg.dtype)
+                    m[order[st:en]] = 1
+                    before, after = seg.abs().sum(), (seg * m).abs().sum()
+                    if not (before < 1e-7 or after < 1e-7):
+                        scale = before / after
+                facs.append(scale)
+            if parts == 1:
+                sc = facs[0]
+                variants: list[torch.Tensor | None] = [sc]
+                if sc is not None:
+                    # bf16 compute: torch's bf16 sum is not correctly rounded (it can be a bf16 ulp off
+                    # the exact sum), so a rescale factor r(r(L1)/r(L1 kept)) may legitimately be its bf16
+                    # neighbour (f32: sums in another order may move the factor by an f32 ulp)
+                    if self.dt == torch.bfloat16:
+                        variants = [sc, bf16_step(sc, 1), bf16_step(sc, -1)]
+                    else:
+                        variants = [sc, torch.nextafter(sc, torch.tensor(math.inf)),
+                                    torch.nextafter(sc, torch.tensor(-math.inf))]
+            elif any(f is not None for f in facs):
+                variants = [torch.cat([torch.full((blk,), float(f if f is not None else 1.0), dtype=self.dt)
+                                       for f in facs])[where]]
             else:
-                up = torch.nextafter(sc, torch.tensor(math.inf))
-                down = torch.nextafter(sc, torch.tensor(-math.inf))
-            variants[i] = [sc, up, down]
-        for combo, svar in itertools.product(itertools.product((0, 1), repeat=nd), itertools.product(*variants)):
-            masks, valid = [], torch.ones(ours.numel(), dtype=torch.bool)
+                variants = [None]
+            out.append((torch.cat(keeps)[where], torch.cat(ambs)[where], variants))
+        return out
+
+    def _topk_match(self, s: dict[str, Any], base: torch.Tensor, dsel: list[torch.Tensor],
+                    states: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]],
+                    x: torch.Tensor, *, tie_only: bool) -> torch.Tensor:
+        """Where some keep choice allowed by `states` (and a factor variant) reproduces x within 1 ulp;
+        with tie_only, only choices that use an ambiguous donor or a factor variant count."""
+        nd = len(dsel)
+        hit = torch.zeros(x.numel(), dtype=torch.bool)
+        any_amb = torch.zeros_like(hit)
+        for _, amb, _ in states:
+            any_amb |= amb
+        for combo, svar in itertools.product(itertools.product((0, 1), repeat=nd),
+                                             itertools.product(*[v for _, _, v in states])):
+            masks, valid = [], torch.ones(x.numel(), dtype=torch.bool)
             for i, c in enumerate(combo):
+                keep, amb, _ = states[i]
                 # a forced donor takes its forced state; an ambiguous one takes the combo's choice
-                want = torch.full_like(keeps[i], bool(c))
-                valid &= ambs[i] | (keeps[i] == want)
-                masks.append(torch.where(ambs[i], want, keeps[i]).to(self.dt))
+                want = torch.full_like(keep, bool(c))
+                valid &= amb | (keep == want)
+                masks.append(torch.where(amb, want, keep).to(self.dt))
             cand = gta_combine(base, dsel, masks, list(svar), [float(p["weight"]) for p in s["per"]],
                                consensus=s["consensus"], normalize=s["normalize"], lam=s["lam"],
                                int8_mask=s["int8"]).to(self.out_dt)
-            any_amb = torch.zeros_like(valid)
-            for a in ambs:
-                any_amb |= a
-            varied = any(v is not None and s0 is not None and float(v) != float(s0)
-                         for v, s0 in zip(svar, scales, strict=True))
-            explained |= valid & (any_amb | varied) & (ulps(ours, cand) <= 1)
-            ref_ok |= valid & (ulps(ref, cand) <= 1)
-        return int((explained & ref_ok).sum())
+            ok = valid & (ulps(x, cand) <= 1)
+            if tie_only:
+                varied = any(v is not None and v0[0] is not None and v is not v0[0]
+                             for v, (_, _, v0) in zip(svar, states, strict=True))
+                ok &= any_amb | varied
+            hit |= ok
+        return hit
+
+
+def moe_parts(name: str, shape: torch.Size, per_expert: bool = False) -> int:
+    """How many tensors of the checkpoint a fused Mixtral expert tensor holds, in order (per expert
+    e: gate_up_proj[e] = [w1; w3], down_proj[e] = w2): what finrecipe selects over separately
+    (`per_expert`); 1 otherwise, and for mergekit, which selects over the fused tensor."""
+    if not per_expert or len(shape) != 3:
+        return 1
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        return 2 * shape[0]
+    if name.endswith(".mlp.experts.down_proj"):
+        return shape[0]
+    return 1
 
 
 EXPLAIN: dict[str, Any] = {}

@@ -38,6 +38,8 @@ class Case:
     note: str = ""
     dtypes: tuple[str, ...] = DTYPES
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # environment of mergekit's process on top of run.py's MERGEKIT_ENV (e.g. ATen's scalar kernels)
+    mk_env: dict[str, str] = field(default_factory=dict)
 
 
 def m(variant: str, **params: Any) -> dict[str, Any]:
@@ -70,10 +72,16 @@ BF16_WHOLE_SUMS = ("bf16 row: mergekit's whole-tensor bf16 sums are per-thread p
 
 # arcee_fusion: f32 rows differ where mergekit's float32 KL (a small difference of large terms) flips a decision
 # that the exactly summed KL does not (check.py's explain_arcee_fusion proves each); bf16 rows replay torch's
-# scalar bf16 softmax, row sums and signed quantiles, and match exactly.
+# scalar bf16 softmax, row sums and signed quantiles, and match exactly (mergekit run with ATen's scalar kernels).
 ARCEE_NOTE = ("f32: finrecipe sums the KL exactly (mergekit's float32 sum is off by up to ~10% for close "
-              "models; every flipped decision proven); bf16: torch's scalar bf16 arithmetic replayed. mergekit "
+              "models; every flipped decision proven); bf16: torch's scalar bf16 arithmetic replayed (mergekit run with "
+              "ATen's scalar kernels: its vectorised softmax's exp depends on the vector width). mergekit "
               "writes float32 (its float mask promotes the result), compared after rounding")
+
+# torch's scalar CPU kernels for mergekit's process: its vectorised softmax uses a fast exp whose last bits
+# depend on the vector width (AVX2 and AVX512 differ), so arcee_fusion's bf16 output is machine-dependent;
+# finrecipe replays the scalar kernel (libm expf), the reference every machine can reproduce
+SCALAR_KERNELS = {"ATEN_CPU_CAPABILITY": "default"}
 
 ATTN_MLP_RULES = [{"filter": "self_attn", "value": 0.8}, {"filter": "mlp", "value": 0.2}, {"value": 0.5}]
 
@@ -119,9 +127,10 @@ CASES: list[Case] = [
          cfg("ties", [m("instruct", weight=0.6, density=0.3), m("cpt", weight=0.4, density=0.8)]), ci=True),
     Case("ties-nonorm-lambda-moe", "mixtral", "topk",
          cfg("ties", [m("instruct", weight=0.7, density=0.4), m("cpt", weight=0.5, density=0.6)],
-             parameters={"normalize": False, "lambda": 1.5}),
-         note="by design (MoE layout): mergekit selects the top-k over all experts' fused tensor, "
-              "finrecipe per expert tensor of the checkpoint"),
+             parameters={"normalize": False, "lambda": 1.5}), ci=True,
+         note="MoE layout (by design): mergekit selects the top-k over transformers 5's fused expert tensor "
+              "(all experts' gate and up projections), finrecipe over each expert tensor of the checkpoint; every "
+              "differing element is proven to be each tool's own selection (ties included)"),
     Case("ties-base-listed-int8", "llama", "topk",
          cfg("ties", [m("base"), m("instruct", weight=1.0, density=0.6), m("cpt", weight=1.0, density=0.6)],
              parameters={"int8_mask": True})),
@@ -217,9 +226,9 @@ CASES: list[Case] = [
          ci=True),
     Case("nearswap", "llama", "exact", cfg("nearswap", [m("far")], parameters={"t": 0.001})),
     Case("arcee_fusion", "llama", "topk", cfg("arcee_fusion", [m("far")]), mk_f32_promotion=True,
-         note=ARCEE_NOTE),
+         note=ARCEE_NOTE, mk_env=SCALAR_KERNELS),
     Case("arcee_fusion-tied", "qwen2", "topk", cfg("arcee_fusion", [m("instruct")]), mk_f32_promotion=True,
-         note=ARCEE_NOTE),
+         note=ARCEE_NOTE, mk_env=SCALAR_KERNELS),
     Case("ram", "llama", "exact", cfg("ram", [m("instruct"), m("cpt")], parameters={"epsilon": 1e-3})),
     Case("ramplus_tl", "qwen2", "exact", cfg("ramplus_tl", [m("instruct"), m("cpt")],
                                               parameters={"epsilon": 1e-3, "r": 0.2, "alpha": 0.5}),

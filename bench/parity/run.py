@@ -23,17 +23,22 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
-# The oracle's arithmetic, fixed so that its output does not depend on the machine: mergekit's bf16
-# whole-tensor sums (norms, L1 rescale factors, model_stock's cosines) are torch's two-pass parallel
-# reductions, one partial sum per torch thread rounded to bf16, so they change with the thread count;
-# and torch's vectorised CPU kernels (softmax's fast exp, Sleef log) change in the last bits with the
-# CPU's vector width. One thread and ATen's scalar kernels give the sequential reference, the same on
-# every machine. The checker (check.py, this process) recomputes bf16 sums too, so it runs the same way;
-# finrecipe runs with its defaults (its results do not depend on its thread count).
-ORACLE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default"}
-_OUTER_ENV = {k: os.environ.get(k) for k in ORACLE_ENV}
-os.environ.update(ORACLE_ENV)  # before torch is imported (check.py)
+# The oracle's arithmetic, fixed so that its output does not depend on the machine's core count:
+# mergekit's bf16 whole-tensor sums (norms, L1 rescale factors, model_stock's cosines) are torch's
+# two-pass parallel reductions, one partial sum per torch thread rounded to bf16, so they change with
+# the thread count; with one thread they are the sequential reference. torch's vectorised kernels stay
+# on (they are what users run: linear's fused multiply-adds, for instance), except for the cases that
+# name ATen's scalar kernels in their `mk_env` (arcee_fusion: the vectorised softmax's fast exp differs
+# in the last bits between vector widths, finrecipe replays the scalar kernel). The checker
+# (check.py, this process) recomputes bf16 sums and arcee_fusion's float32 KL, so it runs with one
+# thread and the scalar kernels. finrecipe runs with its defaults (its results do not depend on its
+# thread count).
+MERGEKIT_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+CHECKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default"}
+_OUTER_ENV = {k: os.environ.get(k) for k in CHECKER_ENV}
+os.environ.update(CHECKER_ENV)  # before torch is imported (check.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -143,7 +148,7 @@ def main() -> int:
         d.mkdir(parents=True, exist_ok=True)
         text = json.dumps(cfg, indent=2)  # JSON is YAML; both tools read the same file
         (d / "config.yml").write_text(text)
-        key = hashlib.sha256((text + version + models_version + json.dumps(ORACLE_ENV)).encode()).hexdigest()[:16]
+        key = hashlib.sha256((text + version + models_version + json.dumps({**MERGEKIT_ENV, **case.mk_env})).encode()).hexdigest()[:16]
         dirs[(case.name, dt)] = (d, cfg)
         done = d / "mergekit.done"
         if done.is_file() and done.read_text() == key and (d / "mergekit").is_dir():
@@ -151,16 +156,26 @@ def main() -> int:
         shutil.rmtree(d / "mergekit", ignore_errors=True)
         (d / "mergekit.error").unlink(missing_ok=True)
         mk_jobs.append({"config": str(d / "config.yml"), "out": str(d / "mergekit"), "seed": 0, "key": key,
-                        "dir": str(d), "copy_tokenizer": "chat_template" in cfg})
-    if mk_jobs:
-        log(f"mergekit: {len(mk_jobs)} configs (one process)")
-        jf = OUT / "mergekit-jobs.json"
-        rf = OUT / "mergekit-results.json"
-        jf.write_text(json.dumps(mk_jobs))
+                        "dir": str(d), "copy_tokenizer": "chat_template" in cfg,
+                        "env": {**MERGEKIT_ENV, **case.mk_env}})
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for job in mk_jobs:  # one mergekit process per environment
+        groups.setdefault(json.dumps(job["env"], sort_keys=True), []).append(job)
+    for gi, (env_key, group) in enumerate(groups.items()):
+        log(f"mergekit: {len(group)} configs (one process; {env_key})")
+        jf = OUT / f"mergekit-jobs-{gi}.json"
+        rf = OUT / f"mergekit-results-{gi}.json"
+        jf.write_text(json.dumps(group))
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        for k, v in _OUTER_ENV.items():  # this process's checker settings are not mergekit's
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        env.update(json.loads(env_key))
         subprocess.run([str(py), str(Path(__file__).with_name("mk_driver.py")), str(jf), str(rf)], check=True,
                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for job, res in zip(mk_jobs, json.loads(rf.read_text()), strict=True):
+        for job, res in zip(group, json.loads(rf.read_text()), strict=True):
             d = Path(job["dir"])
             if res["ok"]:
                 (d / "mergekit.done").write_text(job["key"])
@@ -202,14 +217,15 @@ def render(rows: list[tuple[Case, str, Result]], version: str) -> str:
         v = r.verdict + (" (by design)" if r.verdict != "pass" and _by_design(c, dt) else "")
         by[v] = by.get(v, 0) + 1
     lines = [
-        f"Oracle: {version}, run from its own venv (`make parity`, bench/parity/) with one torch thread and "
-        "ATen's scalar CPU kernels (`OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default`: its bf16 whole-tensor "
-        "sums depend on its thread count, its vectorised exp and log on the CPU's vector width; finrecipe runs "
-        "with its defaults). Small bf16 trios built "
+        f"Oracle: {version}, run from its own venv (`make parity`, bench/parity/) with one torch thread "
+        "(`OMP_NUM_THREADS=1`: its bf16 whole-tensor sums are per-thread partial sums otherwise), and for "
+        "arcee_fusion with ATen's scalar kernels (`ATEN_CPU_CAPABILITY=default`: its vectorised softmax's exp "
+        "depends on the CPU's vector width); finrecipe runs with its defaults. Small bf16 trios built "
         "locally (llama 4 layers; qwen2 with tied embeddings; mixtral with 4 experts). `f32` rows: "
         "`dtype: float32, out_dtype: bfloat16` (random rules: `dtype: float32`, float32 output); "
         "`bf16` rows: `dtype: bfloat16`. Rules: exact = every element within 1 bf16 ulp; topk = elements "
-        "beyond 1 ulp must be proven selection ties; random = every element reproduced by a keep-mask "
+        "beyond 1 ulp must be proven selection ties (on Mixtral's fused expert tensors: finrecipe's value "
+        "reproduced from per-expert selections, mergekit's from the fused one); random = every element reproduced by a keep-mask "
         "with exact L1 rescaling, kept fraction within 5σ of the binomial expectation.",
         "",
         f"Totals: {n} configs, " + ", ".join(f"{v} {k}" for k, v in sorted(by.items())) + ".",
