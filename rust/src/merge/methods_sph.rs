@@ -1356,18 +1356,58 @@ const ATEN_LANES: usize = 8;
 /// Exact (f64) sums for S and the KL, as an earlier replay had them, round the softmax to the
 /// other bf16 neighbour in a few rows of the parity models (e_j·(1/S) within one f32 ulp of a bf16
 /// midpoint: 6 of the 10,258 softmax rows of the llama pair), which moves those rows' KL and their elements at the threshold.
+///
+/// The libm values are reproduced without calling libm per element: logf's argument is a bf16
+/// value, so r(logf(·)) is read from a table of all 2^16 bf16 bit patterns filled by libm's own
+/// `f32::ln` (`ln_bf16_table`); expf comes from `exp_f32_libm` (an f64 exp, correctly rounded to f32
+/// where that provably is libm's value, libm itself for the other elements).
 fn kl_row_bf16(p: &[f32], b: &[f32]) -> f32 {
+    let ln = ln_bf16_table();
+    let fast = fast_expf();
     KL_BF16_ROWS.with(|c| {
         let (sp, sq) = &mut *c.borrow_mut();
-        softmax_bf16_row(p, sp);
-        softmax_bf16_row(b, sq);
-        for (x, y) in sp.iter_mut().zip(sq.iter()) {
+        kl_row_bf16_in(p, b, sp, sq, ln, fast)
+    })
+}
+
+/// `kl_row_bf16` in the row buffers `sp`, `sq` (`fast`: see `exp_f32_libm`).
+fn kl_row_bf16_in(
+    p: &[f32],
+    b: &[f32],
+    sp: &mut Vec<f32>,
+    sq: &mut Vec<f32>,
+    ln: &[f32; 1 << 16],
+    fast: bool,
+) -> f32 {
+    #[inline(always)]
+    fn go(
+        p: &[f32],
+        b: &[f32],
+        sp: &mut Vec<f32>,
+        sq: &mut Vec<f32>,
+        ln: &[f32; 1 << 16],
+        fast: bool,
+    ) -> f32 {
+        softmax_bf16_row_in(p, sp, fast);
+        softmax_bf16_row_in(b, sq, fast);
+        // P into sp, r(P/Q) into sq (vectorised), then the terms through the table
+        for (x, y) in sp.iter_mut().zip(sq.iter_mut()) {
             let pp = rb(*x + 1e-8f32);
             let qq = rb(*y + 1e-8f32);
-            *x = rb(pp * rb(rb(pp / qq).ln()));
+            *x = pp;
+            *y = rb(pp / qq);
+        }
+        for (x, y) in sp.iter_mut().zip(sq.iter()) {
+            *x = rb(*x * ln[(y.to_bits() >> 16) as usize]);
         }
         rb(torch_sum_bf16(sp))
-    })
+    }
+    vmath::avx512_dispatch!(
+        go,
+        go_avx512,
+        go_avx2,
+        (p: &[f32], b: &[f32], sp: &mut Vec<f32>, sq: &mut Vec<f32>, ln: &[f32; 1 << 16], fast: bool) -> f32
+    )
 }
 
 thread_local! {
@@ -1375,11 +1415,128 @@ thread_local! {
     static KL_BF16_ROWS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// r(libm's `f32::ln`) of every bf16 value, indexed by its bit pattern (built once). What reaches it
+/// in `kl_row_bf16` is r(P/Q) with P, Q in [r(1e-8), 1] (positive normal ratios), or NaN from a row
+/// with ±∞ or NaN; every pattern is covered, each with libm's own value.
+fn ln_bf16_table() -> &'static [f32; 1 << 16] {
+    static T: std::sync::OnceLock<Box<[f32; 1 << 16]>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let v: Vec<f32> = (0..1u32 << 16)
+            .map(|i| rb(f32::from_bits(i << 16).ln()))
+            .collect();
+        v.into_boxed_slice().try_into().expect("2^16 entries")
+    })
+}
+
+/// Arguments of `exp_f32_libm`'s own path: e^a is then a normal f32 (e^−87 ≈ 1.6e-38 > 2^−126).
+const EXPF_FAST_LO: f32 = -87.0;
+/// Half-width, in units of 2^−29 f32 ulp, of the band around an f32 rounding midpoint in which
+/// `exp_f32_libm` defers to libm: 2^22, i.e. 2^−7 ulp.
+const EXPF_NEAR: i64 = 1 << 22;
+
+/// libm's `f32::exp(a)` for every element a of `x − m` (the f32 difference, as torch takes it) into
+/// `out`: with `fast`, from the f64 `vmath::exp1` rounded to f32, deferring to libm (the same
+/// element function) wherever that could differ from libm; else libm throughout.
+///
+/// Why the rounded f64 value is libm's: glibc's expf (2.28 and later; the same routine as musl's
+/// and Arm's optimized-routines) is documented to be within 0.502 ulp of e^a (round to nearest).
+/// Let E = e^a (never a rounding midpoint: e^a is irrational for rational a ≠ 0), y = exp1(a) in
+/// f64 (tested within an ulp of f64; a relative error up to 2^−40 would do), c = y rounded to f32,
+/// u = ulp(c). The fast value is kept only when (i) a ≥ −87, so E and c are normal; (ii) c's
+/// mantissa field is neither 0 nor all ones, so c − u, c, c + u and every value within u/2 of c
+/// lie in one binade and every definition of ulp gives u there; (iii) y is at least 2^−8 u from
+/// the midpoints c ± u/2 (read off the 29 f64 mantissa bits below f32 precision). Then
+/// |E − y| ≤ 2^−16 u, so E is within (1/2 − 2^−8 + 2^−16) u of c: c is E correctly rounded, and
+/// every other f32 value is at least (1/2 + 2^−8 − 2^−16) u > 0.5038 u from E, so a result within
+/// 0.502 ulp can only be c. About 2^−7 of the elements are deferred (and the arguments below −87,
+/// rare in weight rows). `fast_expf` confirms at first use that the platform's expf agrees on a
+/// sample (else every row takes libm's path), and a test compares the two paths on every f32
+/// argument in [−88, 0] (ignored, run by hand; without (iii) the sample alone already fails).
+#[inline(always)]
+fn exp_f32_libm(x: &[f32], m: f32, out: &mut Vec<f32>, fast: bool) {
+    // plain loops (no closures: they would not inherit the caller's target features)
+    out.resize(x.len(), 0.0);
+    if !fast {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = (v - m).exp();
+        }
+        return;
+    }
+    // blocks of 16: the block vectorised, then libm for its marked elements
+    let mut oc = out.chunks_exact_mut(16);
+    let mut xc = x.chunks_exact(16);
+    for (o, v) in (&mut oc).zip(&mut xc) {
+        exp_f32_block(o, v, m);
+    }
+    exp_f32_block(oc.into_remainder(), xc.remainder(), m);
+}
+
+/// `exp_f32_libm`'s fast path on one block (at most 32 elements).
+#[inline(always)]
+fn exp_f32_block(out: &mut [f32], x: &[f32], m: f32) {
+    // bit k: element k is libm's
+    let mut marks = 0u32;
+    for (k, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        let a = v - m;
+        let y = vmath::exp1(f64::from(a));
+        let c = y as f32;
+        let off = (y.to_bits() & ((1 << 29) - 1)) as i64 - ((1 << 28) - EXPF_NEAR);
+        // 0 ≤ off < 2·EXPF_NEAR (one unsigned comparison)
+        let near = (off as u64) < 2 * EXPF_NEAR as u64;
+        let man = c.to_bits() & 0x007F_FFFF;
+        let edge = man == 0 || man == 0x007F_FFFF;
+        // a NaN a fails the range test too
+        let in_range = a >= EXPF_FAST_LO;
+        let libm = near | edge | !in_range;
+        marks |= u32::from(libm) << k;
+        *o = c;
+    }
+    while marks != 0 {
+        let k = marks.trailing_zeros() as usize;
+        out[k] = (x[k] - m).exp();
+        marks &= marks - 1;
+    }
+}
+
+/// Whether `exp_f32_libm`'s own path is used: the platform's expf agrees with it on a fixed sample
+/// (checked once; on glibc it does by the argument there).
+fn fast_expf() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        let mut seed = 0x5EED_u64;
+        let mut x: Vec<f32> = (0..1 << 16)
+            .map(|i| {
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let u = (seed >> 40) as f32 / (1u64 << 24) as f32;
+                if i % 4 == 0 {
+                    -100.0 * u
+                } else {
+                    -8.0 * u
+                }
+            })
+            .collect();
+        x.extend([0.0, -0.0, -1e-30, -87.0, -87.5, -104.0, -200.0]);
+        let mut fast = Vec::new();
+        exp_f32_libm(&x, 0.0, &mut fast, true);
+        x.iter()
+            .zip(&fast)
+            .all(|(&a, &f)| a.exp().to_bits() == f.to_bits())
+    })
+}
+
 /// torch's softmax of a bf16 row (values as f32) into `out`, see `kl_row_bf16` step 1.
+#[cfg(test)]
 fn softmax_bf16_row(x: &[f32], out: &mut Vec<f32>) {
-    let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    out.clear();
-    out.extend(x.iter().map(|&v| (v - mx).exp()));
+    softmax_bf16_row_in(x, out, fast_expf());
+}
+
+/// `softmax_bf16_row` (`fast`: see `exp_f32_libm`). The maximum by `row_max`: the value of
+/// `fold(−∞, f32::max)` (NaN skipped, the fold itself for a zero maximum).
+#[inline(always)]
+fn softmax_bf16_row_in(x: &[f32], out: &mut Vec<f32>, fast: bool) {
+    exp_f32_libm(x, row_max(x), out, fast);
     let nv = out.len() - out.len() % ATEN_LANES;
     let mut lanes = [0f32; ATEN_LANES];
     for c in out[..nv].chunks_exact(ATEN_LANES) {
@@ -1667,12 +1824,24 @@ where
 /// Pass 1 of `select_by` on values `xs`: the histogram of the keys' top 16 bits (15 for the
 /// magnitude key) and the count of zero keys.
 fn hist_add(h: &mut [u64], z: &mut u64, xs: &[f32], key: impl Fn(f32) -> u32) {
-    for &x in xs {
-        let k = key(x);
-        h[(k >> 16) as usize] += 1;
-        *z += u64::from(k == 0);
+    // the keys of a block first (a vectorised loop), then the counts; the zero count in a local
+    let mut zeros = 0u64;
+    let mut ks = [0u32; KEY_BLOCK];
+    for c in xs.chunks(KEY_BLOCK) {
+        let ks = &mut ks[..c.len()];
+        for (k, &x) in ks.iter_mut().zip(c) {
+            *k = key(x);
+        }
+        for &k in ks.iter() {
+            h[(k >> 16) as usize] += 1;
+            zeros += u64::from(k == 0);
+        }
     }
+    *z += zeros;
 }
+
+/// Values whose selection keys `hist_add` and pass 2 of `select_rest` compute ahead of counting.
+const KEY_BLOCK: usize = 256;
 
 /// `select_by` after pass 1, from its histogram and zero count (computed by the caller, e.g.
 /// while it derives statistics the values depend on), ordering values by `key` (`select::key`,
@@ -1721,11 +1890,17 @@ where
             || (vec![0u64; nb * LO_BINS], Vec::new()),
             |(h, buf), _c, a, s, m| {
                 vals(a, s, m, buf);
-                for &x in &buf[..m] {
-                    let k = key(x);
-                    let bi = slot[(k >> 16) as usize];
-                    if bi != 0 {
-                        h[(bi as usize - 1) * LO_BINS + (k & 0xFFFF) as usize] += 1;
+                let mut ks = [0u32; KEY_BLOCK];
+                for c in buf[..m].chunks(KEY_BLOCK) {
+                    let ks = &mut ks[..c.len()];
+                    for (k, &x) in ks.iter_mut().zip(c) {
+                        *k = key(x);
+                    }
+                    for &k in ks.iter() {
+                        let bi = slot[(k >> 16) as usize];
+                        if bi != 0 {
+                            h[(bi as usize - 1) * LO_BINS + (k & 0xFFFF) as usize] += 1;
+                        }
                     }
                 }
             },
@@ -2055,12 +2230,11 @@ const SIGNED_BINS: usize = 1 << 16;
 /// signed values.
 #[inline(always)]
 fn signed_key(x: f32) -> u32 {
-    if x.is_nan() {
-        return u32::MAX;
-    }
-    // −0 + 0 = +0; then negatives get all bits flipped, positives the sign bit set
+    // −0 + 0 = +0; then negatives get all bits flipped, positives the sign bit set; a NaN gets
+    // all bits set (branch-free)
     let b = (x + 0.0).to_bits();
-    b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
+    let nan = u32::from(x.is_nan()).wrapping_neg();
+    (b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)) | nan
 }
 
 /// The value of a `signed_key` (+0 for a zero, a quiet NaN for the NaN key).
@@ -2329,6 +2503,7 @@ pub(crate) fn compute(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn nuslerp_coeffs_orthogonal_and_colinear() {
@@ -2698,6 +2873,152 @@ mod tests {
         let mut got = Vec::new();
         softmax_bf16_row(&x, &mut got);
         assert_eq!(got, want);
+    }
+
+    /// `kl_row_bf16` with libm's scalar expf and logf per element (the replay as first written),
+    /// and the softmaxes.
+    fn kl_row_bf16_libm(p: &[f32], b: &[f32]) -> (f32, Vec<f32>, Vec<f32>) {
+        let sm = |x: &[f32]| -> Vec<f32> {
+            let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let mut out: Vec<f32> = x.iter().map(|&v| (v - mx).exp()).collect();
+            let nv = out.len() - out.len() % ATEN_LANES;
+            let mut lanes = [0f32; ATEN_LANES];
+            for c in out[..nv].chunks_exact(ATEN_LANES) {
+                for k in 0..ATEN_LANES {
+                    lanes[k] += c[k];
+                }
+            }
+            let mut s = lanes[0];
+            for &l in &lanes[1..] {
+                s += l;
+            }
+            for &e in &out[nv..] {
+                s += e;
+            }
+            let inv = 1.0f32 / s;
+            for e in out.iter_mut() {
+                *e = rb(*e * inv);
+            }
+            out
+        };
+        let (sp, sq) = (sm(p), sm(b));
+        let terms: Vec<f32> = sp
+            .iter()
+            .zip(&sq)
+            .map(|(&x, &y)| {
+                let pp = rb(x + 1e-8f32);
+                let qq = rb(y + 1e-8f32);
+                rb(pp * rb(rb(pp / qq).ln()))
+            })
+            .collect();
+        (rb(torch_sum_bf16(&terms)), sp, sq)
+    }
+
+    #[test]
+    fn kl_row_bf16_matches_libm_bit_for_bit() {
+        assert!(
+            fast_expf(),
+            "the platform's expf disagrees with the fast path's sample"
+        );
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as u32
+        };
+        let (mut rows, mut elems) = (0usize, 0usize);
+        let mut sp = Vec::new();
+        for r in 0..600 {
+            let len = match r % 6 {
+                0 => 1 + next() as usize % 16,
+                1 => 1 + next() as usize % 300,
+                2 => 2048,
+                3 => 4099,
+                4 => 1 + next() as usize % 20_000,
+                _ => 32_000 + next() as usize % 1000,
+            };
+            // scales: weight-like rows, wide rows (exp arguments below −87, exp underflow to
+            // subnormals and 0), rows of few distinct values (ties, repeated maxima)
+            let scale = [0.02f32, 0.3, 3.0, 40.0, 300.0][next() as usize % 5];
+            let distinct = r % 7 == 3;
+            let mut row = |base: Option<&[f32]>| -> Vec<f32> {
+                (0..len)
+                    .map(|j| {
+                        let u = (next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0;
+                        let v = if distinct {
+                            (next() % 5) as f32 * scale * 0.25
+                        } else {
+                            u * scale
+                        };
+                        match base {
+                            Some(b) if r % 3 == 0 => rb(b[j] + v * 0.05),
+                            _ => rb(v),
+                        }
+                    })
+                    .collect()
+            };
+            let b = row(None);
+            let p = row(Some(&b));
+            let (want, wp, wq) = kl_row_bf16_libm(&p, &b);
+            let got = kl_row_bf16(&p, &b);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "row {r} (len {len}, scale {scale})"
+            );
+            softmax_bf16_row(&p, &mut sp);
+            assert!(
+                sp.iter().zip(&wp).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {r}"
+            );
+            softmax_bf16_row(&b, &mut sp);
+            assert!(
+                sp.iter().zip(&wq).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {r}"
+            );
+            rows += 1;
+            elems += len;
+        }
+        assert!(rows == 600 && elems > 3_000_000);
+        // rows with infinities and NaN, an all-equal row, a one-element row
+        for (p, b) in [
+            (vec![1.0, f32::INFINITY, -2.0], vec![0.5, 0.25, 0.0]),
+            (vec![f32::NEG_INFINITY, 0.0, 1.0], vec![0.0, f32::NAN, 1.0]),
+            (vec![0.75; 33], vec![-0.0; 33]),
+            (vec![3.0], vec![-3.0]),
+        ] {
+            let (want, _, _) = kl_row_bf16_libm(&p, &b);
+            assert_eq!(kl_row_bf16(&p, &b).to_bits(), want.to_bits(), "{p:?} {b:?}");
+        }
+    }
+
+    /// The fast expf against libm's on every f32 argument in [−87, 0] (and a margin beyond), by
+    /// hand: `cargo test --release -- --ignored expf_fast_path_exhaustive`.
+    #[test]
+    #[ignore]
+    fn expf_fast_path_exhaustive() {
+        assert!(fast_expf());
+        let hi = (-88.0f32).to_bits();
+        let chunk = 1u32 << 20;
+        let bad = AtomicUsize::new(0);
+        ((0x8000_0000u32 / chunk)..=(hi / chunk))
+            .into_par_iter()
+            .for_each(|c| {
+                let x: Vec<f32> = (c * chunk..(c + 1) * chunk)
+                    .filter(|&b| b <= hi)
+                    .map(f32::from_bits)
+                    .collect();
+                let mut out = Vec::new();
+                exp_f32_libm(&x, 0.0, &mut out, true);
+                let n = x
+                    .iter()
+                    .zip(&out)
+                    .filter(|(&a, &f)| a.exp().to_bits() != f.to_bits())
+                    .count();
+                bad.fetch_add(n, Ordering::Relaxed);
+            });
+        assert_eq!(bad.load(Ordering::Relaxed), 0);
     }
 
     #[test]

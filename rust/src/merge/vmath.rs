@@ -62,8 +62,10 @@ const INV_FACT: [f64; 12] = {
     t
 };
 
+/// e^x of one x ≤ 0 (the element function of `exp_nonpos`), for callers that vectorise their own
+/// loops around it.
 #[inline(always)]
-fn exp1(x: f64) -> f64 {
+pub fn exp1(x: f64) -> f64 {
     let t = x * INV_LN2 + SHIFT;
     let kf = t - SHIFT;
     let (hi, lo) = (x - kf * LN2_HI, kf * LN2_LO);
