@@ -237,7 +237,14 @@ def test_sigkill_mid_run_resumes_without_replay_or_skip(
     _run("continual_pretraining", cfg, tiny_model("llama"), corpus, out, tmp_path / "cache")
     got = [(r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(out)]
     want = [(r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(ref_out)]
-    assert got == want
+    # steps exactly; losses to 1e-6: steps 1-5 ran in a fresh process and the reference in pytest's, whose
+    # torch kernels can differ in the last bits after other tests in the same process (seen after
+    # test_merge_tokenizer: 4.8291862 vs 4.8291867 at step 1); a replayed or skipped batch changes a
+    # loss by far more
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for g, w in zip(got, want, strict=True):
+        for a, b in ((g[1], w[1]), (g[2], w[2])):
+            assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-6)), (got, want)
 
 
 @pytest.mark.slow
