@@ -409,7 +409,7 @@ class Inputs:
                                int8_mask=s["int8"]).to(self.out_dt)
             ok = valid & (ulps(x, cand) <= 1)
             if tie_only:
-                varied = any(v is not None and v0[0] is not None and v is not v0[0]
+                varied = any(v is not None and v0[0] is not None and float(v) != float(v0[0])
                              for v, (_, _, v0) in zip(svar, states, strict=True))
                 ok &= any_amb | varied
             hit |= ok

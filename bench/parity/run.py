@@ -92,14 +92,21 @@ def slug(case: Case, dtype: str) -> str:
     return f"{case.name.replace('/', '_')}-{dtype}"
 
 
-def run_finrecipe(exe: list[str], config: Path, out: Path) -> tuple[bool, str, float]:
-    t0 = time.perf_counter()
+def child_env() -> dict[str, str]:
+    """The environment for the tools' processes: offline, and CHECKER_ENV's variables as they were
+    before this process set them for its own torch."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    for k, v in _OUTER_ENV.items():  # finrecipe as the user runs it, not under the oracle's settings
+    for k, v in _OUTER_ENV.items():
         if v is None:
             env.pop(k, None)
         else:
             env[k] = v
+    return env
+
+
+def run_finrecipe(exe: list[str], config: Path, out: Path) -> tuple[bool, str, float]:
+    t0 = time.perf_counter()
+    env = child_env()  # finrecipe as the user runs it, not under the checker's settings
     r = subprocess.run([*exe, "merge", str(config), str(out), "--overwrite", "-q", "--seed", "0"],
                        capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
@@ -166,13 +173,7 @@ def main() -> int:
         jf = OUT / f"mergekit-jobs-{gi}.json"
         rf = OUT / f"mergekit-results-{gi}.json"
         jf.write_text(json.dumps(group))
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        for k, v in _OUTER_ENV.items():  # this process's checker settings are not mergekit's
-            if v is None:
-                env.pop(k, None)
-            else:
-                env[k] = v
-        env.update(json.loads(env_key))
+        env = {**child_env(), **json.loads(env_key)}
         subprocess.run([str(py), str(Path(__file__).with_name("mk_driver.py")), str(jf), str(rf)], check=True,
                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for job, res in zip(group, json.loads(rf.read_text()), strict=True):

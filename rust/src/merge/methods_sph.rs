@@ -1537,6 +1537,14 @@ fn softmax_bf16_row(x: &[f32], out: &mut Vec<f32>) {
 #[inline(always)]
 fn softmax_bf16_row_in(x: &[f32], out: &mut Vec<f32>, fast: bool) {
     exp_f32_libm(x, row_max(x), out, fast);
+    softmax_normalize_bf16(out);
+}
+
+/// The rest of torch's bf16 softmax on the exponentials `out`: their sum in `ATEN_LANES` lane
+/// accumulators (the lanes then added in order, the leftover elements one by one), times the f32
+/// reciprocal of the sum, rounded to bf16.
+#[inline(always)]
+fn softmax_normalize_bf16(out: &mut [f32]) {
     let nv = out.len() - out.len() % ATEN_LANES;
     let mut lanes = [0f32; ATEN_LANES];
     for c in out[..nv].chunks_exact(ATEN_LANES) {
@@ -2881,24 +2889,7 @@ mod tests {
         let sm = |x: &[f32]| -> Vec<f32> {
             let mx = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
             let mut out: Vec<f32> = x.iter().map(|&v| (v - mx).exp()).collect();
-            let nv = out.len() - out.len() % ATEN_LANES;
-            let mut lanes = [0f32; ATEN_LANES];
-            for c in out[..nv].chunks_exact(ATEN_LANES) {
-                for k in 0..ATEN_LANES {
-                    lanes[k] += c[k];
-                }
-            }
-            let mut s = lanes[0];
-            for &l in &lanes[1..] {
-                s += l;
-            }
-            for &e in &out[nv..] {
-                s += e;
-            }
-            let inv = 1.0f32 / s;
-            for e in out.iter_mut() {
-                *e = rb(*e * inv);
-            }
+            softmax_normalize_bf16(&mut out); // the summation order is shared; exp and ln are the point
             out
         };
         let (sp, sq) = (sm(p), sm(b));
