@@ -15,7 +15,7 @@ For each method: mergekit and finrecipe run alternately (--runs each; mergekit -
 and only once when its first run takes longer than --mergekit-slow seconds), the 1-minute load
 average is recorded before every run, times are medians, the I/O floor is measured (read every
 input byte once + write the output size once with fsync), the last outputs are compared tensor
-by tensor, the outputs are deleted, and the row is saved to bench/out/bench_merge.json (rows of
+by tensor, the outputs are deleted, and the row is saved to bench/results/bench_merge.json (rows of
 methods not run this time are kept, so methods can be rerun one by one, e.g. at a lower load). With --reuse-mergekit, a method whose
 saved row has the same config keeps that row's mergekit runs and parity cell and runs only finrecipe
 (for a change to finrecipe alone; the table marks such rows with †).
@@ -57,6 +57,9 @@ OUT = ROOT / "bench" / "out"
 MAKE_MODELS = ROOT.parent / "shared" / "tools" / "make_models.py"
 BENCH_VENV = ROOT / ".venv-mergekit"  # shared with bench/parity (make parity)
 FINRECIPE = ROOT / ".venv" / "bin" / "finrecipe"
+# The saved rows (every run's times, loads, memory and parity cell) are kept in the repository, so
+# that the table in BENCHMARKS.md can be regenerated (`--render`) and a row rerun in a fresh clone.
+STORE = ROOT / "bench" / "results" / "bench_merge.json"
 
 
 def log(msg: str) -> None:
@@ -301,12 +304,17 @@ def io_floor(models: Path, out_bytes: int) -> tuple[float, float]:
     read_s = time.perf_counter() - t0
     target = OUT / "floor.bin"
     count = max(1, out_bytes // (16 << 20))
-    t0 = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "conv=fsync"],
-                   check=True, capture_output=True)
-    write_s = time.perf_counter() - t0
-    target.unlink()
-    return read_s, write_s
+    # The write is the median of three: on this (virtual) disk a large write now and then takes
+    # several times as long as the next one, which a single measurement would report as the floor.
+    writes = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "conv=fsync"],
+                       check=True, capture_output=True)
+        writes.append(time.perf_counter() - t0)
+        target.unlink()
+        os.sync()
+    return read_s, statistics.median(writes)
 
 
 # -- parity ---------------------------------------------------------------------------------------------
@@ -468,6 +476,9 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
                       "--out-shard-size", str(a.out_shard_size)],
     }
     times: dict[str, list[float]] = {"mergekit": [], "finrecipe": []}
+    # seconds of the `sync` right after each run: writing back what the run left dirty (mergekit does
+    # not fsync its output; finrecipe's is on disk when it exits)
+    wbs: dict[str, list[float]] = {"mergekit": [], "finrecipe": []}
     mems: dict[str, list[int]] = {"mergekit": [], "finrecipe": []}
     loads: dict[str, list[float]] = {"mergekit": [], "finrecipe": []}
     n_mk = 0 if reuse else a.mergekit_runs if a.mergekit_runs is not None else a.runs
@@ -488,10 +499,14 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
                     shutil.rmtree(o, ignore_errors=True)
                 tail = out.strip().splitlines()[-1] if out.strip() else ""
                 raise RuntimeError(f"{who} failed (exit {rc}): {tail}")
+            t0 = time.perf_counter()
+            os.sync()
+            wbs[who].append(time.perf_counter() - t0)
             times[who].append(wall)
             mems[who].append(peak)
             loads[who].append(ld)
-            log(f"{method} {who} run {i + 1}: {wall:.2f}s, peak anon {peak / 2**20:.0f} MiB, load before {ld:.2f}")
+            log(f"{method} {who} run {i + 1}: {wall:.2f}s (+ {wbs[who][-1]:.2f}s write-back), peak anon "
+                f"{peak / 2**20:.0f} MiB, load before {ld:.2f}")
             if who == "mergekit" and i == 0 and wall > a.mergekit_slow and n_mk > 1:
                 slow = True
                 log(f"{method}: mergekit took {wall:.0f}s > {a.mergekit_slow:.0f}s: no further mergekit runs")
@@ -502,6 +517,7 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
     if reuse:
         par = reuse["parity"]
         times["mergekit"], mems["mergekit"] = reuse["all"]["mergekit"], [reuse["mk_mem"]]
+        wbs["mergekit"] = reuse.get("writeback", {}).get("mergekit", [])
         loads["mergekit"], slow = reuse["loads"]["mergekit"], reuse["mk_slow"]
         log(f"{method}: floor {floor:.2f}s; mergekit's runs and parity cell reused from {reuse['date']}")
     elif method in RANDOM:
@@ -516,8 +532,13 @@ def bench_method(method: str, cfg_path: Path, label: str, note: str | None, mode
         shutil.rmtree(o, ignore_errors=True)
     mk_t, fr_t = statistics.median(times["mergekit"]), statistics.median(times["finrecipe"])
     target = TARGET_SPEEDUP.get(method, DEFAULT_SPEEDUP)
+    durable = None
+    if all(len(wbs[w]) == len(times[w]) for w in wbs):
+        durable = (statistics.median(t + b for t, b in zip(times["mergekit"], wbs["mergekit"], strict=True))
+                   / statistics.median(t + b for t, b in zip(times["finrecipe"], wbs["finrecipe"], strict=True)))
     return {"method": method, "config": label, "config_note": note, "mk": mk_t, "fr": fr_t,
-            "speedup": mk_t / fr_t, "target": target, "mk_mem": max(mems["mergekit"]),
+            "speedup": mk_t / fr_t, "speedup_durable": durable, "writeback": wbs, "target": target,
+            "mk_mem": max(mems["mergekit"]),
             "fr_mem": max(mems["finrecipe"]), "floor": floor, "floor_synced": True, "read": r_s, "write": w_s,
             "parity": par,
             "runs": (len(times["mergekit"]), len(times["finrecipe"])), "mk_slow": slow, "all": times,
@@ -547,7 +568,7 @@ def main() -> None:
                          "finrecipe changed; the table marks such rows)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--render", action="store_true",
-                    help="run nothing: write the table of the saved rows (bench/out/bench_merge.json)")
+                    help="run nothing: write the table of the saved rows (bench/results/bench_merge.json)")
     ap.add_argument("--snapshot", action="store_true",
                     help="run finrecipe from a copy of the python package and the Rust core as they are at the "
                          "start (for a working tree others edit while the bench runs)")
@@ -584,7 +605,8 @@ def main() -> None:
         raise SystemExit(f"{free / 2**30:.1f} GiB free under {OUT}; two outputs need about {need / 2**30:.1f} "
                          "GiB each: free some space first")
     mk = ensure_mergekit()
-    store = OUT / ("bench_merge-small.json" if a.small else "bench_merge.json")
+    store = OUT / "bench_merge-small.json" if a.small else STORE
+    store.parent.mkdir(parents=True, exist_ok=True)
     saved = {} if a.fresh else _load_store(store)
     if a.fresh:
         with _store_lock(store):
@@ -635,7 +657,8 @@ def main() -> None:
 def _store_lock(store: Path):
     """An exclusive lock beside the saved rows, so that bench runs of different methods started at
     the same time (one per terminal) do not overwrite each other's rows."""
-    with open(store.with_suffix(".lock"), "w") as f:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / f"{store.stem}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -699,9 +722,10 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
         "The load is the 1-minute average read before each run, so a finrecipe run that follows a mergekit run "
         "sees part of mergekit's own load.",
         "",
-        "| method | config | mergekit | finrecipe | runs | speed-up (target) | peak anon mergekit | "
-        "peak anon finrecipe (≤ 512 MiB) | finrecipe / I/O floor | load before runs | bit-identical with mergekit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | config | mergekit | finrecipe | runs | speed-up (target) | speed-up to a durable output | "
+        "peak anon mergekit | peak anon finrecipe (≤ 512 MiB) | finrecipe / I/O floor | load before runs | "
+        "bit-identical with mergekit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sp_ok = r["speedup"] >= r["target"]
@@ -711,10 +735,11 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
             f"| {r['method']}{' ‡' if r.get('synced') else ''} | {r['config']} | {r['mk']:.2f} s{' †' if r.get('mk_reused') else ''} | "
             f"{r['fr']:.2f} s | {r['runs'][0]}, {r['runs'][1]} | "
             f"{r['speedup']:.1f}× (≥ {r['target']:.0f}×: {'met' if sp_ok else '**NOT met**'}) | "
+            f"{'–' if r.get('speedup_durable') is None else format(r['speedup_durable'], '.1f') + '×'} | "
             f"{r['mk_mem'] / 2**20:.0f} MiB | {r['fr_mem'] / 2**20:.0f} MiB ({'met' if mem_ok else '**NOT met**'}) | "
             f"{r['fr'] / r['floor']:.2f}×{'' if r.get('floor_synced') else ' °'} | {ld} | {_parity_cell(r)} |")
     for mth, why in failed.items():
-        lines.append(f"| {mth} | – | – | – | – | failed: {why} | – | – | – | – | – |")
+        lines.append(f"| {mth} | – | – | – | – | failed: {why} | – | – | – | – | – | – |")
     missing = [x for x in reps if x not in implemented]
     not_run = [x for x in implemented if x not in {r["method"] for r in rows} and x not in failed]
     n_sp = sum(r["speedup"] >= r["target"] for r in rows)
@@ -740,9 +765,14 @@ def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list
         "- Runs marked ‡ were measured with `sync` (untimed) before every run, so that no run pays for "
         "writing back the previous run's output (mergekit leaves its output unsynced in the page cache; "
         "finrecipe fsyncs its own). Unmarked rows were measured before this was added.",
+        "- Speed-up to a durable output: each run's wall time plus the `sync` timed right after it (the "
+        "write-back of what the run left in the page cache; mergekit does not fsync its output, finrecipe's is "
+        "on disk when it exits, so its `sync` finds next to nothing), medians of those sums; the same work on "
+        "both sides (the target column does not count mergekit's write-back). – where a row was measured "
+        "before this was recorded.",
         "- I/O floor = reading every input byte once (warm page cache, 16 MiB reads) + writing the output "
-        "size once with `dd bs=16M conv=fsync` after an untimed `sync` (finrecipe fsyncs its output, mergekit "
-        "does not); ° marks a floor measured before that sync was added, which also waited for the write-back of "
+        "size once with `dd bs=16M conv=fsync` after an untimed `sync` (the median of three writes; "
+        "finrecipe fsyncs its output, mergekit does not); ° marks a floor measured before that sync was added, which also waited for the write-back of "
         "the merges' outputs and is too high; below 1× "
         "means finrecipe overlaps reading, computing and writing.",
         "- Peak anonymous memory: RssAnon of the process tree sampled every 10 ms from /proc/PID/status "

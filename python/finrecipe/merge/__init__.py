@@ -9,11 +9,14 @@ table agree.
 Where finrecipe deliberately differs from mergekit:
 - validation is strict and happens before any tensor data is read (unknown keys and parameters,
   parameters set at the wrong level, missing tensors, shape and vocabulary mismatches);
-- arithmetic is always float32 (with `dtype: bfloat16` mergekit computes in bf16); outputs are
-  rounded once, round-to-nearest-even;
+- `dtype: bfloat16` computes in bf16 in mergekit's order of operations, as mergekit does
+  (`compute_dtype: float32` computes exactly in float32 instead); float32 results are rounded to the
+  output dtype once, round-to-nearest-even;
 - DARE masks come from a generator keyed by (seed, tensor name, element), not torch's global RNG;
 - TIES/breadcrumbs choose deterministically among entries whose |delta| ties at the top-k threshold
   (mergekit's `argsort` is unstable there);
+- Mixtral experts are merged per expert tensor of the checkpoint (whole-tensor statistics such as
+  top-k ranks are per expert); mergekit 0.1.5 takes them over transformers 5's fused expert tensor;
 - a union vocabulary's appended tokens are ordered by model and id, not by hash-map order (mergekit's
   ids for them change from run to run); the rows are mergekit's (merge/tokenizer.py).
 """
