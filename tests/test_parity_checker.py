@@ -491,3 +491,17 @@ def test_topk_moe_layout_rule_fails_a_wrong_expert_value(tmp_path: Path, dtype: 
     assert same["verdict"] == "pass" and same["differing"] == 0, same
     assert nudged["verdict"] == "FAIL", nudged
     assert (nudged["differing"], nudged["beyond"], nudged["unexplained"]) == (1, 1, 1), nudged
+
+
+def test_importing_run_leaves_the_environment_alone() -> None:
+    """run.py sets CHECKER_ENV only as the program: a process that imports it (test_merge_tokenizer,
+    bench_merge.py) must keep its environment, which its child processes inherit (a leaked
+    ATEN_CPU_CAPABILITY=default once changed the losses of test_train's subprocess)."""
+    probe = ("import json, os, sys; sys.path.insert(0, sys.argv[1]); before = dict(os.environ); import run; "
+             "print(json.dumps({k: (before.get(k), os.environ.get(k)) for k in set(before) | set(os.environ) "
+             "if before.get(k) != os.environ.get(k)}))")
+    env = {k: v for k, v in os.environ.items() if k not in oracle_env()}
+    r = subprocess.run([sys.executable, "-c", probe, str(PARITY)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {}

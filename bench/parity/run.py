@@ -38,7 +38,11 @@ from typing import Any
 MERGEKIT_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CHECKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default"}
 _OUTER_ENV = {k: os.environ.get(k) for k in CHECKER_ENV}
-os.environ.update(CHECKER_ENV)  # before torch is imported (check.py)
+if __name__ == "__main__":
+    # before torch is imported (check.py); only as the program: a process that imports this module
+    # (a test, bench_merge.py for ensure_mergekit) keeps its environment, which its own child
+    # processes inherit (the leak once made a test's subprocess run ATen's scalar kernels)
+    os.environ.update(CHECKER_ENV)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
