@@ -593,6 +593,23 @@ def main() -> None:
     unknown = [x for x in methods if x not in implemented]
     if unknown:
         raise SystemExit(f"not a finrecipe merge method: {', '.join(unknown)} (implemented: {', '.join(implemented)})")
+    if a.render:
+        # the table from the saved rows alone (no models built, no mergekit venv needed): each row
+        # carries the machine, mergekit's version and the input size it was measured with
+        store = OUT / "bench_merge-small.json" if a.small else STORE
+        cur = _load_store(store)
+        if not cur.get("rows"):
+            raise SystemExit(f"no saved rows in {store}: run the bench first")
+        rows_, failed_ = cur["rows"], cur.get("failed", {})
+        order = implemented + [x for x in rows_ if x not in implemented]
+        models = OUT / ("models-small" if a.small else "models")
+        text = render([rows_[x] for x in order if x in rows_], failed_, implemented, models, None,
+                      representative(models))
+        print(text)
+        if not a.no_write and not a.small:
+            update_benchmarks(text)
+            log("BENCHMARKS.md updated")
+        return
     models = ensure_models(a.small)
     reps = representative(models)
     no_config = [x for x in methods if x not in reps]
@@ -614,6 +631,7 @@ def main() -> None:
     rows: dict[str, Any] = saved.get("rows", {})
     failed: dict[str, str] = saved.get("failed", {})
     in_bytes = sum(f.stat().st_size for f in input_files(models))
+    mk_ver = mergekit_version()
     log(f"inputs: {in_bytes / 1e9:.2f} GB in {len(input_files(models))} files; methods: {', '.join(methods)}; "
         f"load {load1():.2f}")
     for method in methods:
@@ -625,6 +643,8 @@ def main() -> None:
                 log(f"{method}: saved row's config differs; mergekit runs again")
                 old = None
             row: dict[str, Any] | None = bench_method(method, cfg_path, label, note, models, mk, a, env, code, old)
+            assert row is not None
+            row.update(in_bytes=in_bytes, machine=machine(), mk_version=mk_ver)
             err = None
         except RuntimeError as e:
             log(f"{method}: {e}")
@@ -701,18 +721,24 @@ def _parity_cell(r: dict[str, Any]) -> str:
 
 
 def render(rows: list[dict[str, Any]], failed: dict[str, str], implemented: list[str], models: Path,
-           in_bytes: int, reps: dict[str, Any]) -> str:
+           in_bytes: int | None, reps: dict[str, Any]) -> str:
+    """The table of saved rows. Machine, mergekit version and input size come from the rows (as measured);
+    rows saved before they carried them fall back to this machine, this mergekit venv and `in_bytes`."""
     size = "hidden 2048, 16 layers, ~0.84B params" if "small" not in models.name else "small: hidden 1024, 4 layers"
     dates = sorted(r["date"] for r in rows)
     codes = sorted({r.get("code", r["commit"]) for r in rows})
+    machines = sorted({r["machine"] for r in rows if r.get("machine")}) or [machine()]
+    mk_vers = sorted({r["mk_version"] for r in rows if r.get("mk_version")}) or [mergekit_version()]
+    sizes = sorted({r["in_bytes"] for r in rows if r.get("in_bytes")}) or ([in_bytes] if in_bytes else [])
+    in_text = " / ".join(f"{b / 1e9:.2f} GB" for b in sizes) or "? GB"
     lines = [
-        f"Machine: {machine()}, shared with other engineers' jobs (the load average before each run is in the "
+        f"Machine: {'; '.join(machines)}, shared with other engineers' jobs (the load average before each run is in the "
         f"table). Rows started between {dates[0] if dates else '?'} and {dates[-1] if dates else '?'} UTC; finrecipe: "
-        f"{'; '.join(codes)}. {mergekit_version()}, CPU. Command: `make bench-merge` "
+        f"{'; '.join(codes)}. {'; '.join(mk_vers)}, CPU. Command: `make bench-merge` "
         "(`python bench/bench_merge.py`; a row can be rerun alone with `--methods NAME`).",
         "",
         f"Inputs: bf16 Llama trio (base, instruct, cpt; {size}, from `../shared/tools/make_models.py`), "
-        f"{in_bytes / 1e9:.2f} GB in total, page cache warm. Both tools run the same config file per method "
+        f"{in_text} in total, page cache warm. Both tools run the same config file per method "
         "(dtype float32, out_dtype bfloat16), alternating; times are medians of wall time including process "
         "start-up. `mergekit-yaml CONFIG OUT --quiet --out-shard-size N/2` (its defaults otherwise; it counts "
         "parameters per shard) vs `finrecipe merge CONFIG OUT --quiet --out-shard-size N` (bytes; all cores); "
