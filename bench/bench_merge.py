@@ -593,22 +593,14 @@ def main() -> None:
     unknown = [x for x in methods if x not in implemented]
     if unknown:
         raise SystemExit(f"not a finrecipe merge method: {', '.join(unknown)} (implemented: {', '.join(implemented)})")
+    store = OUT / "bench_merge-small.json" if a.small else STORE
     if a.render:
         # the table from the saved rows alone (no models built, no mergekit venv needed): each row
         # carries the machine, mergekit's version and the input size it was measured with
-        store = OUT / "bench_merge-small.json" if a.small else STORE
-        cur = _load_store(store)
-        if not cur.get("rows"):
+        if not _load_store(store).get("rows"):
             raise SystemExit(f"no saved rows in {store}: run the bench first")
-        rows_, failed_ = cur["rows"], cur.get("failed", {})
-        order = implemented + [x for x in rows_ if x not in implemented]
         models = OUT / ("models-small" if a.small else "models")
-        text = render([rows_[x] for x in order if x in rows_], failed_, implemented, models, None,
-                      representative(models))
-        print(text)
-        if not a.no_write and not a.small:
-            update_benchmarks(text)
-            log("BENCHMARKS.md updated")
+        publish(store, implemented, models, None, representative(models), a)
         return
     models = ensure_models(a.small)
     reps = representative(models)
@@ -622,7 +614,6 @@ def main() -> None:
         raise SystemExit(f"{free / 2**30:.1f} GiB free under {OUT}; two outputs need about {need / 2**30:.1f} "
                          "GiB each: free some space first")
     mk = ensure_mergekit()
-    store = OUT / "bench_merge-small.json" if a.small else STORE
     store.parent.mkdir(parents=True, exist_ok=True)
     saved = {} if a.fresh else _load_store(store)
     if a.fresh:
@@ -631,7 +622,7 @@ def main() -> None:
     rows: dict[str, Any] = saved.get("rows", {})
     failed: dict[str, str] = saved.get("failed", {})
     in_bytes = sum(f.stat().st_size for f in input_files(models))
-    mk_ver = mergekit_version()
+    measured_on = {"in_bytes": in_bytes, "machine": machine(), "mk_version": mergekit_version()}
     log(f"inputs: {in_bytes / 1e9:.2f} GB in {len(input_files(models))} files; methods: {', '.join(methods)}; "
         f"load {load1():.2f}")
     for method in methods:
@@ -642,9 +633,8 @@ def main() -> None:
                     None, hashlib.sha256(cfg_path.read_bytes()).hexdigest())):
                 log(f"{method}: saved row's config differs; mergekit runs again")
                 old = None
-            row: dict[str, Any] | None = bench_method(method, cfg_path, label, note, models, mk, a, env, code, old)
-            assert row is not None
-            row.update(in_bytes=in_bytes, machine=machine(), mk_version=mk_ver)
+            row: dict[str, Any] | None = {
+                **bench_method(method, cfg_path, label, note, models, mk, a, env, code, old), **measured_on}
             err = None
         except RuntimeError as e:
             log(f"{method}: {e}")
@@ -661,9 +651,16 @@ def main() -> None:
                 failed[method] = err or "failed"
                 rows.pop(method, None)
             store.write_text(json.dumps({"rows": rows, "failed": failed}, indent=2, default=str))
+    publish(store, implemented, models, in_bytes, reps, a)
+
+
+def publish(store: Path, implemented: list[str], models: Path, in_bytes: int | None, reps: dict[str, Any],
+            a: argparse.Namespace) -> None:
+    """Print the table of the rows saved in `store` (as they are on disk now: other bench runs may have
+    added rows) and, unless --no-write or --small, write it into BENCHMARKS.md."""
     with _store_lock(store):
         cur = _load_store(store)
-    rows, failed = cur.get("rows", rows), cur.get("failed", failed)
+    rows, failed = cur.get("rows", {}), cur.get("failed", {})
     order = implemented + [x for x in rows if x not in implemented]
     text = render([rows[x] for x in order if x in rows], failed, implemented, models, in_bytes, reps)
     print(text)
